@@ -1,0 +1,39 @@
+"""packvit: packed Vision Transformers (AIMv2, DINOv3, SigLIP2) for mixed-resolution batches."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .attention import BACKENDS, available_backends, resolve_backend, varlen_attention
+from .models import (
+    AIMv2, AIMv2Config, DINOv3, DINOv3Config, PackedViT, PackedVisionOutput, Siglip2, Siglip2Config,
+)
+from .packing import PackedMeta, build_meta, convert_to_packing_format, grid_to_tuple, patchify, split_by_image, unpatchify
+from .seed import AIMv2Packing, DINOv3ViTPacking, Siglip2NaflexPacking
+
+__version__ = "0.1.0"
+
+
+def from_pretrained(
+    path_or_id: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    attn_backend: str = "auto",
+    **kwargs,
+) -> PackedViT:
+    """Load a Hugging Face checkpoint (local folder or hub id); the family comes from config.json."""
+    from weights_conversion import load_model
+
+    return load_model(path_or_id, revision=revision, device=device, dtype=dtype, attn_backend=attn_backend, **kwargs)
+
+
+__all__ = [
+    "AIMv2", "AIMv2Config", "DINOv3", "DINOv3Config", "Siglip2", "Siglip2Config", "PackedViT", "PackedVisionOutput",
+    "AIMv2Packing", "DINOv3ViTPacking", "Siglip2NaflexPacking", "from_pretrained", "BACKENDS", "available_backends",
+    "resolve_backend", "varlen_attention", "PackedMeta", "build_meta", "convert_to_packing_format", "grid_to_tuple",
+    "patchify", "unpatchify", "split_by_image",
+]

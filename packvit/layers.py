@@ -1,0 +1,206 @@
+"""Building blocks shared by the three families: norms, MLPs, rotary, attention, the block.
+
+Every module works on packed tokens, ``x`` of shape (T, D); see ``packing.py`` for the notation.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import varlen_attention
+from .packing import PackedMeta
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh"),
+    "silu": F.silu,
+}
+
+
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm as AIMv2 writes it: normalise in fp32, cast back, then scale (the order matters in bf16)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
+    if kind == "layernorm":
+        return nn.LayerNorm(dim, eps=eps)
+    if kind == "rmsnorm":
+        return RMSNorm(dim, eps=eps)
+    raise ValueError(f"unknown norm {kind!r}")
+
+
+class Mlp(nn.Module):
+    """fc2(act(fc1(x)))."""
+
+    def __init__(self, dim: int, hidden: int, act: str, bias: bool = True):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, bias=bias)
+        self.fc2 = nn.Linear(hidden, dim, bias=bias)
+        self.act = activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class GatedMlp(nn.Module):
+    """fc2(act(gate(x)) * up(x)), with gate and up fused in one matmul: fc1 = [gate; up]."""
+
+    def __init__(self, dim: int, hidden: int, act: str, bias: bool = False):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, 2 * hidden, bias=bias)
+        self.fc2 = nn.Linear(hidden, dim, bias=bias)
+        self.act = activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.fc1(x).chunk(2, dim=-1)
+        return self.fc2(self.act(gate) * up)
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init: float = 1.0):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per frame (HF drops per image; a frame is an image in the packed format)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor, meta: PackedMeta) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        mask_F = torch.rand(meta.num_frames, device=x.device, dtype=x.dtype).add_(keep).floor_()  # (F,)
+        mask_T = mask_F.index_select(0, meta.frame_of_token)  # (T,)
+        return x * (mask_T / keep)[:, None]
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (T, H, Dh), cos/sin (T, Dh). Tokens that must not rotate carry cos=1, sin=0, which is exact."""
+    return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over packed segments, with one fused QKV projection.
+
+    Biases are per projection (``q_bias``, ``k_bias``, ``v_bias``) because DINOv3 has query and
+    value biases but no key bias; a missing one is a zero in the fused bias.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: tuple[bool, bool, bool], proj_bias: bool):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        for name, on in zip(("q_bias", "k_bias", "v_bias"), qkv_bias):
+            self.register_parameter(name, nn.Parameter(torch.zeros(dim)) if on else None)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self.backend = "sdpa"  # set by the model (``PackedViT.set_attention_backend``)
+
+    def qkv_bias(self) -> torch.Tensor | None:
+        parts = (self.q_bias, self.k_bias, self.v_bias)
+        if all(p is None for p in parts):
+            return None
+        zeros = self.qkv.weight.new_zeros(self.qkv.weight.shape[1])
+        return torch.cat([p if p is not None else zeros for p in parts])
+
+    def forward(
+        self, x: torch.Tensor, meta: PackedMeta, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        T, D = x.shape
+        qkv = F.linear(x, self.qkv.weight, self.qkv_bias()).view(T, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.unbind(1)  # (T, H, Dh) each
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        o = varlen_attention(
+            q, k, v, meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen, meta.max_seqlen,
+            backend=self.backend, seqlens_q=meta.seqlens, seqlens_k=meta.seqlens,
+        )  # (T, H, Dh)
+        return self.proj(o.reshape(T, D))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x)))."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp: nn.Module,
+        norm: str,
+        norm_eps: float,
+        qkv_bias: tuple[bool, bool, bool],
+        proj_bias: bool,
+        layerscale: float | None = None,
+        drop_path: float = 0.0,
+    ):
+        super().__init__()
+        self.norm1 = make_norm(norm, dim, norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias, proj_bias)
+        self.ls1 = LayerScale(dim, layerscale) if layerscale is not None else nn.Identity()
+        self.norm2 = make_norm(norm, dim, norm_eps)
+        self.mlp = mlp
+        self.ls2 = LayerScale(dim, layerscale) if layerscale is not None else nn.Identity()
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else None
+
+    def forward(
+        self, x: torch.Tensor, meta: PackedMeta, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        a = self.ls1(self.attn(self.norm1(x), meta, rope))
+        if self.drop_path is not None:
+            a = self.drop_path(a, meta)
+        x = x + a
+        m = self.ls2(self.mlp(self.norm2(x)))
+        if self.drop_path is not None:
+            m = self.drop_path(m, meta)
+        return x + m
+
+
+def pool_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: PackedMeta, backend: str
+) -> torch.Tensor:
+    """One query per frame attending to that frame's tokens: q (F, H, Dh), k/v (T, H, Dh) -> (F, H, Dh)."""
+    return varlen_attention(
+        q, k, v, meta.cu_frames, meta.cu_seqlens, 1, meta.max_seqlen,
+        backend=backend, seqlens_q=(1,) * meta.num_frames, seqlens_k=meta.seqlens,
+    )

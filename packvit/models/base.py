@@ -1,0 +1,165 @@
+"""The skeleton every packvit model shares: embed -> blocks -> norm -> split outputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..attention import resolve_backend
+from ..layers import Attention
+from ..packing import PackedMeta, build_meta, check_inputs, grid_to_tuple, split_prefix
+
+
+@dataclass
+class PackedVisionOutput:
+    """Rich outputs of a packed forward. Patch tensors are (Tp, D) in input order.
+
+    ``hidden_states`` follows Hugging Face's convention: index 0 is the embedding output, index i
+    the output of block i, so ``-1`` is the last block before the final norm and ``-2`` (LLaVA's
+    default ``select_layer``) the one before it. Only the requested indices are kept, keyed by
+    their non-negative index.
+    """
+
+    last_hidden_state: torch.Tensor  # (Tp, D) final-normed patch tokens
+    pooler_output: torch.Tensor | None = None  # (F, D) per frame, or None when the model has no pooling
+    prefix_tokens: torch.Tensor | None = None  # (F, P, D) final-normed CLS/registers, or None
+    hidden_states: dict[int, torch.Tensor] | None = None  # layer -> (Tp, D)
+    prefix_hidden_states: dict[int, torch.Tensor] | None = None  # layer -> (F, P, D)
+    meta: PackedMeta | None = None
+
+
+class PackedViT(nn.Module):
+    """Base class. Subclasses define ``config``, ``num_prefix``, ``embed``, ``blocks``, ``norm``, ``pool``."""
+
+    num_prefix: int = 0
+    blocks: nn.ModuleList
+
+    def __init__(self, attn_backend: str = "auto"):
+        super().__init__()
+        self.attn_backend_request = attn_backend
+        self.attn_backend = "sdpa"
+        self.gradient_checkpointing = False
+
+    # -- set-up ---------------------------------------------------------------------------------
+
+    @property
+    def patch_dim(self) -> int:
+        c = self.config
+        return c.patch_size * c.patch_size * c.num_channels
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def set_attention_backend(self, name: str = "auto") -> str:
+        """Choose the attention kernel for this model's device and dtype; returns the resolved name."""
+        resolved = resolve_backend(name, self.device, self.dtype)
+        self.attn_backend_request, self.attn_backend = name, resolved
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.backend = resolved
+        return resolved
+
+    def _apply(self, fn, recurse=True):
+        # Moving the model (``.to("cuda", torch.bfloat16)``) re-chooses an ``auto`` backend for
+        # the new device and dtype; a backend named explicitly stays as named.
+        out = super()._apply(fn, recurse)
+        if getattr(self, "attn_backend_request", None) == "auto" and any(True for _ in self.parameters()):
+            self.set_attention_backend("auto")
+        return out
+
+    # -- forward --------------------------------------------------------------------------------
+
+    def embed(self, patches: torch.Tensor, meta: PackedMeta) -> tuple[torch.Tensor, tuple | None]:
+        """(Tp, patch_dim) -> packed tokens (T, D) and the rotary tables, if any."""
+        raise NotImplementedError
+
+    def pool(self, x: torch.Tensor, meta: PackedMeta) -> torch.Tensor | None:
+        """Final-normed packed tokens (T, D) -> (F, D) per-frame pooled output, or None."""
+        return None
+
+    def _layer_indices(self, output_layers: Sequence[int] | None) -> set[int]:
+        n = len(self.blocks) + 1
+        out = set()
+        for i in output_layers or ():
+            if not isinstance(i, int) or not -n <= i < n:
+                raise ValueError(
+                    f"output_layers entry {i!r} is out of range: this model has {n} hidden states "
+                    f"(embeddings and {n - 1} blocks), so indices run from {-n} to {n - 1}"
+                )
+            out.add(i % n)
+        return out
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        grid_thw: torch.Tensor | Sequence[Sequence[int]],
+        *,
+        output_layers: Sequence[int] | None = None,
+        return_dict: bool = False,
+    ) -> torch.Tensor | PackedVisionOutput:
+        """Encode a packed batch.
+
+        hidden_states: (Tp, p*p*C) patches in (p_h, p_w, C) order; grid_thw: (N, 3) (t, h, w).
+        Returns the final-normed patch tokens (Tp, D) in input order, or, with ``return_dict`` or
+        ``output_layers``, a ``PackedVisionOutput``. An empty batch (N = 0) returns empty outputs.
+        """
+        grid = grid_to_tuple(grid_thw)
+        check_inputs(hidden_states, grid, self.patch_dim)
+        want = self._layer_indices(output_layers)
+        if not grid:
+            return self._empty(hidden_states, want, return_dict or output_layers is not None)
+        meta = build_meta(grid, self.num_prefix, hidden_states.device)
+
+        x, rope = self.embed(hidden_states.to(self.dtype), meta)  # (T, D)
+        layers = {0: x} if 0 in want else {}
+        for i, block in enumerate(self.blocks, start=1):
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, meta, rope, use_reentrant=False)
+            else:
+                x = block(x, meta, rope)
+            if i in want:
+                layers[i] = x
+        x = self.norm(x)
+        patches, prefix = split_prefix(x, meta)
+        if not (return_dict or output_layers is not None):
+            return patches
+
+        split = {i: split_prefix(h, meta) for i, h in layers.items()}
+        return PackedVisionOutput(
+            last_hidden_state=patches,
+            pooler_output=self.pool(x, meta),
+            prefix_tokens=prefix,
+            hidden_states={i: p for i, (p, _) in split.items()},
+            prefix_hidden_states={i: q for i, (_, q) in split.items()} if self.num_prefix else None,
+            meta=meta,
+        )
+
+    def _empty(self, hidden_states: torch.Tensor, want: set[int], rich: bool):
+        empty = torch.zeros(0, self.hidden_size, device=hidden_states.device, dtype=self.dtype)
+        if not rich:
+            return empty
+        pref = empty.view(0, self.num_prefix, self.hidden_size) if self.num_prefix else None
+        return PackedVisionOutput(
+            last_hidden_state=empty,
+            pooler_output=empty if self.has_pooler else None,
+            prefix_tokens=pref,
+            hidden_states={i: empty for i in want},
+            prefix_hidden_states={i: pref for i in want} if self.num_prefix else None,
+        )
+
+    @property
+    def has_pooler(self) -> bool:
+        return False

@@ -1,0 +1,150 @@
+"""SigLIP2 NaFlex vision encoder (google/siglip2-*-naflex), packed.
+
+patches -> Linear -> + learned 16x16 position grid resized to each frame's (h, w) -> GELU-tanh
+blocks -> post LayerNorm [-> MAP head: a learned probe attends to each frame, then LN + MLP].
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from ..layers import Block, Mlp, pool_attention
+from ..packing import Grid, PackedMeta
+from .base import PackedViT
+
+
+@dataclass(frozen=True)
+class Siglip2Config:
+    hidden_size: int = 1152
+    num_layers: int = 27
+    num_heads: int = 16
+    intermediate_size: int = 4304
+    patch_size: int = 16
+    num_channels: int = 3
+    num_patches: int = 256  # the learned position grid is sqrt(num_patches) squared
+    norm_eps: float = 1e-6
+    hidden_act: str = "gelu_pytorch_tanh"
+    use_head: bool = True
+
+    @property
+    def pos_grid(self) -> int:
+        side = int(round(self.num_patches**0.5))
+        if side * side != self.num_patches:
+            raise ValueError(f"num_patches must be a square, got {self.num_patches}")
+        return side
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "Siglip2Config":
+        key = name.split("/")[-1]
+        if key not in PRESETS:
+            raise ValueError(f"unknown SigLIP2 preset {name!r}; known: {sorted(PRESETS)}")
+        return replace(PRESETS[key], **overrides)
+
+
+PRESETS = {
+    # https://huggingface.co/google/siglip2-so400m-patch16-naflex/blob/main/config.json
+    "siglip2-so400m-patch16-naflex": Siglip2Config(),
+    # https://huggingface.co/google/siglip2-base-patch16-naflex/blob/main/config.json
+    "siglip2-base-patch16-naflex": Siglip2Config(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072),
+}
+
+
+def _aa_bilinear_1d(n_in: int, n_out: int) -> torch.Tensor:
+    """(n_out, n_in) weights of antialiased bilinear resampling (align_corners=False), float64.
+
+    A triangle filter whose support widens with the downscale factor, normalised per output,
+    as PIL and ``F.interpolate(..., antialias=True)`` define it.
+    """
+    scale = n_in / n_out
+    support = max(scale, 1.0)
+    centre = (torch.arange(n_out, dtype=torch.float64) + 0.5) * scale  # (n_out,)
+    src = torch.arange(n_in, dtype=torch.float64) + 0.5  # (n_in,)
+    w = (1 - (src[None, :] - centre[:, None]).abs() / support).clamp(min=0)
+    return w / w.sum(1, keepdim=True)
+
+
+@functools.lru_cache(maxsize=256)
+def resize_weights(h: int, w: int, side: int, device: torch.device) -> torch.Tensor:
+    """(h*w, side*side) fp32 matrix W with W @ grid == the antialiased bilinear resize of the grid.
+
+    Written out rather than calling ``F.interpolate(mode="bilinear", antialias=True)`` because
+    PyTorch's CPU kernel is wrong when the output is one column wide and the height shrinks
+    (16x16 -> 7x1 is off by 0.3; tests/test_siglip2_resize.py); transformers >= 5.2x writes the
+    same explicit filter. Keeping W (not the resized table) lets gradients reach the learned grid.
+    """
+    wh, ww = _aa_bilinear_1d(side, h), _aa_bilinear_1d(side, w)  # (h, side), (w, side)
+    weights = torch.einsum("ia,jb->ijab", wh, ww).reshape(h * w, side * side)
+    return weights.to(device=device, dtype=torch.float32).contiguous()
+
+
+@functools.lru_cache(maxsize=64)
+def packed_resize_weights(grid: Grid, side: int, device: torch.device) -> torch.Tensor:
+    """(Tp, side*side) resize weights for a whole batch."""
+    return torch.cat([resize_weights(h, w, side, device) for t, h, w in grid for _ in range(t)])
+
+
+class MAPHead(nn.Module):
+    """Multihead attention pooling: ``probe`` attends to each frame's tokens, then x + mlp(ln(x)).
+
+    ``in_proj`` packs q, k and v like ``nn.MultiheadAttention``'s ``in_proj_weight``.
+    """
+
+    def __init__(self, cfg: Siglip2Config):
+        super().__init__()
+        d = cfg.hidden_size
+        self.num_heads = cfg.num_heads
+        self.probe = nn.Parameter(torch.zeros(d))
+        self.in_proj = nn.Linear(d, 3 * d)
+        self.out_proj = nn.Linear(d, d)
+        self.norm = nn.LayerNorm(d, eps=cfg.norm_eps)
+        self.mlp = Mlp(d, cfg.intermediate_size, cfg.hidden_act)
+
+    def forward(self, x: torch.Tensor, meta: PackedMeta, backend: str) -> torch.Tensor:
+        T, D = x.shape
+        H, Dh = self.num_heads, D // self.num_heads
+        w, b = self.in_proj.weight, self.in_proj.bias
+        q = nn.functional.linear(self.probe.to(x.dtype), w[:D], b[:D]).view(1, H, Dh).expand(meta.num_frames, H, Dh)
+        kv = nn.functional.linear(x, w[D:], b[D:]).view(T, 2, H, Dh)
+        o = pool_attention(q, kv[:, 0], kv[:, 1], meta, backend)  # (F, H, Dh)
+        o = self.out_proj(o.reshape(meta.num_frames, D))
+        return o + self.mlp(self.norm(o))
+
+
+class Siglip2(PackedViT):
+    num_prefix = 0
+
+    def __init__(self, config: Siglip2Config, attn_backend: str = "auto"):
+        super().__init__(attn_backend)
+        self.config = c = config
+        d = c.hidden_size
+        self.patch_embed = nn.Linear(self.patch_dim, d)
+        self.pos_embed = nn.Parameter(torch.zeros(c.pos_grid * c.pos_grid, d))  # (side*side, D), row-major
+        self.blocks = nn.ModuleList(
+            Block(
+                d, c.num_heads,
+                mlp=Mlp(d, c.intermediate_size, c.hidden_act),
+                norm="layernorm", norm_eps=c.norm_eps,
+                qkv_bias=(True, True, True), proj_bias=True,
+            )
+            for _ in range(c.num_layers)
+        )
+        self.norm = nn.LayerNorm(d, eps=c.norm_eps)
+        self.head = MAPHead(c) if c.use_head else None
+        self.set_attention_backend(attn_backend)
+
+    @property
+    def has_pooler(self) -> bool:
+        return self.head is not None
+
+    def embed(self, patches: torch.Tensor, meta: PackedMeta):
+        x = self.patch_embed(patches)  # (Tp, D)
+        weights = packed_resize_weights(meta.grid, self.config.pos_grid, x.device)  # (Tp, side*side) fp32
+        pos = weights @ self.pos_embed.float()  # (Tp, D), resized in fp32 whatever the model dtype
+        return x + pos.to(x.dtype), None
+
+    def pool(self, x: torch.Tensor, meta: PackedMeta) -> torch.Tensor | None:
+        return self.head(x, meta, self.attn_backend) if self.head is not None else None

@@ -1,0 +1,256 @@
+"""The packed format and the per-batch metadata every block shares.
+
+Notation used across packvit:
+    T   tokens in the packed sequence (patches plus prefix tokens of every frame)
+    Tp  patch tokens only (rows of the input ``hidden_states``)
+    F   frames (attention segments); an image with t frames of h x w patches gives t segments
+    P   prefix tokens per frame (CLS and registers; 0 for AIMv2 and SigLIP2)
+    H   heads, Dh head dim, D hidden size
+
+Input layout: ``hidden_states`` is ``(Tp, p*p*C)``, each patch flattened in (p_h, p_w, C) order
+(channels last, as SigLIP2's image processor emits it), frames concatenated, patches of a frame in
+row-major order. ``grid_thw`` is ``(N, 3)`` integers (t, h, w) in patches.
+
+Inside a model each frame's segment is ``[prefix_1..prefix_P, patch_1..patch_hw]``.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+Grid = tuple[tuple[int, int, int], ...]
+
+
+def grid_to_tuple(grid_thw: torch.Tensor | Sequence[Sequence[int]]) -> Grid:
+    """Validate ``grid_thw`` and return it as a tuple of Python ints.
+
+    A CPU tensor or a list costs no device sync; a CUDA tensor costs exactly one (``tolist``),
+    so data loaders should keep ``grid_thw`` on the CPU.
+    """
+    if isinstance(grid_thw, torch.Tensor):
+        if grid_thw.dtype.is_floating_point or grid_thw.dtype.is_complex or grid_thw.dtype == torch.bool:
+            raise TypeError(f"grid_thw must hold integers, got dtype {grid_thw.dtype}")
+        if grid_thw.dim() != 2 or grid_thw.shape[1] != 3:
+            raise ValueError(f"grid_thw must have shape [num_images, 3] (t, h, w), got {list(grid_thw.shape)}")
+        rows = grid_thw.tolist()
+    elif isinstance(grid_thw, (list, tuple)):
+        rows = [list(r) if isinstance(r, (list, tuple)) else r for r in grid_thw]
+        if any(not isinstance(r, list) or len(r) != 3 for r in rows):
+            raise ValueError("grid_thw must be a sequence of (t, h, w) triples")
+        if any(isinstance(v, bool) or not isinstance(v, int) for r in rows for v in r):
+            raise TypeError("grid_thw must hold integers")
+    else:
+        raise TypeError(f"grid_thw must be an integer tensor or a list of (t, h, w), got {type(grid_thw).__name__}")
+    for i, (t, h, w) in enumerate(rows):
+        if t <= 0 or h <= 0 or w <= 0:
+            raise ValueError(f"grid_thw[{i}] = ({t}, {h}, {w}): frames, height and width must all be positive")
+    return tuple((int(t), int(h), int(w)) for t, h, w in rows)
+
+
+@dataclass(frozen=True, eq=False)
+class PackedMeta:
+    """Everything the blocks need to know about one packed batch, built once per batch.
+
+    ``cu_seqlens`` is int32 on the model's device and ``max_seqlen`` a Python int, as FlashAttention
+    kernels want them. Index tensors place patch and prefix tokens inside the packed sequence.
+    """
+
+    grid: Grid
+    num_prefix: int
+    seqlens: tuple[int, ...]  # (F,) tokens per frame, prefix included
+    cu_seqlens: torch.Tensor  # (F + 1,) int32
+    max_seqlen: int
+    frame_hw: tuple[tuple[int, int], ...]  # (F,) (h, w) of each frame
+    num_patches: int  # Tp
+    # (Tp,) position of every patch row in the packed sequence; None when P == 0 (identity).
+    patch_index: torch.Tensor | None
+    # (F * P,) positions of the prefix tokens, frame-major; None when P == 0.
+    prefix_index: torch.Tensor | None
+    # (F + 1,) int32 arange: one query per frame, for the pooling heads.
+    cu_frames: torch.Tensor
+    # (T,) frame of every token, for per-frame randomness (drop path).
+    frame_of_token: torch.Tensor
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.seqlens)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_patches + self.num_frames * self.num_prefix
+
+    @property
+    def max_patches(self) -> int:
+        return max(h * w for h, w in self.frame_hw)
+
+    @property
+    def patch_cu_seqlens(self) -> torch.Tensor:
+        """(F + 1,) int32 boundaries of the frames' patch tokens in a patches-only sequence."""
+        return _patch_cu_seqlens(self)
+
+
+@functools.lru_cache(maxsize=64)
+def _patch_cu_seqlens(meta: PackedMeta) -> torch.Tensor:
+    lens = [h * w for h, w in meta.frame_hw]
+    return _cumsum_int32(lens, meta.cu_seqlens.device)
+
+
+def _cumsum_int32(lens: Sequence[int], device: torch.device) -> torch.Tensor:
+    cu = [0]
+    for n in lens:
+        cu.append(cu[-1] + n)
+    # Built on the host and copied once: non_blocking from pageable memory is still ordered on the stream.
+    return torch.tensor(cu, dtype=torch.int32).to(device, non_blocking=True)
+
+
+@functools.lru_cache(maxsize=128)
+def build_meta(grid: Grid, num_prefix: int, device: torch.device) -> PackedMeta:
+    """Metadata for a validated grid (see ``grid_to_tuple``); cached per (grid, prefix, device)."""
+    frame_hw = tuple((h, w) for t, h, w in grid for _ in range(t))
+    seqlens = tuple(num_prefix + h * w for h, w in frame_hw)
+    num_patches = sum(h * w for h, w in frame_hw)
+    patch_index = prefix_index = None
+    if num_prefix:
+        starts = [0]
+        for n in seqlens[:-1]:
+            starts.append(starts[-1] + n)
+        starts_t = torch.tensor(starts, dtype=torch.long)
+        lens_t = torch.tensor([h * w for h, w in frame_hw], dtype=torch.long)
+        # patch j of frame f sits at starts[f] + P + j
+        frame_of_patch = torch.repeat_interleave(torch.arange(len(seqlens)), lens_t)
+        first_patch = torch.cumsum(lens_t, 0) - lens_t
+        within = torch.arange(num_patches) - first_patch[frame_of_patch]
+        patch_index = (starts_t[frame_of_patch] + num_prefix + within).to(device, non_blocking=True)
+        prefix_index = (starts_t[:, None] + torch.arange(num_prefix)[None, :]).reshape(-1).to(device, non_blocking=True)
+    return PackedMeta(
+        grid=grid,
+        num_prefix=num_prefix,
+        seqlens=seqlens,
+        cu_seqlens=_cumsum_int32(seqlens, device),
+        max_seqlen=max(seqlens),
+        frame_hw=frame_hw,
+        num_patches=num_patches,
+        patch_index=patch_index,
+        prefix_index=prefix_index,
+        cu_frames=torch.arange(len(seqlens) + 1, dtype=torch.int32).to(device, non_blocking=True),
+        frame_of_token=torch.repeat_interleave(torch.arange(len(seqlens)), torch.tensor(seqlens)).to(
+            device, non_blocking=True
+        ),
+    )
+
+
+def check_inputs(hidden_states: torch.Tensor, grid: Grid, patch_dim: int) -> None:
+    """Clear errors for inputs that do not describe the same batch."""
+    if not isinstance(hidden_states, torch.Tensor):
+        raise TypeError(f"hidden_states must be a torch.Tensor, got {type(hidden_states).__name__}")
+    if not hidden_states.is_floating_point():
+        raise TypeError(f"hidden_states must be floating point, got dtype {hidden_states.dtype}")
+    if hidden_states.dim() != 2:
+        raise ValueError(
+            f"hidden_states must have shape [total_patches, patch_dim], got {list(hidden_states.shape)}"
+        )
+    if hidden_states.shape[1] != patch_dim:
+        raise ValueError(
+            f"hidden_states has patch_dim {hidden_states.shape[1]}, expected {patch_dim} "
+            "(patch_size * patch_size * num_channels, flattened in (p_h, p_w, C) order)"
+        )
+    expected = sum(t * h * w for t, h, w in grid)
+    if hidden_states.shape[0] != expected:
+        raise ValueError(
+            f"hidden_states has {hidden_states.shape[0]} rows but grid_thw describes {expected} patches "
+            "(the sum of t*h*w over images)"
+        )
+
+
+def insert_prefix(patches: torch.Tensor, prefix: torch.Tensor, meta: PackedMeta) -> torch.Tensor:
+    """Interleave per-frame prefix tokens with patch tokens.
+
+    patches (Tp, D), prefix (P, D) shared by every frame -> (T, D) ordered frame by frame.
+    """
+    if meta.num_prefix == 0:
+        return patches
+    x = patches.new_empty(meta.num_tokens, patches.shape[-1])
+    x = x.index_copy(0, meta.patch_index, patches)
+    return x.index_copy(0, meta.prefix_index, prefix.to(patches.dtype).repeat(meta.num_frames, 1))
+
+
+def split_prefix(x: torch.Tensor, meta: PackedMeta) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(T, D) -> patches (Tp, D) in input order and prefix tokens (F, P, D), or None when P == 0."""
+    if meta.num_prefix == 0:
+        return x, None
+    patches = x.index_select(0, meta.patch_index)
+    prefix = x.index_select(0, meta.prefix_index).view(meta.num_frames, meta.num_prefix, -1)
+    return patches, prefix
+
+
+# ---------------------------------------------------------------------------------------------
+# Images <-> packed patches
+# ---------------------------------------------------------------------------------------------
+
+
+def convert_to_packing_format(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, C, H, W) images of one size -> (B * H/p * W/p, p*p*C) patches in (p_h, p_w, C) order.
+
+    The seed's semantics: ``view(B, C, h, p, w, p).permute(0, 2, 4, 3, 5, 1)``.
+    """
+    if images.dim() != 4:
+        raise ValueError(f"images must have shape [B, C, H, W], got {list(images.shape)}")
+    b, c, hh, ww = images.shape
+    if hh % patch_size or ww % patch_size:
+        raise ValueError(f"image size {hh}x{ww} is not a multiple of patch_size {patch_size}")
+    h, w = hh // patch_size, ww // patch_size
+    x = images.reshape(b, c, h, patch_size, w, patch_size).permute(0, 2, 4, 3, 5, 1)  # (B, h, w, p, p, C)
+    return x.reshape(b * h * w, patch_size * patch_size * c)
+
+
+def patchify(
+    images: torch.Tensor | Sequence[torch.Tensor], patch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images -> ``(hidden_states, grid_thw)``.
+
+    ``images`` is a (B, C, H, W) batch, or a list whose items are (C, H, W) images or (t, C, H, W)
+    videos of any size (each side a multiple of ``patch_size``). ``grid_thw`` is int64 on the CPU.
+    """
+    if isinstance(images, torch.Tensor):
+        if images.dim() != 4:
+            raise ValueError(f"images must be [B, C, H, W] or a list of [C, H, W], got {list(images.shape)}")
+        images = list(images.unbind(0))
+    if len(images) == 0:
+        raise ValueError("images is empty: give at least one image")
+    chunks, grid = [], []
+    for i, img in enumerate(images):
+        video = img if img.dim() == 4 else img.unsqueeze(0)
+        if video.dim() != 4:
+            raise ValueError(f"images[{i}] must be [C, H, W] or [t, C, H, W], got {list(img.shape)}")
+        t, _, hh, ww = video.shape
+        if hh % patch_size or ww % patch_size:
+            raise ValueError(f"images[{i}] has size {hh}x{ww}, not a multiple of patch_size {patch_size}")
+        chunks.append(convert_to_packing_format(video, patch_size))
+        grid.append((t, hh // patch_size, ww // patch_size))
+    return torch.cat(chunks, 0), torch.tensor(grid, dtype=torch.long)
+
+
+def unpatchify(
+    hidden_states: torch.Tensor, grid_thw: torch.Tensor | Sequence[Sequence[int]], patch_size: int, num_channels: int = 3
+) -> list[torch.Tensor]:
+    """Inverse of ``patchify``: a list of (C, H, W) images, or (t, C, H, W) for entries with t > 1."""
+    grid = grid_to_tuple(grid_thw)
+    check_inputs(hidden_states, grid, patch_size * patch_size * num_channels)
+    out, start = [], 0
+    for t, h, w in grid:
+        n = t * h * w
+        x = hidden_states[start : start + n].reshape(t, h, w, patch_size, patch_size, num_channels)
+        x = x.permute(0, 5, 1, 3, 2, 4).reshape(t, num_channels, h * patch_size, w * patch_size)
+        out.append(x if t > 1 else x[0])
+        start += n
+    return out
+
+
+def split_by_image(packed: torch.Tensor, grid_thw: torch.Tensor | Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    """(Tp, D) packed patch features -> one (t*h*w, D) tensor per image (views, no copy)."""
+    grid = grid_to_tuple(grid_thw)
+    return list(packed.split([t * h * w for t, h, w in grid], 0))

@@ -1,0 +1,141 @@
+"""Finding and reading checkpoint files: local folders, single files, hub ids; safetensors first."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read: missing, truncated, corrupted or of an unknown layout."""
+
+
+def resolve(src: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local directory or file as it is, otherwise a hub id fetched through huggingface_hub.
+
+    The hub path honours ``HF_HUB_OFFLINE``, the cache (``HF_HOME``) and ``revision``, and fetches
+    only the files packvit reads.
+    """
+    path = Path(src).expanduser()
+    if path.exists():
+        if revision is not None:
+            raise ValueError(f"revision={revision!r} applies to hub ids, but {str(src)!r} is a local path")
+        return path
+    if str(src).count("/") != 1 or str(src).startswith((".", "/")):
+        raise CheckpointError(f"checkpoint {str(src)!r} is neither an existing path nor a hub id (owner/name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                str(src), revision=revision,
+                allow_patterns=["config.json", "preprocessor_config.json", "*.safetensors", INDEX],
+            )
+        )
+    except Exception as e:  # offline without a cached copy, unknown repo, no network
+        raise CheckpointError(f"could not fetch {str(src)!r} from the hub (revision {revision}): {e}") from e
+
+
+def read_config(directory: Path) -> dict:
+    f = directory / "config.json"
+    if not f.is_file():
+        raise CheckpointError(f"{directory} has no config.json: packvit needs it to know the architecture")
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{f} is not valid JSON: {e}") from e
+
+
+def weight_files(path: Path, allow_pickle: bool = False) -> list[Path]:
+    """The files holding a checkpoint's tensors, checked to exist."""
+    if path.is_file():
+        files = [path]
+    elif (path / INDEX).is_file():
+        try:
+            index = json.loads((path / INDEX).read_text())
+            names = sorted(set(index["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise CheckpointError(f"{path / INDEX} is not a valid safetensors index: {e}") from e
+        files = [path / n for n in names]
+        missing = [str(f.name) for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{path / INDEX} names shards that are missing: {missing}")
+    elif (path / SINGLE).is_file():
+        files = [path / SINGLE]
+    else:
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            if pickles and not allow_pickle:
+                raise CheckpointError(
+                    f"{path} holds only pickled weights {pickles}; packvit reads safetensors. Pass "
+                    "allow_pickle=True (--allow-pickle) to read them with torch.load(weights_only=True)"
+                )
+            files = [path / p for p in pickles]
+            if not files:
+                raise CheckpointError(f"{path} holds no weights (no *.safetensors)")
+    for f in files:
+        if f.suffix in PICKLE_SUFFIXES and not allow_pickle:
+            raise CheckpointError(
+                f"{f.name} is a pickle; pass allow_pickle=True (--allow-pickle) to read it with "
+                "torch.load(weights_only=True)"
+            )
+    return files
+
+
+def load_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    """Read every tensor of every file onto the CPU; duplicate names across shards are an error."""
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            if f.suffix in PICKLE_SUFFIXES:
+                part = torch.load(f, map_location="cpu", weights_only=True)
+                if isinstance(part, dict) and "model" in part and isinstance(part["model"], dict):
+                    part = part["model"]
+                if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
+                    raise CheckpointError(f"{f} is not a flat state dict of tensors")
+            else:
+                part = load_file(str(f))
+        except CheckpointError:
+            raise
+        except Exception as e:  # safetensors' SafetensorError, truncated files, unpickling errors
+            raise CheckpointError(f"could not read {f}: {e} (truncated or corrupted?)") from e
+        dup = set(part) & set(out)
+        if dup:
+            raise CheckpointError(f"tensor {sorted(dup)[0]!r} appears in more than one shard")
+        out.update(part)
+    return out
+
+
+@contextmanager
+def atomic_directory(dst: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Write into a temporary sibling directory and rename it to ``dst`` only on success.
+
+    A failure or Ctrl-C leaves no partial ``dst`` behind.
+    """
+    dst = Path(dst)
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} exists; choose another destination or overwrite it explicitly")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        yield tmp
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
