@@ -8,20 +8,25 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any, Callable
 
 import torch
 
 from .checkpoint_io import CheckpointError, atomic_directory, load_tensors, read_config, resolve, weight_files
 from .families import aimv2, dinov3, siglip2
-from .keymap import ConversionError, ConversionReport, check_shapes, from_hf, to_hf
+from .keymap import ConversionError, ConversionReport, check_dtypes, check_shapes, from_hf, to_hf
+from .native import config_from_native, is_native
+from .original import convert_original, detect_layout
 
 FAMILIES: dict[str, ModuleType] = {"aimv2": aimv2, "dinov3": dinov3, "siglip2": siglip2}
 
 __all__ = [
     "FAMILIES", "CheckpointError", "ConversionError", "ConversionReport", "detect_family",
-    "convert_state_dict", "load_model", "export_hf", "model_family",
+    "convert_state_dict", "load_model", "export_hf", "model_family", "Checkpoint", "read_checkpoint", "cast_state",
+    "build_model",
 ]
 
 
@@ -66,11 +71,105 @@ def build_model(family: str, cfg, state_dict: dict[str, torch.Tensor], attn_back
     fam = FAMILIES[family]
     with torch.device("meta"):
         model = fam.MODEL_CLASS(cfg, attn_backend="sdpa")
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    check_shapes(expected, state_dict)
+    expected = model.state_dict()
+    check_shapes({k: v.shape for k, v in expected.items()}, state_dict)
+    check_dtypes({k: v.dtype for k, v in expected.items()}, state_dict)
     model.load_state_dict(state_dict, strict=True, assign=True)
     model.set_attention_backend(attn_backend)
     return model
+
+
+@dataclass
+class Checkpoint:
+    """A source checkpoint read and converted to packvit tensors, not yet a model."""
+
+    family: str
+    config: Any  # the family's packvit config dataclass
+    state: dict[str, torch.Tensor]  # packvit names
+    report: ConversionReport
+    layout: str  # "hf", "packvit", or "original-<family>"
+    path: Path  # the resolved source: a directory or a single file
+    hf_config: dict | None  # the transformers config.json, for the "hf" layout
+    source_tensors: int
+    source_bytes: int
+
+
+def _source_config(path: Path, config: str | os.PathLike | None) -> dict | None:
+    """The config.json to use: ``config`` if given, else the one in (or beside) ``path``, else None."""
+    if config is not None:
+        f = Path(config).expanduser()
+        if f.is_dir():
+            f = f / "config.json"
+        if not f.is_file():
+            raise CheckpointError(f"config {str(config)!r} does not exist: expected a config.json file or its folder")
+        return read_config(f.parent) if f.name == "config.json" else _read_json(f)
+    directory = path if path.is_dir() else path.parent
+    return read_config(directory) if (directory / "config.json").is_file() else None
+
+
+def _read_json(f: Path) -> dict:
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{f} is not valid JSON: {e}") from e
+
+
+def read_checkpoint(
+    src: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    config: str | os.PathLike | None = None,
+    family: str | None = None,
+    strict_config: bool = True,
+    allow_pickle: bool = False,
+    preset: str | None = None,
+    num_heads: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Checkpoint:
+    """Read any checkpoint packvit understands and convert it to packvit tensors.
+
+    ``src`` is a hub id, a folder, or a single weights file. The layout is recognised in this order:
+    a packvit ``config.json`` (written by ``packvit convert``); original research weights
+    (facebookresearch/dinov3, Apple ml-aim), recognised by their tensor names, configured by
+    ``preset`` / ``num_heads`` and the shapes; otherwise a transformers checkpoint, whose
+    ``config.json`` sits beside the weights or is given as ``config``.
+    """
+    path = resolve(src, revision)
+    cfg_json = _source_config(path, config)
+    files = weight_files(path, allow_pickle=allow_pickle)
+    tensors = load_tensors(files, progress)
+    source_bytes = sum(f.stat().st_size for f in files)
+    if cfg_json is not None and is_native(cfg_json):
+        fam_name, cfg = config_from_native(cfg_json, FAMILIES)
+        report = ConversionReport(mapped=len(tensors))
+        layout, sd, hf_config = "packvit", tensors, None
+    elif (orig := detect_layout(set(tensors))) is not None:
+        if num_heads is None and cfg_json is not None and isinstance(cfg_json.get("num_attention_heads"), int):
+            # ml-aim's custom-code hub revisions ship a config.json beside original-layout weights.
+            num_heads = cfg_json["num_attention_heads"]
+        fam_name, cfg, sd, report = convert_original(orig, tensors, preset=preset, overrides={"num_heads": num_heads})
+        layout, hf_config = f"original-{orig}", None
+    elif cfg_json is None:
+        raise CheckpointError(
+            f"{path} has no config.json beside it, and its tensor names are not an original dinov3/ml-aim "
+            "layout: give the transformers config.json (config=..., --config)"
+        )
+    else:
+        fam_name, cfg, sd, report = convert_state_dict(cfg_json, tensors, family=family, strict_config=strict_config)
+        layout, hf_config = "hf", cfg_json
+    if family is not None and family != fam_name:
+        raise CheckpointError(f"expected a {family} checkpoint, but {path} holds a {fam_name} model")
+    return Checkpoint(fam_name, cfg, sd, report, layout, path, hf_config, len(tensors), source_bytes)
+
+
+def cast_state(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Cast floating tensors to ``dtype``; with None, keep a single dtype, and widen a mix to float32."""
+    if dtype is None:
+        dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+        if len(dtypes) <= 1:
+            return state
+        dtype = torch.float32  # a mix (e.g. fp32 norms beside bf16 weights): widening loses nothing
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
 
 
 def load_model(
@@ -83,16 +182,16 @@ def load_model(
     attn_backend: str = "auto",
     strict_config: bool = True,
     allow_pickle: bool = False,
+    config: str | os.PathLike | None = None,
+    preset: str | None = None,
+    num_heads: int | None = None,
 ):
-    """Load a HF checkpoint (local dir or hub id) as a packvit model in eval mode."""
-    path = resolve(src, revision)
-    directory = path if path.is_dir() else path.parent
-    config = read_config(directory)
-    hf_state = load_tensors(weight_files(path, allow_pickle=allow_pickle))
-    fam_name, cfg, sd, _ = convert_state_dict(config, hf_state, family=family, strict_config=strict_config)
-    if dtype is not None:
-        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-    model = build_model(fam_name, cfg, sd, attn_backend="sdpa")
+    """Load a checkpoint (HF, packvit-native or original layout; local or hub id) as a packvit model in eval mode."""
+    ckpt = read_checkpoint(
+        src, revision=revision, config=config, family=family, strict_config=strict_config,
+        allow_pickle=allow_pickle, preset=preset, num_heads=num_heads,
+    )
+    model = build_model(ckpt.family, ckpt.config, cast_state(ckpt.state, dtype), attn_backend="sdpa")
     model.to(device=device)
     model.set_attention_backend(attn_backend)
     return model.eval()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -94,10 +95,12 @@ def weight_files(path: Path, allow_pickle: bool = False) -> list[Path]:
     return files
 
 
-def load_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
-    """Read every tensor of every file onto the CPU; duplicate names across shards are an error."""
-    from safetensors.torch import load_file
+def load_tensors(files: list[Path], progress: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
+    """Read every tensor of every file onto the CPU; duplicate names across shards are an error.
 
+    ``progress(nbytes)`` is called after each tensor (safetensors) or file (pickles) is read.
+    Pickles are only ever opened with ``weights_only=True``: callers gate them behind ``allow_pickle``.
+    """
     out: dict[str, torch.Tensor] = {}
     for f in files:
         try:
@@ -107,8 +110,10 @@ def load_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
                     part = part["model"]
                 if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
                     raise CheckpointError(f"{f} is not a flat state dict of tensors")
+                if progress is not None:
+                    progress(f.stat().st_size)
             else:
-                part = load_file(str(f))
+                part = _read_safetensors(f, progress)
         except CheckpointError:
             raise
         except Exception as e:  # safetensors' SafetensorError, truncated files, unpickling errors
@@ -118,6 +123,35 @@ def load_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"tensor {sorted(dup)[0]!r} appears in more than one shard")
         out.update(part)
     return out
+
+
+def _read_safetensors(f: Path, progress: Callable[[int], None] | None) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    part = {}
+    # safe_open checks the header against the file size, so a truncated file fails here.
+    with safe_open(str(f), framework="pt", device="cpu") as fh:
+        for name in fh.keys():
+            t = fh.get_tensor(name)
+            part[name] = t
+            if progress is not None:
+                progress(t.numel() * t.element_size())
+    return part
+
+
+def parse_size(text: str | int) -> int:
+    """``"5GB"``, ``"500MB"``, ``"20KiB"`` or a number of bytes -> bytes (decimal and binary units)."""
+    if isinstance(text, int):
+        return text
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).upper() not in units:
+        raise ValueError(f"size {text!r} is not understood: expected a number of bytes or e.g. 500MB, 5GB, 2GiB")
+    size = int(float(m.group(1)) * units[m.group(2).upper()])
+    if size <= 0:
+        raise ValueError(f"size {text!r} must be positive")
+    return size
 
 
 @contextmanager

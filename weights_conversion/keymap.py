@@ -96,11 +96,13 @@ class KeyMap:
 class ConversionReport:
     mapped: int = 0
     dropped: dict[str, list[str]] = field(default_factory=dict)  # reason -> keys
+    notes: list[str] = field(default_factory=list)  # what a converter did beyond renaming (a zero bias added)
 
     def summary(self) -> str:
         lines = [f"{self.mapped} packvit tensors mapped"]
         for reason, keys in self.dropped.items():
             lines.append(f"{len(keys)} tensors dropped: {reason}")
+        lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 
 
@@ -175,4 +177,19 @@ def check_shapes(expected: dict[str, torch.Size], got: Tensors) -> None:
         raise ConversionError(
             f"{len(bad)} tensors have the wrong shape, e.g. {k}: checkpoint {g}, model {s}; "
             "does config.json match the weights?"
+        )
+
+
+def check_dtypes(expected: dict[str, torch.dtype], got: Tensors) -> None:
+    """Floating-point parameters must come from floating-point tensors.
+
+    A checkpoint tensor stored as an integer or bool where the model holds a float would be
+    silently cast by ``load_state_dict``; that is a broken or mislabelled file, not a weight.
+    """
+    bad = [(k, got[k].dtype, d) for k, d in expected.items() if k in got and d.is_floating_point and not got[k].is_floating_point()]
+    if bad:
+        k, g, d = bad[0]
+        raise ConversionError(
+            f"{len(bad)} tensors have the wrong dtype, e.g. {k}: checkpoint {g}, expected a floating-point "
+            f"tensor (the model holds {d}); is the file corrupted or not a checkpoint of this model?"
         )

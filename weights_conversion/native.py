@@ -1,0 +1,109 @@
+"""packvit's own checkpoint layout: packvit tensor names in safetensors, plus a ``config.json``.
+
+    config.json = {"format": "packvit", "format_version": 1, "family": "dinov3",
+                   "config": {<the family's config dataclass fields>}, "dtype": "bfloat16"}
+
+Tensors are written as ``model.safetensors``, or, above ``max_shard_size``, as
+``model-0000i-of-0000n.safetensors`` shards with a ``model.safetensors.index.json`` (the same index
+format transformers writes), so the loader in ``checkpoint_io`` reads both layouts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .checkpoint_io import INDEX, SINGLE, CheckpointError
+
+FORMAT = "packvit"
+FORMAT_VERSION = 1
+
+
+def is_native(config: dict) -> bool:
+    return config.get("format") == FORMAT
+
+
+def config_to_native(family: str, cfg, dtype: torch.dtype) -> dict:
+    import packvit
+
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "family": family,
+        "config": dataclasses.asdict(cfg),
+        "dtype": str(dtype).removeprefix("torch."),
+        "packvit_version": packvit.__version__,
+    }
+
+
+def config_from_native(config: dict, families: dict) -> tuple[str, object]:
+    """(family, config dataclass) of a packvit ``config.json``; unknown families or fields are errors."""
+    version = config.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"packvit checkpoint format_version {version!r} is not supported (this packvit reads {FORMAT_VERSION})"
+        )
+    family = config.get("family")
+    if family not in families:
+        raise CheckpointError(f"packvit config.json names family {family!r}; expected one of {sorted(families)}")
+    cls = families[family].CONFIG_CLASS
+    fields = config.get("config")
+    if not isinstance(fields, dict):
+        raise CheckpointError("packvit config.json has no 'config' object with the model's fields")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        # Written by a newer packvit, or edited by hand: a field we do not know may change the model.
+        raise CheckpointError(f"packvit config.json has {family} fields this packvit does not know: {unknown}")
+    return family, cls(**fields)
+
+
+def plan_shards(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[list[str]]:
+    """Tensor names grouped into shards of at most ``max_shard_bytes`` (a larger tensor gets its own)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, t in state.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += n
+    return shards
+
+
+def write_native(
+    directory: Path,
+    family: str,
+    cfg,
+    state: dict[str, torch.Tensor],
+    *,
+    max_shard_bytes: int,
+    progress: Callable[[int], None] | None = None,
+) -> list[Path]:
+    """Write tensors and config.json into an existing (temporary) directory; returns the files written."""
+    from safetensors.torch import save_file
+
+    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    shards = plan_shards(state, max_shard_bytes)
+    names = [SINGLE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    written = []
+    for fname, keys in zip(names, shards):
+        part = {k: state[k].contiguous() for k in keys}
+        save_file(part, str(directory / fname), metadata={"format": "pt"})
+        written.append(directory / fname)
+        if progress is not None:
+            progress(sum(t.numel() * t.element_size() for t in part.values()))
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": {k: f for f, ks in zip(names, shards) for k in ks}}
+        (directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        written.append(directory / INDEX)
+    (directory / "config.json").write_text(json.dumps(config_to_native(family, cfg, dtype), indent=2) + "\n")
+    written.append(directory / "config.json")
+    return written
