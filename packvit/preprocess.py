@@ -1,0 +1,394 @@
+"""Images -> ``(hidden_states, grid_thw)``: the Hugging Face image processors, re-implemented for packing.
+
+Three sizing modes, chosen from the checkpoint (or by hand):
+
+    ``naflex``  SigLIP2 NaFlex: the largest size whose patch count fits ``max_num_patches``, keeping the
+                aspect ratio, sides multiples of the patch size (``Siglip2ImageProcessor``'s binary
+                search, reproduced float for float). packvit does not pad to ``max_num_patches``.
+    ``native``  AIMv2 native / DINOv3: the image's own resolution rounded to patch multiples, scaled
+                into ``[min_pixels, max_pixels]`` (Qwen2-VL's ``smart_resize`` with factor = patch).
+    ``fixed``   the checkpoint's fixed-size recipe: ``size={"height", "width"}``, or
+                ``size={"shortest_edge"}`` then a centre crop to ``crop_size`` (CLIP's recipe).
+
+Pixel path, identical to transformers' PIL backend for 8-bit images: convert to RGB, resize with
+PIL (``resample`` from the config), rescale by ``rescale_factor`` in float64 then cast to float32,
+normalise ``(x - mean) / std`` in float32, cut (p_h, p_w, C) patches. Rescale and normalise are one
+256-entry lookup table per channel, computed with exactly those operations, so the output matches
+bit for bit. Float inputs are taken as values in [0, 1] and rounded to 8 bits first (transformers
+truncates them when it hands them to PIL; rounding recovers ``k / 255`` exactly).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+ImageLike = Union[Image.Image, np.ndarray, torch.Tensor, str, os.PathLike]
+# One entry of a batch: an image, or a video given as a list of frames (or a (t, C, H, W) tensor).
+Sample = Union[ImageLike, Sequence[ImageLike]]
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MODES = ("naflex", "native", "fixed")
+
+# model_type in config.json -> (mode, mean, std, resample) used when no preprocessor_config.json exists.
+_FAMILY_DEFAULTS = {
+    "siglip2": ("naflex", (0.5,) * 3, (0.5,) * 3, Image.BILINEAR),
+    "siglip2_vision_model": ("naflex", (0.5,) * 3, (0.5,) * 3, Image.BILINEAR),
+    "dinov3_vit": ("native", IMAGENET_MEAN, IMAGENET_STD, Image.BILINEAR),
+    "aimv2": ("native", OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Image.BICUBIC),
+    "aimv2_vision_model": ("native", OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Image.BICUBIC),
+}
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """What ``preprocessor_config.json`` says, plus packvit's sizing mode.
+
+    ``min_pixels`` / ``max_pixels`` bound the native mode; their defaults (16 and 1024 patches)
+    keep a 512 x 512 DINOv3 input at native size and stop a 4K photo from costing 30k tokens.
+    """
+
+    patch_size: int
+    mode: str = "native"
+    image_mean: tuple[float, ...] = IMAGENET_MEAN
+    image_std: tuple[float, ...] = IMAGENET_STD
+    do_resize: bool = True
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    do_convert_rgb: bool = True
+    resample: int = Image.BILINEAR
+    max_num_patches: int = 256  # naflex
+    min_pixels: int | None = None  # native; None -> 16 patches
+    max_pixels: int | None = None  # native; None -> 1024 patches
+    size: dict = field(default_factory=dict)  # fixed: {"height", "width"} or {"shortest_edge"}
+    crop_size: dict | None = None  # fixed: centre crop after a shortest_edge resize
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.patch_size <= 0:
+            raise ValueError(f"patch_size must be positive, got {self.patch_size}")
+        if len(self.image_mean) != len(self.image_std):
+            raise ValueError(f"image_mean {self.image_mean} and image_std {self.image_std} differ in length")
+        if self.mode == "fixed" and not ({"height", "width"} <= set(self.size) or "shortest_edge" in self.size):
+            raise ValueError(f"fixed mode needs size={{'height', 'width'}} or {{'shortest_edge'}}, got size={self.size}")
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.image_mean)
+
+    @property
+    def bounds(self) -> tuple[int, int]:
+        """(min_pixels, max_pixels) of the native mode."""
+        p2 = self.patch_size * self.patch_size
+        return self.min_pixels or 16 * p2, self.max_pixels or 1024 * p2
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, mode: str | None = None, **overrides) -> "PreprocessConfig":
+        """Read ``config.json`` (family, patch size) and ``preprocessor_config.json`` (if present) in ``path``.
+
+        The mode is ``naflex`` for SigLIP2; AIMv2 and DINOv3 default to ``native`` (packvit's point),
+        ``mode="fixed"`` gives their checkpoint's fixed-size recipe. ``overrides`` replace fields.
+        """
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} has no config.json: give a checkpoint folder")
+        cfg = json.loads((path / "config.json").read_text())
+        model_type = cfg.get("model_type")
+        if model_type not in _FAMILY_DEFAULTS:
+            raise ValueError(f"config.json model_type {model_type!r} is not one of {sorted(_FAMILY_DEFAULTS)}")
+        default_mode, mean, std, resample = _FAMILY_DEFAULTS[model_type]
+        vision = cfg.get("vision_config", cfg)  # the dual-tower SigLIP2 nests the vision config
+        kw: dict[str, Any] = dict(
+            patch_size=int(vision["patch_size"]), mode=mode or default_mode, image_mean=mean, image_std=std,
+            resample=resample,
+        )
+        pp = path / "preprocessor_config.json"
+        if pp.is_file():
+            kw.update(_from_processor_json(json.loads(pp.read_text())))
+            if mode is None and "max_num_patches" in kw:
+                kw["mode"] = "naflex"
+        kw.update(overrides)
+        if kw["mode"] == "fixed" and not kw.get("size"):
+            raise ValueError(f"mode='fixed' needs a size: {path} has no preprocessor_config.json size; pass size=")
+        return cls(**kw)
+
+
+def _from_processor_json(d: dict) -> dict:
+    out: dict[str, Any] = {}
+    for key in ("do_resize", "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb", "resample",
+                "max_num_patches", "min_pixels", "max_pixels", "patch_size"):
+        if d.get(key) is not None:
+            out[key] = d[key]
+    for key in ("image_mean", "image_std"):
+        if d.get(key) is not None:
+            v = d[key]
+            out[key] = tuple(float(x) for x in (v if isinstance(v, (list, tuple)) else [v] * 3))
+    if isinstance(d.get("size"), dict):
+        out["size"] = {k: v for k, v in d["size"].items() if v is not None}
+    if d.get("do_center_crop") and isinstance(d.get("crop_size"), dict):
+        out["crop_size"] = dict(d["crop_size"])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Target sizes (pure functions of the input size: a data set can compute token counts from
+# image sizes alone, see ``ImageProcessor.num_patches``)
+# ---------------------------------------------------------------------------------------------
+
+
+def naflex_size(height: int, width: int, patch_size: int, max_num_patches: int, eps: float = 1e-5) -> tuple[int, int]:
+    """SigLIP2's ``get_image_size_for_max_num_patches``: binary search on the scale, same float steps."""
+
+    def scaled(scale: float, size: int) -> int:
+        return int(max(patch_size, math.ceil(size * scale / patch_size) * patch_size))
+
+    lo, hi = eps / 10, 100.0
+    while hi - lo >= eps:
+        mid = (lo + hi) / 2
+        if (scaled(mid, height) / patch_size) * (scaled(mid, width) / patch_size) <= max_num_patches:
+            lo = mid
+        else:
+            hi = mid
+    return scaled(lo, height), scaled(lo, width)
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen2-VL's rule: sides multiples of ``factor``, area in [min_pixels, max_pixels], aspect kept."""
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"aspect ratio must be below 200, got {height}x{width}")
+    h = round(height / factor) * factor
+    w = round(width / factor) * factor
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def _shortest_edge_size(height: int, width: int, shortest: int) -> tuple[int, int]:
+    # transformers' get_resize_output_image_size(default_to_square=False): int() truncates the long side.
+    if width <= height:
+        return int(shortest * height / width), shortest
+    return shortest, int(shortest * width / height)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding inputs to 8-bit HWC
+# ---------------------------------------------------------------------------------------------
+
+
+def _to_pil(image: ImageLike, where: str, convert_rgb: bool) -> Image.Image:
+    """Any supported image -> a PIL image (mode RGB when ``convert_rgb``)."""
+    if isinstance(image, (str, os.PathLike)):
+        if not os.path.isfile(image):
+            raise FileNotFoundError(f"{where}: no image file at {os.fspath(image)!r}")
+        with Image.open(image) as f:
+            f.load()
+            image = f.copy() if f.mode == "RGB" or not convert_rgb else f.convert("RGB")
+    elif isinstance(image, torch.Tensor):
+        if image.dim() == 2:
+            image = image[None]
+        if image.dim() != 3:
+            raise ValueError(f"{where}: a tensor image must be [C, H, W], got shape {list(image.shape)}")
+        image = _array_to_pil(image.detach().cpu().permute(1, 2, 0).numpy(), where)
+    elif isinstance(image, np.ndarray):
+        if image.ndim not in (2, 3):
+            raise ValueError(f"{where}: an array image must be [H, W, C] or [H, W], got shape {list(image.shape)}")
+        image = _array_to_pil(image, where)
+    elif not isinstance(image, Image.Image):
+        raise TypeError(
+            f"{where}: expected a PIL image, a numpy array [H, W, C], a tensor [C, H, W], a file path or a "
+            f"list of frames, got {type(image).__name__}"
+        )
+    if convert_rgb and image.mode != "RGB":
+        image = image.convert("RGB")
+    return image
+
+
+def _array_to_pil(a: np.ndarray, where: str) -> Image.Image:
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if a.ndim == 3 and a.shape[2] not in (3, 4):
+        raise ValueError(f"{where}: expected 1, 3 or 4 channels last, got shape {list(a.shape)}")
+    if a.dtype != np.uint8:
+        if not np.issubdtype(a.dtype, np.floating):
+            raise TypeError(f"{where}: pixel arrays must be uint8 (0..255) or float (0..1), got {a.dtype}")
+        if a.size and (a.min() < 0 or a.max() > 1):
+            raise ValueError(f"{where}: float pixels must lie in [0, 1], got [{a.min():.3g}, {a.max():.3g}]")
+        a = np.rint(a * 255).astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(a))
+
+
+# ---------------------------------------------------------------------------------------------
+# The processor
+# ---------------------------------------------------------------------------------------------
+
+
+class ImageProcessor:
+    """Preprocess images and videos into one packed batch.
+
+        proc = ImageProcessor.from_pretrained("path/to/checkpoint")
+        hidden_states, grid_thw = proc([pil_img, "photo.jpg", np_hwc_uint8, [frame0, frame1]])
+        # hidden_states (Tp, p*p*C) float32, grid_thw (N, 3) int64 on the CPU
+
+    A video is a list (or tuple) of frames of one size, or a (t, C, H, W) tensor: one entry with
+    t > 1. Every frame gets the size the first frame would get.
+    """
+
+    def __init__(self, config: PreprocessConfig):
+        self.config = c = config
+        # (C, 256) float32: rescale (float64, then cast) and normalise (float32), as transformers does.
+        levels = np.arange(256, dtype=np.float64)
+        lut = (levels * c.rescale_factor if c.do_rescale else levels).astype(np.float32)
+        lut = np.repeat(lut[None], c.num_channels, 0)  # (C, 256)
+        if c.do_normalize:
+            mean = np.array(c.image_mean, dtype=np.float32)[:, None]
+            std = np.array(c.image_std, dtype=np.float32)[:, None]
+            lut = (lut - mean) / std
+        self._lut = torch.from_numpy(np.ascontiguousarray(lut)).reshape(-1)  # (C*256,), index c*256 + v
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, mode: str | None = None, **overrides) -> "ImageProcessor":
+        return cls(PreprocessConfig.from_pretrained(path, mode=mode, **overrides))
+
+    # LLaVA reads these off its image processor (e.g. to fill padding with the mean colour).
+    @property
+    def image_mean(self) -> list[float]:
+        return list(self.config.image_mean)
+
+    @property
+    def image_std(self) -> list[float]:
+        return list(self.config.image_std)
+
+    @property
+    def patch_size(self) -> int:
+        return self.config.patch_size
+
+    def target_size(self, height: int, width: int) -> tuple[int, int]:
+        """(H, W) in pixels the model sees for an input of ``height x width`` pixels."""
+        c = self.config
+        if height <= 0 or width <= 0:
+            raise ValueError(f"image size must be positive, got {height}x{width}")
+        if not c.do_resize:
+            return height, width
+        if c.mode == "naflex":
+            return naflex_size(height, width, c.patch_size, c.max_num_patches)
+        if c.mode == "native":
+            return smart_resize(height, width, c.patch_size, *c.bounds)
+        if "shortest_edge" in c.size:
+            h, w = _shortest_edge_size(height, width, int(c.size["shortest_edge"]))
+        else:
+            h, w = int(c.size["height"]), int(c.size["width"])
+        if c.crop_size:
+            h, w = int(c.crop_size["height"]), int(c.crop_size["width"])
+        return h, w
+
+    def num_patches(self, height: int, width: int, frames: int = 1) -> int:
+        """Tokens an input of this size costs, without decoding it (for token-budget batching)."""
+        h, w = self.target_size(height, width)
+        return frames * (h // self.patch_size) * (w // self.patch_size)
+
+    def _resize(self, img: Image.Image) -> Image.Image:
+        c = self.config
+        if not c.do_resize:
+            return img
+        if c.mode == "fixed" and c.crop_size:
+            img = img.resize(_shortest_edge_size(img.height, img.width, int(c.size["shortest_edge"]))[::-1]
+                             if "shortest_edge" in c.size else (int(c.size["width"]), int(c.size["height"])),
+                             resample=c.resample)
+            ch, cw = int(c.crop_size["height"]), int(c.crop_size["width"])
+            if ch > img.height or cw > img.width:
+                raise ValueError(f"crop_size {ch}x{cw} is larger than the resized image {img.height}x{img.width}")
+            top, left = (img.height - ch) // 2, (img.width - cw) // 2
+            return img.crop((left, top, left + cw, top + ch))
+        h, w = self.target_size(img.height, img.width)
+        return img if (h, w) == (img.height, img.width) else img.resize((w, h), resample=c.resample)
+
+    def _frames(self, sample: Sample, i: int) -> list[Image.Image]:
+        rgb = self.config.do_convert_rgb
+        if isinstance(sample, (list, tuple)):
+            if not sample:
+                raise ValueError(f"images[{i}] is an empty list of frames")
+            frames = [_to_pil(f, f"images[{i}][{j}]", rgb) for j, f in enumerate(sample)]
+        elif isinstance(sample, torch.Tensor) and sample.dim() == 4:
+            frames = [_to_pil(f, f"images[{i}][{j}]", rgb) for j, f in enumerate(sample.unbind(0))]
+        elif isinstance(sample, np.ndarray) and sample.ndim == 4:
+            frames = [_to_pil(f, f"images[{i}][{j}]", rgb) for j, f in enumerate(sample)]
+        else:
+            frames = [_to_pil(sample, f"images[{i}]", rgb)]
+        if len({f.size for f in frames}) != 1:
+            raise ValueError(f"images[{i}]: the frames of a video must share one size, got {[f.size for f in frames]}")
+        return frames
+
+    def __call__(
+        self,
+        images: Sample | Sequence[Sample],
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+        pin_memory: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """images -> hidden_states (Tp, p*p*C) and grid_thw (N, 3) int64, which stays on the CPU.
+
+        ``pin_memory`` writes the patches straight into page-locked memory, so the copy to
+        ``device`` (if given) is asynchronous.
+        """
+        # A top-level list is a batch; a single video must be wrapped: ``[[frame0, frame1]]``.
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        c, p = self.config, self.config.patch_size
+        decoded = []
+        for i, sample in enumerate(images):
+            frames = [np.asarray(self._resize(f)) for f in self._frames(sample, i)]  # (H, W, C) uint8 each
+            hh, ww = frames[0].shape[:2]
+            if hh % p or ww % p:
+                raise ValueError(
+                    f"images[{i}] is {hh}x{ww} after resizing, not a multiple of patch_size {p}: "
+                    "use do_resize=True or give sides that are multiples of the patch size"
+                )
+            if frames[0].ndim != 3 or frames[0].shape[2] != c.num_channels:
+                raise ValueError(f"images[{i}] has shape {list(frames[0].shape)}, expected {c.num_channels} channels last")
+            decoded.append(np.stack(frames))  # (t, H, W, C)
+        grid = [(v.shape[0], v.shape[1] // p, v.shape[2] // p) for v in decoded]
+        total = sum(t * h * w for t, h, w in grid)
+        dim = p * p * c.num_channels
+        out = torch.empty(total, dim, dtype=torch.float32, pin_memory=pin_memory)  # (Tp, p*p*C)
+        offsets = torch.arange(dim) % c.num_channels * 256  # channel of each column, (p_h, p_w, C) order
+        start = 0
+        for v, (t, h, w) in zip(decoded, grid):
+            n = t * h * w
+            u8 = torch.from_numpy(v).view(t, h, p, w, p, c.num_channels).permute(0, 1, 3, 2, 4, 5)
+            idx = u8.reshape(n, dim).to(torch.int64) + offsets  # (n, p*p*C)
+            torch.take(self._lut, idx, out=out[start : start + n])  # rescale + normalise, one lookup
+            start += n
+        grid_thw = torch.tensor(grid, dtype=torch.int64).reshape(-1, 3)
+        if dtype != torch.float32:
+            out = out.to(dtype)
+        if device is not None:
+            out = out.to(device, non_blocking=pin_memory)
+        return out, grid_thw
+
+    def preprocess(self, images, return_tensors: str | None = "pt", **kwargs) -> dict[str, torch.Tensor]:
+        """The LLaVA / Hugging Face spelling: ``{"pixel_values": (Tp, p*p*C), "grid_thw": (N, 3)}``."""
+        if return_tensors not in (None, "pt"):
+            raise ValueError(f"return_tensors must be 'pt' (packvit returns torch tensors), got {return_tensors!r}")
+        hidden_states, grid_thw = self(images, **kwargs)
+        return {"pixel_values": hidden_states, "grid_thw": grid_thw}
+
