@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -124,7 +124,7 @@ def read_checkpoint(
     allow_pickle: bool = False,
     preset: str | None = None,
     num_heads: int | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Any = None,
 ) -> Checkpoint:
     """Read any checkpoint packvit understands and convert it to packvit tensors.
 
@@ -132,13 +132,16 @@ def read_checkpoint(
     a packvit ``config.json`` (written by ``packvit convert``); original research weights
     (facebookresearch/dinov3, Apple ml-aim), recognised by their tensor names, configured by
     ``preset`` / ``num_heads`` and the shapes; otherwise a transformers checkpoint, whose
-    ``config.json`` sits beside the weights or is given as ``config``.
+    ``config.json`` sits beside the weights or is given as ``config``. ``progress`` is a tqdm bar
+    (its total is set to the bytes to read) or a callable taking a byte count.
     """
     path = resolve(src, revision)
     cfg_json = _source_config(path, config)
     files = weight_files(path, allow_pickle=allow_pickle)
-    tensors = load_tensors(files, progress)
     source_bytes = sum(f.stat().st_size for f in files)
+    if progress is not None and hasattr(progress, "reset"):  # a tqdm bar: now we know its total
+        progress.reset(total=source_bytes)
+    tensors = load_tensors(files, None if progress is None else getattr(progress, "update", progress))
     if cfg_json is not None and is_native(cfg_json):
         fam_name, cfg = config_from_native(cfg_json, FAMILIES)
         report = ConversionReport(mapped=len(tensors))

@@ -114,6 +114,8 @@ def load_tensors(files: list[Path], progress: Callable[[int], None] | None = Non
                     progress(f.stat().st_size)
             else:
                 part = _read_safetensors(f, progress)
+                if progress is not None:  # the header: so the bar ends at the files' total size
+                    progress(max(0, f.stat().st_size - sum(t.numel() * t.element_size() for t in part.values())))
         except CheckpointError:
             raise
         except Exception as e:  # safetensors' SafetensorError, truncated files, unpickling errors
