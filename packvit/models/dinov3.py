@@ -38,6 +38,11 @@ class DINOv3Config:
     proj_bias: bool = True
     mlp_bias: bool = True
     drop_path_rate: float = 0.0
+    # Training-time RoPE coordinate augmentation (HF's pos_embed_*; HF defaults). Applied only when
+    # the model's ``rope_augmentation`` switch is on AND it is in train mode; see ``DINOv3``.
+    pos_embed_shift: float | None = None
+    pos_embed_jitter: float | None = None
+    pos_embed_rescale: float | None = 2.0
 
     @property
     def head_dim(self) -> int:
@@ -96,9 +101,55 @@ def packed_rope(
     return torch.cat([c for c, _ in tables]), torch.cat([s for _, s in tables])
 
 
+@functools.lru_cache(maxsize=64)
+def packed_coords(grid: Grid, num_prefix: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Un-augmented RoPE inputs for a batch: coords (T, 2) in [-1, 1] (0 on prefix rows), is_patch (T, 1) bool,
+    frame (T,) index of each token's frame."""
+    rows, patch, frame = [], [], []
+    for f, (h, w) in enumerate((h, w) for t, h, w in grid for _ in range(t)):
+        cy = torch.arange(0.5, h, dtype=torch.float32) / h
+        cx = torch.arange(0.5, w, dtype=torch.float32) / w
+        rows += [torch.zeros(num_prefix, 2), torch.stack(torch.meshgrid(cy, cx, indexing="ij"), -1).flatten(0, 1) * 2 - 1]
+        patch += [torch.zeros(num_prefix, dtype=torch.bool), torch.ones(h * w, dtype=torch.bool)]
+        frame.append(torch.full((num_prefix + h * w,), f))
+    return (torch.cat(rows).to(device), torch.cat(patch)[:, None].to(device), torch.cat(frame).to(device))
+
+
+def augmented_rope(
+    coords: torch.Tensor, is_patch: torch.Tensor, frame: torch.Tensor, num_frames: int, head_dim: int,
+    cfg: "DINOv3Config", dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF's ``augment_patches_center_coordinates``, drawn per frame on the device (no host sync).
+
+    coords (T, 2), is_patch (T, 1), frame (T,) -> cos, sin (T, Dh). Draws are made in HF's order
+    (shift (F, 2), jitter (F, 2), rescale (F, 1)), so a one-frame batch matches HF's RNG use exactly.
+    """
+    dev = coords.device
+    if cfg.pos_embed_shift is not None:
+        shift = torch.empty(num_frames, 2, device=dev).uniform_(-cfg.pos_embed_shift, cfg.pos_embed_shift)
+        coords = coords + shift.index_select(0, frame)
+    if cfg.pos_embed_jitter is not None:
+        r = math.log(cfg.pos_embed_jitter)
+        coords = coords * torch.empty(num_frames, 2, device=dev).uniform_(-r, r).exp().index_select(0, frame)
+    if cfg.pos_embed_rescale is not None:
+        r = math.log(cfg.pos_embed_rescale)
+        coords = coords * torch.empty(num_frames, 1, device=dev).uniform_(-r, r).exp().index_select(0, frame)
+    inv_freq = 1 / cfg.rope_theta ** torch.arange(0, 1, 4 / head_dim, dtype=torch.float32, device=dev)  # (Dh/4,)
+    angles = (2 * math.pi * coords[:, :, None] * inv_freq).flatten(1, 2).tile(2)  # (T, Dh)
+    cos = torch.where(is_patch, angles.cos(), 1.0)  # prefix rows: no rotation
+    sin = torch.where(is_patch, angles.sin(), 0.0)
+    return cos.to(dtype), sin.to(dtype)
+
+
 class DINOv3(PackedViT):
+    """``rope_augmentation`` (default False): when set and the model is in train mode, RoPE
+    coordinates are randomly shifted / jittered / rescaled per frame as HF does in training
+    (``config.pos_embed_*``). Off by default so that a tower fine-tuned in train mode (LLaVA) sees
+    the same positions as at inference; HF applies it whenever its model is in train mode."""
+
     def __init__(self, config: DINOv3Config, attn_backend: str = "auto"):
         super().__init__(attn_backend)
+        self.rope_augmentation = False
         self.config = c = config
         self.num_prefix = 1 + c.num_register_tokens
         d = c.hidden_size
@@ -130,6 +181,9 @@ class DINOv3(PackedViT):
         prefix = torch.cat([self.cls_token, self.register_tokens])  # (P, D)
         x = insert_prefix(x, prefix, meta)  # (T, D)
         c = self.config
+        if self.rope_augmentation and self.training:
+            coords, is_patch, frame = packed_coords(meta.grid, self.num_prefix, x.device)
+            return x, augmented_rope(coords, is_patch, frame, meta.num_frames, c.head_dim, c, x.dtype)
         rope = packed_rope(meta.grid, self.num_prefix, c.head_dim, c.rope_theta, x.device, x.dtype)
         return x, rope
 
