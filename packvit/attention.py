@@ -103,18 +103,21 @@ def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype) -
 # ---------------------------------------------------------------------------------------------
 
 
-def _sdpa(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens_q, seqlens_k):
-    # Host lengths come from the metadata when the caller has them; otherwise read them off
-    # cu_seqlens (free on the CPU, one sync on a GPU: this is the reference path).
-    if seqlens_q is None:
-        seqlens_q = torch.diff(cu_q).tolist()
-    if seqlens_k is None:
-        seqlens_k = seqlens_q if cu_k is cu_q else torch.diff(cu_k).tolist()
-    qs, ks, vs = q.split(seqlens_q), k.split(seqlens_k), v.split(seqlens_k)
+def _host_lens(lens, cu: torch.Tensor) -> list[int]:
+    # Host lengths come from the metadata (a CPU tensor or a tuple) when the caller has them;
+    # otherwise they are read off cu_seqlens: one device sync, acceptable on this reference path.
+    if lens is None:
+        return torch.diff(cu).tolist()
+    return lens.tolist() if isinstance(lens, torch.Tensor) else list(lens)
+
+
+def _sdpa_segments(q, k, v, lens_q: list[int], lens_k: list[int], scale: float | None) -> torch.Tensor:
+    """Per-segment SDPA; segments of equal (Lq, Lk) are stacked into one batched call."""
+    qs, ks, vs = q.split(lens_q), k.split(lens_k), v.split(lens_k)
     groups: dict[tuple[int, int], list[int]] = {}
-    for i, key in enumerate(zip(seqlens_q, seqlens_k)):
+    for i, key in enumerate(zip(lens_q, lens_k)):
         groups.setdefault(key, []).append(i)
-    outs: list[torch.Tensor | None] = [None] * len(seqlens_q)
+    outs: list[torch.Tensor | None] = [None] * len(lens_q)
     for idx in groups.values():
         # (n, L, H, Dh) -> (n, H, L, Dh)
         qg = torch.stack([qs[i] for i in idx]).transpose(1, 2)
@@ -126,7 +129,77 @@ def _sdpa(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens_q, seqlens_k):
     return torch.cat(outs, 0)
 
 
+# Under torch.compile the per-segment loop would be unrolled and specialised to every batch's
+# lengths (a recompile per batch), so the compiler sees the reference path as one opaque op whose
+# lengths are read at run time, with its gradient written out as a second op. This path is for
+# exactness, not speed.
+@torch.library.custom_op("packvit::varlen_sdpa", mutates_args=())
+def _sdpa_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens_q: torch.Tensor, lens_k: torch.Tensor, scale: float
+) -> torch.Tensor:
+    return _sdpa_segments(q, k, v, lens_q.tolist(), lens_k.tolist(), scale)
+
+
+@_sdpa_op.register_fake
+def _(q, k, v, lens_q, lens_k, scale):
+    return q.new_empty(q.shape[:-1] + v.shape[-1:])
+
+
+@torch.library.custom_op("packvit::varlen_sdpa_backward", mutates_args=())
+def _sdpa_backward_op(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    lens_q: torch.Tensor, lens_k: torch.Tensor, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # Autograd is off inside a custom op, so the softmax-attention gradient is written out:
+    # P = softmax(s QK^T), dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = s dS K, dK = s dS^T Q.
+    dq, dk, dv = [], [], []
+    spans = zip(q.split(lens_q.tolist()), k.split(lens_k.tolist()), v.split(lens_k.tolist()),
+                dout.split(lens_q.tolist()))
+    for qi, ki, vi, gi in spans:  # (L, H, Dh) each
+        qh, kh, vh, gh = (t.transpose(0, 1) for t in (qi, ki, vi, gi))  # (H, L, Dh)
+        p = torch.softmax((qh @ kh.transpose(1, 2)).float() * scale, dim=-1)  # (H, Lq, Lk)
+        o = (p.to(vh.dtype) @ vh).float()
+        ds = p * ((gh @ vh.transpose(1, 2)).float() - (gh.float() * o).sum(-1, keepdim=True))
+        dq.append((ds.to(kh.dtype) @ kh * scale).transpose(0, 1))
+        dk.append((ds.transpose(1, 2).to(qh.dtype) @ qh * scale).transpose(0, 1))
+        dv.append((p.transpose(1, 2).to(gh.dtype) @ gh).transpose(0, 1))
+    return torch.cat(dq).to(q.dtype), torch.cat(dk).to(k.dtype), torch.cat(dv).to(v.dtype)
+
+
+@_sdpa_backward_op.register_fake
+def _(dout, q, k, v, lens_q, lens_k, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _sdpa_setup(ctx, inputs, output):
+    q, k, v, lens_q, lens_k, scale = inputs
+    ctx.save_for_backward(q, k, v, lens_q, lens_k)
+    ctx.scale = scale
+
+
+def _sdpa_backward(ctx, dout):
+    q, k, v, lens_q, lens_k = ctx.saved_tensors
+    dq, dk, dv = _sdpa_backward_op(dout, q, k, v, lens_q, lens_k, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+_sdpa_op.register_autograd(_sdpa_backward, setup_context=_sdpa_setup)
+
+
+def _sdpa(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens_q, seqlens_k):
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if torch.compiler.is_compiling():
+        lens_q = seqlens_q if isinstance(seqlens_q, torch.Tensor) else torch.diff(cu_q).cpu()
+        lens_k = seqlens_k if isinstance(seqlens_k, torch.Tensor) else torch.diff(cu_k).cpu()
+        return _sdpa_op(q, k, v, lens_q, lens_k, scale)
+    lens_q = _host_lens(seqlens_q, cu_q)
+    lens_k = lens_q if (seqlens_k is seqlens_q and cu_k is cu_q) else _host_lens(seqlens_k, cu_k)
+    return _sdpa_segments(q, k, v, lens_q, lens_k, scale)
+
+
 def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens_q, seqlens_k):
+    # Already a torch.library custom op with autograd: opaque to torch.compile as it is.
     return _torch_varlen_func()(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale)
 
 
@@ -136,10 +209,68 @@ def _classic_flash(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens_q, seqlens_
     return out[0] if isinstance(out, tuple) else out  # some FA3 releases return (out, lse)
 
 
-def _fa4(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens_q, seqlens_k):
-    out, _lse = _fa4_func()(
-        q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k, softmax_scale=scale
+# FlashAttention-4 is an autograd.Function over CuTe DSL kernels that torch.compile cannot trace.
+# Its forward and backward kernels are wrapped as two custom ops with an autograd formula, so a
+# compiled block keeps one graph and calls the kernels as opaque nodes (eager runs them the same way).
+@torch.library.custom_op("packvit::fa4_varlen_fwd", mutates_args=(), device_types="cuda")
+def _fa4_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+    max_q: int, max_k: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from flash_attn.cute.interface import _flash_attn_fwd
+
+    out, lse, *_ = _flash_attn_fwd(
+        q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
+        softmax_scale=scale, return_lse=True,  # the backward needs the log-sum-exp
     )
+    return out, lse
+
+
+@_fa4_fwd_op.register_fake
+def _(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+    out = q.new_empty(q.shape[:-1] + v.shape[-1:])  # (Tq, H, Dv)
+    lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)  # (H, Tq)
+    return out, lse
+
+
+@torch.library.custom_op("packvit::fa4_varlen_bwd", mutates_args=(), device_types="cuda")
+def _fa4_bwd_op(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from flash_attn.cute.interface import _flash_attn_bwd
+
+    dq, dk, dv = _flash_attn_bwd(
+        q, k, v, out, dout.contiguous(), lse, scale, False, 0.0,
+        cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
+    )
+    return dq, dk, dv
+
+
+@_fa4_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _fa4_setup(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+    ctx.args = (max_q, max_k, scale)
+
+
+def _fa4_backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    dq, dk, dv = _fa4_bwd_op(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_fa4_fwd_op.register_autograd(_fa4_backward, setup_context=_fa4_setup)
+
+
+def _fa4(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens_q, seqlens_k):
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out, _lse = _fa4_fwd_op(q, k, v, cu_q, cu_k, max_q, max_k, scale)
     return out
 
 
@@ -157,13 +288,14 @@ def varlen_attention(
     *,
     backend: str = "sdpa",
     softmax_scale: float | None = None,
-    seqlens_q: Sequence[int] | None = None,
-    seqlens_k: Sequence[int] | None = None,
+    seqlens_q: torch.Tensor | Sequence[int] | None = None,
+    seqlens_k: torch.Tensor | Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Attention within segments: q (Tq, H, Dh), k/v (Tk, H, Dh) -> (Tq, H, Dh).
 
     ``backend`` is an already resolved name (see ``resolve_backend``). ``seqlens_q/k`` are optional
-    host copies of the segment lengths that spare the ``sdpa`` path a device sync.
+    host copies of the segment lengths (a CPU tensor or a sequence of ints) that spare the ``sdpa``
+    path a device sync; the fused kernels need only ``cu_seqlens``.
     """
     return _KERNELS[backend](
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, seqlens_q, seqlens_k

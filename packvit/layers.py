@@ -154,7 +154,7 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         o = varlen_attention(
             q, k, v, meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen, meta.max_seqlen,
-            backend=self.backend, seqlens_q=meta.seqlens, seqlens_k=meta.seqlens,
+            backend=self.backend, seqlens_q=meta.seqlens_cpu, seqlens_k=meta.seqlens_cpu,
         )  # (T, H, Dh)
         return self.proj(o.reshape(T, D))
 
@@ -202,5 +202,5 @@ def pool_attention(
     """One query per frame attending to that frame's tokens: q (F, H, Dh), k/v (T, H, Dh) -> (F, H, Dh)."""
     return varlen_attention(
         q, k, v, meta.cu_frames, meta.cu_seqlens, 1, meta.max_seqlen,
-        backend=backend, seqlens_q=(1,) * meta.num_frames, seqlens_k=meta.seqlens,
+        backend=backend, seqlens_q=meta.seqlens_cpu.new_ones(meta.num_frames), seqlens_k=meta.seqlens_cpu,
     )

@@ -64,6 +64,10 @@ class PackedMeta:
     seqlens: tuple[int, ...]  # (F,) tokens per frame, prefix included
     cu_seqlens: torch.Tensor  # (F + 1,) int32
     max_seqlen: int
+    num_frames: int  # F; a field, not len(seqlens), so compiled code guards on an int, not a tuple
+    # (F,) int64 on the CPU: the lengths for the per-segment reference kernel, readable without a
+    # device sync (and, as a tensor, without specialising a compiled graph to one batch).
+    seqlens_cpu: torch.Tensor
     frame_hw: tuple[tuple[int, int], ...]  # (F,) (h, w) of each frame
     num_patches: int  # Tp
     # (Tp,) position of every patch row in the packed sequence; None when P == 0 (identity).
@@ -74,10 +78,6 @@ class PackedMeta:
     cu_frames: torch.Tensor
     # (T,) frame of every token, for per-frame randomness (drop path).
     frame_of_token: torch.Tensor
-
-    @property
-    def num_frames(self) -> int:
-        return len(self.seqlens)
 
     @property
     def num_tokens(self) -> int:
@@ -132,6 +132,8 @@ def build_meta(grid: Grid, num_prefix: int, device: torch.device) -> PackedMeta:
         seqlens=seqlens,
         cu_seqlens=_cumsum_int32(seqlens, device),
         max_seqlen=max(seqlens),
+        num_frames=len(seqlens),
+        seqlens_cpu=torch.tensor(seqlens, dtype=torch.long),
         frame_hw=frame_hw,
         num_patches=num_patches,
         patch_index=patch_index,
