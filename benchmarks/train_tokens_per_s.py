@@ -1,0 +1,154 @@
+"""Training throughput of a packed tower under torchrun: tokens/s per GPU, FSDP2 (or DDP) wrapped.
+
+    torchrun --nproc_per_node=1 benchmarks/train_tokens_per_s.py --preset siglip2-so400m-patch16-naflex
+    torchrun --nproc_per_node=8 benchmarks/train_tokens_per_s.py --preset dinov3-vitl16-pretrain-lvd1689m --wrap ddp
+    python benchmarks/train_tokens_per_s.py --device cpu --tiny        # smoke test, no torchrun needed
+
+Random weights built from the preset's config (no download); every rank draws its own mixed
+batch of images (sides 8..32 patches) up to --max-tokens, trains with AdamW on a token-sum loss
+normalised by the global token count. Prints one table row per setting and a JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from packvit.distributed import ddp_tower, loss_scale, shard_tower
+from packvit.models.aimv2 import AIMv2, AIMv2Config
+from packvit.models.dinov3 import DINOv3, DINOv3Config
+from packvit.models.siglip2 import Siglip2, Siglip2Config
+
+FAMILIES = {"siglip2": (Siglip2, Siglip2Config), "dinov3": (DINOv3, DINOv3Config), "aimv2": (AIMv2, AIMv2Config)}
+TINY = dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128)
+
+
+def build(preset: str, tiny: bool, device, dtype, backend):
+    family = next(f for f in FAMILIES if f in preset)
+    cls, cfg_cls = FAMILIES[family]
+    cfg = cfg_cls.from_name(preset, **(TINY if tiny else {}))
+    with torch.device(device):
+        model = cls(cfg, attn_backend="sdpa")
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    return model.to(dtype=dtype), cfg
+
+
+def random_batch(cfg, max_tokens: int, gen: torch.Generator, side=(8, 32)):
+    grid, total = [], 0
+    while True:
+        h, w = torch.randint(side[0], side[1] + 1, (2,), generator=gen).tolist()
+        if total + h * w > max_tokens:
+            break
+        grid.append((1, h, w))
+        total += h * w
+    if not grid:
+        grid, total = [(1, side[0], side[0])], side[0] ** 2
+    x = torch.randn(total, cfg.patch_size**2 * cfg.num_channels, generator=gen)
+    return x, torch.tensor(grid)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="siglip2-so400m-patch16-naflex")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"],
+                    help="bf16: FSDP2 mixed precision (bf16 params/compute, fp32 master weights and reduce)")
+    ap.add_argument("--wrap", default="fsdp2", choices=["fsdp2", "ddp", "none"])
+    ap.add_argument("--backend", default="auto", help="attention backend")
+    ap.add_argument("--max-tokens", type=int, default=16384, help="patch tokens per rank per step")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=False)
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile each block")
+    ap.add_argument("--tiny", action="store_true", help="tiny config for a CPU smoke test")
+    args = ap.parse_args()
+
+    distributed = "RANK" in os.environ
+    if distributed:
+        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    device = torch.device(args.device, int(os.environ.get("LOCAL_RANK", 0))) if args.device == "cuda" else torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if args.wrap != "none" and not distributed:
+        # FSDP2 and DDP need a process group; a one-rank group keeps the wrapping in the measurement.
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29517")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+        distributed = True
+
+    model, cfg = build(args.preset, args.tiny, device, torch.float32, args.backend)
+    half = args.dtype == "bf16" and device.type == "cuda"
+    # The attention kernel is chosen for the compute dtype (FSDP2 casts parameters to bf16 in forward).
+    model.set_attention_backend(args.backend if device.type == "cuda" else "sdpa")
+    if half:
+        from packvit.attention import resolve_backend
+
+        name = resolve_backend(args.backend, device, torch.bfloat16)
+        for m in model.modules():
+            if hasattr(m, "backend"):
+                m.backend = name
+        model.attn_backend = name
+    model.gradient_checkpointing = args.grad_ckpt
+    if args.compile:
+        for i, b in enumerate(model.blocks):
+            model.blocks[i] = torch.compile(b, dynamic=True)
+    if args.wrap == "fsdp2":
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if half else None
+        model = shard_tower(model, mp_policy=mp)
+    elif args.wrap == "ddp":
+        model = ddp_tower(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    gen = torch.Generator().manual_seed(1234 + rank)
+    autocast = torch.autocast("cuda", torch.bfloat16) if (half and args.wrap != "fsdp2") else torch.autocast("cpu", enabled=False)
+
+    tokens, elapsed = 0, 0.0
+    for step in range(args.warmup + args.steps):
+        x, grid = random_batch(cfg, args.max_tokens, gen)
+        x = x.to(device, non_blocking=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with autocast:
+            out = model(x, grid)
+        loss = out.float().square().sum() * loss_scale(x.shape[0], device)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step >= args.warmup:
+            elapsed += time.perf_counter() - t0
+            tokens += x.shape[0]
+
+    per_gpu = torch.tensor([tokens / elapsed], dtype=torch.float64, device=device)
+    if distributed:
+        dist.all_reduce(per_gpu)
+        per_gpu /= dist.get_world_size()
+    mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    if rank == 0:
+        row = dict(
+            preset=args.preset + (" (tiny)" if args.tiny else ""), world=world, wrap=args.wrap,
+            dtype="bf16" if half else "fp32",
+            attn=getattr(getattr(model, "module", model), "attn_backend", "?"), grad_ckpt=args.grad_ckpt,
+            compile=args.compile, max_tokens=args.max_tokens, steps=args.steps,
+            tokens_per_s_per_gpu=round(per_gpu.item(), 1), peak_mem_gib=round(mem, 2),
+            device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        )
+        print(f"{'preset':40s} {'world':>5s} {'wrap':>6s} {'dtype':>5s} {'tok/s/GPU':>12s} {'peak GiB':>9s}")
+        print(f"{row['preset']:40s} {world:5d} {args.wrap:>6s} {row['dtype']:>5s} {row['tokens_per_s_per_gpu']:12.1f} {mem:9.2f}")
+        print(json.dumps(row))
+    if distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
