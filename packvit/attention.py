@@ -78,10 +78,23 @@ def available_backends(device: torch.device | str = "cpu", dtype: torch.dtype = 
     return names
 
 
+# Kernel functions of the backends resolved so far, filled by ``resolve_backend`` so that the
+# forward (possibly under torch.compile) reads a dict instead of calling an importer.
+_RESOLVED: dict[str, Callable] = {}
+
+
+def _remember(name: str) -> str:
+    if name == "torch":
+        _RESOLVED[name] = _torch_varlen_func()
+    elif name == "flash_attn":
+        _RESOLVED[name] = _classic_flash_func()[1]
+    return name
+
+
 def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype) -> str:
     """Turn a requested backend name into one that runs on ``device``/``dtype``, or raise."""
     if name == "auto":
-        return available_backends(device, dtype)[0]
+        return _remember(available_backends(device, dtype)[0])
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {('auto',) + BACKENDS}")
     ok = available_backends(device, dtype)
@@ -95,7 +108,7 @@ def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype) -
             f"attention backend {name!r} is not available on {torch.device(device)} with {dtype}: it {why}, "
             "and runs only fp16/bf16 on CUDA. Available here: " + ", ".join(ok)
         )
-    return name
+    return _remember(name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,14 +212,25 @@ def _sdpa(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens_q, seqlens_k):
 
 
 def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens_q, seqlens_k):
-    # Already a torch.library custom op with autograd: opaque to torch.compile as it is.
-    return _torch_varlen_func()(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale)
+    # Already a torch.library custom op with autograd: opaque to torch.compile as it is. It is
+    # looked up in a plain dict, not through the cached importer, which dynamo cannot trace.
+    return _RESOLVED["torch"](q, k, v, cu_q, cu_k, max_q, max_k, scale=scale)
 
 
 def _classic_flash(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens_q, seqlens_k):
-    _, fn = _classic_flash_func()
+    fn = _RESOLVED["flash_attn"]
     out = fn(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale)
     return out[0] if isinstance(out, tuple) else out  # some FA3 releases return (out, lse)
+
+
+# flash-attn-4 4.0.0b36's Hopper backward returns a wrong dq at head dim 72 (SigLIP2): relative
+# error 1.0 against the fp32 reference on the H100, while 64 and 128 agree to bf16 rounding
+# (benchmarks/gpu_checks.py). The backward runs such head dims zero-padded to one that is right.
+FA4_BACKWARD_PAD_TO = 128
+
+
+def fa4_backward_head_dim(head_dim: int) -> int:
+    return head_dim if head_dim in (64, 128) else max(head_dim, FA4_BACKWARD_PAD_TO)
 
 
 # FlashAttention-4 is an autograd.Function over CuTe DSL kernels that torch.compile cannot trace.
@@ -240,10 +264,18 @@ def _fa4_bwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from flash_attn.cute.interface import _flash_attn_bwd
 
+    dh = q.shape[-1]
+    pad = fa4_backward_head_dim(dh) - dh
+    if pad:
+        # Zero columns change neither the scores, the log-sum-exp nor rowsum(dO * O); the extra
+        # gradient columns are exactly zero and are dropped.
+        q, k, v, out, dout = (F.pad(t, (0, pad)) for t in (q, k, v, out, dout))
     dq, dk, dv = _flash_attn_bwd(
         q, k, v, out, dout.contiguous(), lse, scale, False, 0.0,
         cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
     )
+    if pad:
+        dq, dk, dv = (t[..., :dh].contiguous() for t in (dq, dk, dv))
     return dq, dk, dv
 
 

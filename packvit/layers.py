@@ -61,9 +61,20 @@ class Mlp(nn.Module):
         self.fc1 = nn.Linear(dim, hidden, bias=bias)
         self.fc2 = nn.Linear(hidden, dim, bias=bias)
         self.act = activation(act)
+        # cuBLASLt can apply bias and the tanh GELU in the matmul's epilogue (computed in fp32 on
+        # the fp32 accumulator), which saves a read and a write of the (T, hidden) activation.
+        # Only for the tanh approximation, which is what the epilogue computes (checked against
+        # F.gelu(approximate="tanh") on the H100 by benchmarks/gpu_checks.py), and only without
+        # autograd: the op has no derivative.
+        self.fused_gelu_tanh = act == "gelu_pytorch_tanh" and bias
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, D) -> (T, D)
+        if (self.fused_gelu_tanh and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+                and not torch.is_grad_enabled()):
+            h = torch._addmm_activation(self.fc1.bias, x, self.fc1.weight.t(), use_gelu=True)  # (T, hidden)
+        else:
+            h = self.act(self.fc1(x))
+        return self.fc2(h)
 
 
 class GatedMlp(nn.Module):

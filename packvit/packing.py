@@ -25,6 +25,26 @@ import torch
 Grid = tuple[tuple[int, int, int], ...]
 
 
+def table_cache(maxsize: int):
+    """``functools.lru_cache`` for per-shape tables (metadata, position tables).
+
+    The tables are built outside inference mode and without autograd: a table first built under
+    ``torch.inference_mode()`` would otherwise be an inference tensor, and a later training step
+    that reuses it from the cache would fail ("Inference tensors cannot be saved for backward").
+    """
+
+    def wrap(fn):
+        @functools.lru_cache(maxsize=maxsize)
+        @functools.wraps(fn)
+        def build(*args):
+            with torch.inference_mode(False), torch.no_grad():
+                return fn(*args)
+
+        return build
+
+    return wrap
+
+
 def grid_to_tuple(grid_thw: torch.Tensor | Sequence[Sequence[int]]) -> Grid:
     """Validate ``grid_thw`` and return it as a tuple of Python ints.
 
@@ -93,7 +113,7 @@ class PackedMeta:
         return _patch_cu_seqlens(self)
 
 
-@functools.lru_cache(maxsize=64)
+@table_cache(maxsize=64)
 def _patch_cu_seqlens(meta: PackedMeta) -> torch.Tensor:
     lens = [h * w for h, w in meta.frame_hw]
     return _cumsum_int32(lens, meta.cu_seqlens.device)
@@ -107,7 +127,7 @@ def _cumsum_int32(lens: Sequence[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(cu, dtype=torch.int32).to(device, non_blocking=True)
 
 
-@functools.lru_cache(maxsize=128)
+@table_cache(maxsize=128)
 def build_meta(grid: Grid, num_prefix: int, device: torch.device) -> PackedMeta:
     """Metadata for a validated grid (see ``grid_to_tuple``); cached per (grid, prefix, device)."""
     frame_hw = tuple((h, w) for t, h, w in grid for _ in range(t))

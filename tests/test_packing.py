@@ -112,3 +112,21 @@ def test_backend_choice_is_reported_and_validated(packvit_models):
     with pytest.raises(ValueError, match="'torch' is not available on cpu"):
         model.set_attention_backend("torch")
     assert model.attn_backend == "sdpa"
+
+
+def test_tables_cached_under_inference_mode_serve_training(packvit_models):
+    """A table first built under inference_mode must not poison a later training step."""
+    from packvit.packing import build_meta
+
+    grid = ((1, 3, 7), (2, 2, 5))
+    for family, model in packvit_models.items():
+        build_meta.cache_clear()
+        x = torch.randn(sum(t * h * w for t, h, w in grid), model.patch_dim)
+        with torch.inference_mode():
+            model(x, grid)
+        model.train()
+        try:
+            model(x.requires_grad_(), grid).square().mean().backward()
+        finally:
+            model.eval().zero_grad(set_to_none=True)
+        assert x.grad is not None and torch.isfinite(x.grad).all(), family

@@ -5,14 +5,13 @@ patches -> Linear -> RMSNorm -> + 2D sin-cos table -> SwiGLU blocks -> RMSNorm [
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from ..layers import Block, GatedMlp, RMSNorm, pool_attention
-from ..packing import Grid, PackedMeta
+from ..packing import Grid, PackedMeta, table_cache
 from .base import PackedViT
 
 
@@ -44,7 +43,7 @@ PRESETS = {
 }
 
 
-@functools.lru_cache(maxsize=256)
+@table_cache(maxsize=256)
 def sincos_table(h: int, w: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """(h*w, dim) table laid out [sin(x), cos(x), sin(y), cos(y)], x the column, y the row index.
 
@@ -61,7 +60,7 @@ def sincos_table(h: int, w: int, dim: int, device: torch.device, dtype: torch.dt
     return table.to(device=device, dtype=dtype)
 
 
-@functools.lru_cache(maxsize=64)
+@table_cache(maxsize=64)
 def packed_sincos(grid: Grid, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """(Tp, dim) position table for a whole batch: per-shape tables, one per frame, concatenated."""
     return torch.cat([sincos_table(h, w, dim, device, dtype) for t, h, w in grid for _ in range(t)])

@@ -72,6 +72,16 @@ class PackedViT(nn.Module):
                 m.backend = resolved
         return resolved
 
+    def compile_blocks(self, **kwargs) -> "PackedViT":
+        """Regional ``torch.compile``: each block compiled in place (they share one graph), with
+        dynamic token counts so batches of other sizes reuse it. The embedding, the position
+        tables and the heads stay eager: they are cheap, and their per-shape tables are host work.
+        Attention runs as an opaque op (see ``packvit.attention``)."""
+        kwargs.setdefault("dynamic", True)
+        for block in self.blocks:
+            block.compile(**kwargs)
+        return self
+
     def _apply(self, fn, recurse=True):
         # Moving the model (``.to("cuda", torch.bfloat16)``) re-chooses an ``auto`` backend for
         # the new device and dtype; a backend named explicitly stays as named.

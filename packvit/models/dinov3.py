@@ -6,7 +6,6 @@ LayerScale -> LayerNorm. The output drops the prefix; ``pooler_output`` is the n
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, replace
 
@@ -14,7 +13,7 @@ import torch
 from torch import nn
 
 from ..layers import Block, GatedMlp, Mlp
-from ..packing import Grid, PackedMeta, insert_prefix
+from ..packing import Grid, PackedMeta, insert_prefix, table_cache
 from .base import PackedViT
 
 
@@ -73,7 +72,7 @@ PRESETS = {
 }
 
 
-@functools.lru_cache(maxsize=256)
+@table_cache(maxsize=256)
 def rope_table(
     h: int, w: int, num_prefix: int, head_dim: int, theta: float, device: torch.device, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,7 +91,7 @@ def rope_table(
     return cos.to(device=device, dtype=dtype), sin.to(device=device, dtype=dtype)
 
 
-@functools.lru_cache(maxsize=64)
+@table_cache(maxsize=64)
 def packed_rope(
     grid: Grid, num_prefix: int, head_dim: int, theta: float, device: torch.device, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +100,7 @@ def packed_rope(
     return torch.cat([c for c, _ in tables]), torch.cat([s for _, s in tables])
 
 
-@functools.lru_cache(maxsize=64)
+@table_cache(maxsize=64)
 def packed_coords(grid: Grid, num_prefix: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Un-augmented RoPE inputs for a batch: coords (T, 2) in [-1, 1] (0 on prefix rows), is_patch (T, 1) bool,
     frame (T,) index of each token's frame."""

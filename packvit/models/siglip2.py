@@ -6,14 +6,13 @@ blocks -> post LayerNorm [-> MAP head: a learned probe attends to each frame, th
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from ..layers import Block, Mlp, pool_attention
-from ..packing import Grid, PackedMeta
+from ..packing import Grid, PackedMeta, table_cache
 from .base import PackedViT
 
 
@@ -67,7 +66,7 @@ def _aa_bilinear_1d(n_in: int, n_out: int) -> torch.Tensor:
     return w / w.sum(1, keepdim=True)
 
 
-@functools.lru_cache(maxsize=256)
+@table_cache(maxsize=256)
 def resize_weights(h: int, w: int, side: int, device: torch.device) -> torch.Tensor:
     """(h*w, side*side) fp32 matrix W with W @ grid == the antialiased bilinear resize of the grid.
 
@@ -81,7 +80,7 @@ def resize_weights(h: int, w: int, side: int, device: torch.device) -> torch.Ten
     return weights.to(device=device, dtype=torch.float32).contiguous()
 
 
-@functools.lru_cache(maxsize=64)
+@table_cache(maxsize=64)
 def packed_resize_weights(grid: Grid, side: int, device: torch.device) -> torch.Tensor:
     """(Tp, side*side) resize weights for a whole batch."""
     return torch.cat([resize_weights(h, w, side, device) for t, h, w in grid for _ in range(t)])

@@ -1,0 +1,59 @@
+"""Timing and memory, as BENCHMARKS.md prescribes: warm-up, CUDA events, median / p10 / p90."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def _quantile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    i = q * (len(xs) - 1)
+    lo, hi = int(i), min(int(i) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (i - lo)
+
+
+def measure(fn: Callable[[], object], device: torch.device, warmup: int, iters: int, slow_s: float = 0.25) -> dict:
+    """Run ``fn`` ``warmup`` times, then time ``iters`` runs. When one run takes longer than ``slow_s``
+    seconds (the HF per-image training loops take seconds each), 3 warm-up and 10 timed runs; the
+    row's ``iters`` says how many were timed."""
+    cuda = device.type == "cuda"
+    t0 = time.perf_counter()
+    fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+    if time.perf_counter() - t0 > slow_s:
+        warmup, iters = min(warmup, 3), min(iters, 10)
+    for _ in range(warmup - 1):
+        fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    times = []
+    for _ in range(iters):
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            times.append((a, b))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    if cuda:
+        torch.cuda.synchronize(device)
+        ms = [a.elapsed_time(b) for a, b in times]
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        resident = base / 2**30
+    else:
+        ms = [t * 1e3 for t in times]
+        peak = resident = None
+    return dict(
+        ms=statistics.median(ms), p10=_quantile(ms, 0.1), p90=_quantile(ms, 0.9), iters=iters,
+        peak_gib=peak, resident_gib=resident,
+    )
