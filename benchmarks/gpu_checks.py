@@ -41,7 +41,7 @@ def kernels(device) -> bool:
         if "fa4" in variants and dh not in (64, 128):
             variants.append("fa4 unpadded")
         for backend in variants:
-            attention.FA4_BACKWARD_PAD_TO = 0 if backend == "fa4 unpadded" else 128
+            attention.FA4_BACKWARD_HEAD_DIMS = (dh,) if backend == "fa4 unpadded" else (64, 96, 128)
             lv = [t.to(torch.bfloat16).requires_grad_() for t in (q, k, v)]
             out = varlen_attention(*lv, cu, cu, max(lens), max(lens), backend=backend.split()[0])
             out.backward(dout.to(torch.bfloat16))
@@ -49,7 +49,7 @@ def kernels(device) -> bool:
             good = all(e < 2e-2 for e in errs)
             ok &= good or backend == "fa4 unpadded"  # documents the kernel bug the padding avoids
             print(f"| {backend} | {dh} | " + " | ".join(f"{e:.1e}" for e in errs) + f" | {'ok' if good else 'FAIL'} |")
-    attention.FA4_BACKWARD_PAD_TO = 128
+    attention.FA4_BACKWARD_HEAD_DIMS = (64, 96, 128)
     # The fused bias + tanh-GELU epilogue of SigLIP2's MLP (inference only) must be the tanh GELU.
     x = torch.randn(4096, 1152, device=device, dtype=torch.bfloat16)
     w = torch.randn(4304, 1152, device=device, dtype=torch.bfloat16) * 0.03

@@ -141,7 +141,7 @@ def build_meta(grid: Grid, num_prefix: int, device: torch.device) -> PackedMeta:
         starts_t = torch.tensor(starts, dtype=torch.long)
         lens_t = torch.tensor([h * w for h, w in frame_hw], dtype=torch.long)
         # patch j of frame f sits at starts[f] + P + j
-        frame_of_patch = torch.repeat_interleave(torch.arange(len(seqlens)), lens_t)
+        frame_of_patch = torch.repeat_interleave(torch.arange(len(seqlens)), lens_t, output_size=num_patches)
         first_patch = torch.cumsum(lens_t, 0) - lens_t
         within = torch.arange(num_patches) - first_patch[frame_of_patch]
         patch_index = (starts_t[frame_of_patch] + num_prefix + within).to(device, non_blocking=True)
@@ -159,7 +159,7 @@ def build_meta(grid: Grid, num_prefix: int, device: torch.device) -> PackedMeta:
         patch_index=patch_index,
         prefix_index=prefix_index,
         cu_frames=torch.arange(len(seqlens) + 1, dtype=torch.int32).to(device, non_blocking=True),
-        frame_of_token=torch.repeat_interleave(torch.arange(len(seqlens)), torch.tensor(seqlens)).to(
+        frame_of_token=torch.repeat_interleave(torch.arange(len(seqlens)), torch.tensor(seqlens), output_size=sum(seqlens)).to(
             device, non_blocking=True
         ),
     )

@@ -21,13 +21,14 @@ def measure(fn: Callable[[], object], device: torch.device, warmup: int, iters: 
     seconds (the HF per-image training loops take seconds each), 3 warm-up and 10 timed runs; the
     row's ``iters`` says how many were timed."""
     cuda = device.type == "cuda"
+    fn()  # the first call may compile: not a measure of a step's time
     t0 = time.perf_counter()
     fn()
     if cuda:
         torch.cuda.synchronize(device)
     if time.perf_counter() - t0 > slow_s:
         warmup, iters = min(warmup, 3), min(iters, 10)
-    for _ in range(warmup - 1):
+    for _ in range(warmup - 2):
         fn()
     if cuda:
         torch.cuda.synchronize(device)
