@@ -8,7 +8,7 @@ import torch
 
 from .attention import BACKENDS, available_backends, resolve_backend, varlen_attention
 from .models import (
-    AIMv2, AIMv2Config, DINOv3, DINOv3Config, PackedViT, PackedVisionOutput, Siglip2, Siglip2Config,
+    AIMv2, AIMv2Config, DINOv3, DINOv3Config, PackedBatch, PackedViT, PackedVisionOutput, Siglip2, Siglip2Config,
 )
 from .packing import PackedMeta, build_meta, convert_to_packing_format, grid_to_tuple, patchify, split_by_image, unpatchify
 from .seed import AIMv2Packing, DINOv3ViTPacking, Siglip2NaflexPacking
@@ -32,7 +32,7 @@ def from_pretrained(
 
 
 __all__ = [
-    "AIMv2", "AIMv2Config", "DINOv3", "DINOv3Config", "Siglip2", "Siglip2Config", "PackedViT", "PackedVisionOutput",
+    "AIMv2", "AIMv2Config", "DINOv3", "DINOv3Config", "Siglip2", "Siglip2Config", "PackedViT", "PackedVisionOutput", "PackedBatch",
     "AIMv2Packing", "DINOv3ViTPacking", "Siglip2NaflexPacking", "from_pretrained", "BACKENDS", "available_backends",
     "resolve_backend", "varlen_attention", "PackedMeta", "build_meta", "convert_to_packing_format", "grid_to_tuple",
     "patchify", "unpatchify", "split_by_image",

@@ -165,8 +165,8 @@ def build_meta(grid: Grid, num_prefix: int, device: torch.device) -> PackedMeta:
     )
 
 
-def check_inputs(hidden_states: torch.Tensor, grid: Grid, patch_dim: int) -> None:
-    """Clear errors for inputs that do not describe the same batch."""
+def check_inputs(hidden_states: torch.Tensor, num_patches: int, patch_dim: int) -> None:
+    """Clear errors for inputs that do not describe the same batch (``num_patches``: sum of t*h*w)."""
     if not isinstance(hidden_states, torch.Tensor):
         raise TypeError(f"hidden_states must be a torch.Tensor, got {type(hidden_states).__name__}")
     if not hidden_states.is_floating_point():
@@ -180,10 +180,9 @@ def check_inputs(hidden_states: torch.Tensor, grid: Grid, patch_dim: int) -> Non
             f"hidden_states has patch_dim {hidden_states.shape[1]}, expected {patch_dim} "
             "(patch_size * patch_size * num_channels, flattened in (p_h, p_w, C) order)"
         )
-    expected = sum(t * h * w for t, h, w in grid)
-    if hidden_states.shape[0] != expected:
+    if hidden_states.shape[0] != num_patches:
         raise ValueError(
-            f"hidden_states has {hidden_states.shape[0]} rows but grid_thw describes {expected} patches "
+            f"hidden_states has {hidden_states.shape[0]} rows but grid_thw describes {num_patches} patches "
             "(the sum of t*h*w over images)"
         )
 
@@ -261,7 +260,7 @@ def unpatchify(
 ) -> list[torch.Tensor]:
     """Inverse of ``patchify``: a list of (C, H, W) images, or (t, C, H, W) for entries with t > 1."""
     grid = grid_to_tuple(grid_thw)
-    check_inputs(hidden_states, grid, patch_size * patch_size * num_channels)
+    check_inputs(hidden_states, sum(t * h * w for t, h, w in grid), patch_size * patch_size * num_channels)
     out, start = [], 0
     for t, h, w in grid:
         n = t * h * w

@@ -8,6 +8,10 @@ Follows the contract of LLaVA's ``CLIPVisionTower`` (llava/model/multimodal_enco
     tower = PackedVisionTower("path/to/checkpoint", args)     # args.mm_vision_select_layer etc.
     feats = tower([pil_a, pil_b, [frame0, frame1]])            # list of (N_i, D)
     packed, grid_thw = tower(hidden_states, grid_thw=grid_thw, packed=True)   # (sum N_i, D)
+
+    # Under torch.compile: prepare the batch eagerly, so the graph never sees the grid itself.
+    compiled = torch.compile(tower, fullgraph=True)
+    packed, batch = compiled(hidden_states, grid_thw=tower.prepare(grid_thw), packed=True)
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .packing import build_meta, grid_to_tuple, split_by_image
+from .models.base import PackedBatch
+from .packing import grid_to_tuple, split_by_image
 from .preprocess import ImageProcessor
 
 SELECT_FEATURES = ("patch", "cls_patch")
@@ -101,9 +106,12 @@ class PackedVisionTower(nn.Module):
         """Features of the selected layer.
 
         images: a list of images / videos (anything ``image_processor`` takes: PIL, arrays, tensors,
-            paths, lists of frames), or already packed ``hidden_states`` (Tp, p*p*C) with ``grid_thw``.
+            paths, lists of frames), or already packed ``hidden_states`` (Tp, p*p*C) with ``grid_thw``
+            (an (N, 3) tensor or list, or the ``PackedBatch`` of ``prepare(grid_thw)``, which is what
+            a ``torch.compile``d tower should get: then batches of new shapes do not recompile).
         Returns a list of (N_i, D) per image (N_i = t*h*w, or t*(1 + h*w) with "cls_patch"), or with
-        ``packed=True`` the tuple (features (sum N_i, D), grid_thw (N, 3) on the CPU).
+        ``packed=True`` the tuple (features (sum N_i, D), grid_thw): grid_thw as an (N, 3) int64 CPU
+        tensor, or the ``PackedBatch`` when one was passed.
         """
         if not self.is_loaded:
             raise RuntimeError("the vision tower is not loaded: call load_model() first (delay_load=True)")
@@ -115,33 +123,45 @@ class PackedVisionTower(nn.Module):
             if grid_thw is not None:
                 raise ValueError("grid_thw is only for packed hidden_states; a list of images is preprocessed here")
             hidden_states, grid_thw = self.image_processor(images)
+        batch = self.prepare(grid_thw)
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
-            feats = self._select(hidden_states.to(self.device, self.dtype, non_blocking=True), grid_thw)
+            feats = self._select(hidden_states.to(self.device, self.dtype, non_blocking=True), batch)
         if packed:
-            return feats, torch.as_tensor(grid_thw, dtype=torch.int64)
-        return list(feats.split(self.feature_lengths(grid_thw), 0))
+            return feats, grid_thw if isinstance(grid_thw, PackedBatch) else torch.as_tensor(grid_thw, dtype=torch.int64)
+        return list(feats.split(self.feature_lengths(batch), 0))
 
-    def _select(self, hidden_states: torch.Tensor, grid_thw) -> torch.Tensor:
-        out = self.vision_tower(hidden_states, grid_thw, output_layers=[self.select_layer])
+    def prepare(self, grid_thw) -> PackedBatch:
+        """The batch's packing metadata and position tables on the tower's device (host work,
+        cached per grid); pass it as ``grid_thw`` to a compiled tower."""
+        return self.vision_tower.prepare(grid_thw, self.device)
+
+    def _select(self, hidden_states: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        out = self.vision_tower(hidden_states, batch, output_layers=[self.select_layer])
         k = self.select_layer % (len(self.vision_tower.blocks) + 1)
         patches = out.hidden_states[k]  # (Tp, D)
-        if self.select_feature == "patch":
+        if self.select_feature == "patch" or batch.meta is None:
             return patches
-        # [CLS_f, patches_f] per frame: the packed order of a 1-token-prefix model.
-        meta = build_meta(grid_to_tuple(grid_thw), 1, patches.device)
+        # [CLS_f, patches_f] per frame: the model's own layout [CLS, registers, patches] with the
+        # P - 1 registers of every earlier frame (and of this one, for patches) taken out. Index
+        # arithmetic on the batch's tensors, so a compiled tower does not specialise on the grid.
+        meta, P = batch.meta, self.vision_tower.num_prefix
+        frame_of_patch = meta.frame_of_token.index_select(0, meta.patch_index)  # (Tp,)
+        patch_pos = meta.patch_index - (frame_of_patch + 1) * (P - 1)
+        cls_index = meta.prefix_index[::P]  # (F,) CLS positions in the model's layout
+        cls_pos = cls_index - torch.arange(cls_index.shape[0], device=cls_index.device) * (P - 1)
         cls = out.prefix_hidden_states[k][:, 0]  # (F, D)
-        x = patches.new_empty(meta.num_tokens, patches.shape[1])
-        return x.index_copy(0, meta.patch_index, patches).index_copy(0, meta.prefix_index, cls)
+        x = patches.new_empty(patches.shape[0] + cls.shape[0], patches.shape[1])
+        return x.index_copy(0, patch_pos, patches).index_copy(0, cls_pos, cls)
 
     def feature_lengths(self, grid_thw) -> list[int]:
         """Rows each image contributes to the output."""
         extra = 1 if self.select_feature == "cls_patch" else 0
-        return [t * (extra + h * w) for t, h, w in grid_to_tuple(grid_thw)]
+        return [t * (extra + h * w) for t, h, w in _grid(grid_thw)]
 
     def split(self, features: torch.Tensor, grid_thw) -> list[torch.Tensor]:
         """Packed output -> list of (N_i, D)."""
         if self.select_feature == "patch":
-            return split_by_image(features, grid_thw)
+            return split_by_image(features, _grid(grid_thw))
         return list(features.split(self.feature_lengths(grid_thw), 0))
 
     # -- LLaVA's properties -----------------------------------------------------------------------
@@ -180,3 +200,10 @@ def _config_only(path: str):
     d = json.loads((Path(path) / "config.json").read_text())
     fam = FAMILIES[detect_family(d)]
     return fam.config_from_hf(d.get("vision_config", d) if "vision_config" in d else d, strict=False)
+
+
+def _grid(grid_thw) -> tuple[tuple[int, int, int], ...]:
+    """The (t, h, w) rows of a grid_thw tensor or list, or of a ``PackedBatch`` (eager code only)."""
+    if isinstance(grid_thw, PackedBatch):
+        return grid_thw.meta.grid if grid_thw.meta is not None else ()
+    return grid_to_tuple(grid_thw)

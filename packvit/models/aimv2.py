@@ -114,9 +114,13 @@ class AIMv2(PackedViT):
     def has_pooler(self) -> bool:
         return self.head is not None
 
-    def embed(self, patches: torch.Tensor, meta: PackedMeta):
+    def position_tables(self, meta: PackedMeta) -> tuple[torch.Tensor, ...]:
+        return (packed_sincos(meta.grid, self.config.hidden_size, meta.cu_seqlens.device, self.dtype),)  # (Tp, D)
+
+    def embed(self, patches: torch.Tensor, meta: PackedMeta, tables: tuple[torch.Tensor, ...]):
         x = self.patch_norm(self.patch_embed(patches))  # (Tp, D)
-        return x + packed_sincos(meta.grid, self.config.hidden_size, x.device, x.dtype), None
+        (sincos,) = tables
+        return x + sincos.to(x.dtype), None
 
     def pool(self, x: torch.Tensor, meta: PackedMeta) -> torch.Tensor | None:
         return self.head(x, meta, self.attn_backend) if self.head is not None else None

@@ -14,6 +14,25 @@ from ..layers import Attention
 from ..packing import PackedMeta, build_meta, check_inputs, grid_to_tuple, split_prefix
 
 
+@dataclass(frozen=True, eq=False)
+class PackedBatch:
+    """What a forward needs to know about a batch besides its pixels: the packing metadata and the
+    model's position tables (sin-cos table, SigLIP2 resize weights, DINOv3 RoPE), as tensors.
+
+    ``model.prepare(grid_thw)`` builds it on the host (cached per grid, no device sync) and
+    ``model(hidden_states, batch)`` accepts it in place of ``grid_thw``. Under ``torch.compile`` the
+    compiled code then sees tensors and a few integers, never the grid itself, so batches of other
+    shapes reuse the graph instead of recompiling on each new grid. ``meta`` is None for an empty batch.
+    """
+
+    meta: PackedMeta | None
+    tables: tuple[torch.Tensor, ...] = ()
+
+    @property
+    def num_patches(self) -> int:
+        return 0 if self.meta is None else self.meta.num_patches
+
+
 @dataclass
 class PackedVisionOutput:
     """Rich outputs of a packed forward. Patch tensors are (Tp, D) in input order.
@@ -92,7 +111,23 @@ class PackedViT(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------
 
-    def embed(self, patches: torch.Tensor, meta: PackedMeta) -> tuple[torch.Tensor, tuple | None]:
+    def prepare(self, grid_thw, device: torch.device | str | None = None) -> PackedBatch:
+        """Validate ``grid_thw`` and build the batch's metadata and position tables (see ``PackedBatch``)."""
+        if isinstance(grid_thw, PackedBatch):
+            return grid_thw
+        grid = grid_to_tuple(grid_thw)
+        if not grid:
+            return PackedBatch(None)
+        meta = build_meta(grid, self.num_prefix, torch.device(device) if device is not None else self.device)
+        return PackedBatch(meta, self.position_tables(meta))
+
+    def position_tables(self, meta: PackedMeta) -> tuple[torch.Tensor, ...]:
+        """The per-batch position tables ``embed`` uses, built from the grid (host work, cached)."""
+        return ()
+
+    def embed(
+        self, patches: torch.Tensor, meta: PackedMeta, tables: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor, tuple | None]:
         """(Tp, patch_dim) -> packed tokens (T, D) and the rotary tables, if any."""
         raise NotImplementedError
 
@@ -115,25 +150,26 @@ class PackedViT(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        grid_thw: torch.Tensor | Sequence[Sequence[int]],
+        grid_thw: torch.Tensor | Sequence[Sequence[int]] | PackedBatch,
         *,
         output_layers: Sequence[int] | None = None,
         return_dict: bool = False,
     ) -> torch.Tensor | PackedVisionOutput:
         """Encode a packed batch.
 
-        hidden_states: (Tp, p*p*C) patches in (p_h, p_w, C) order; grid_thw: (N, 3) (t, h, w).
+        hidden_states: (Tp, p*p*C) patches in (p_h, p_w, C) order; grid_thw: (N, 3) (t, h, w), or
+        the ``PackedBatch`` that ``prepare(grid_thw)`` made (what a compiled caller passes).
         Returns the final-normed patch tokens (Tp, D) in input order, or, with ``return_dict`` or
         ``output_layers``, a ``PackedVisionOutput``. An empty batch (N = 0) returns empty outputs.
         """
-        grid = grid_to_tuple(grid_thw)
-        check_inputs(hidden_states, grid, self.patch_dim)
+        batch = self.prepare(grid_thw, getattr(hidden_states, "device", None))
+        check_inputs(hidden_states, batch.num_patches, self.patch_dim)
         want = self._layer_indices(output_layers)
-        if not grid:
+        meta = batch.meta
+        if meta is None:
             return self._empty(hidden_states, want, return_dict or output_layers is not None)
-        meta = build_meta(grid, self.num_prefix, hidden_states.device)
 
-        x, rope = self.embed(hidden_states.to(self.dtype), meta)  # (T, D)
+        x, rope = self.embed(hidden_states.to(self.dtype), meta, batch.tables)  # (T, D)
         layers = {0: x} if 0 in want else {}
         for i, block in enumerate(self.blocks, start=1):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():

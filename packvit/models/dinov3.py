@@ -175,16 +175,27 @@ class DINOv3(PackedViT):
     def has_pooler(self) -> bool:
         return True
 
-    def embed(self, patches: torch.Tensor, meta: PackedMeta):
+    def position_tables(self, meta: PackedMeta) -> tuple[torch.Tensor, ...]:
+        # (cos, sin) of shape (T, Dh); with the augmentation switch on, also the un-augmented
+        # coordinates it perturbs per step: coords (T, 2), is_patch (T, 1), frame (T,).
+        c, device = self.config, meta.cu_seqlens.device
+        rope = packed_rope(meta.grid, self.num_prefix, c.head_dim, c.rope_theta, device, self.dtype)
+        if self.rope_augmentation:
+            return (*rope, *packed_coords(meta.grid, self.num_prefix, device))
+        return rope
+
+    def embed(self, patches: torch.Tensor, meta: PackedMeta, tables: tuple[torch.Tensor, ...]):
         x = self.patch_embed(patches)  # (Tp, D)
         prefix = torch.cat([self.cls_token, self.register_tokens])  # (P, D)
         x = insert_prefix(x, prefix, meta)  # (T, D)
         c = self.config
         if self.rope_augmentation and self.training:
-            coords, is_patch, frame = packed_coords(meta.grid, self.num_prefix, x.device)
+            if len(tables) < 5:
+                raise RuntimeError("this PackedBatch was prepared with rope_augmentation off; prepare it again")
+            coords, is_patch, frame = tables[2:]
             return x, augmented_rope(coords, is_patch, frame, meta.num_frames, c.head_dim, c, x.dtype)
-        rope = packed_rope(meta.grid, self.num_prefix, c.head_dim, c.rope_theta, x.device, x.dtype)
-        return x, rope
+        cos, sin = tables[:2]
+        return x, (cos.to(x.dtype), sin.to(x.dtype))
 
     def pool(self, x: torch.Tensor, meta: PackedMeta) -> torch.Tensor:
         return x.index_select(0, meta.prefix_index[:: self.num_prefix])  # (F, D) normed CLS

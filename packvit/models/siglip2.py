@@ -139,9 +139,12 @@ class Siglip2(PackedViT):
     def has_pooler(self) -> bool:
         return self.head is not None
 
-    def embed(self, patches: torch.Tensor, meta: PackedMeta):
+    def position_tables(self, meta: PackedMeta) -> tuple[torch.Tensor, ...]:
+        return (packed_resize_weights(meta.grid, self.config.pos_grid, meta.cu_seqlens.device),)  # (Tp, side*side) fp32
+
+    def embed(self, patches: torch.Tensor, meta: PackedMeta, tables: tuple[torch.Tensor, ...]):
         x = self.patch_embed(patches)  # (Tp, D)
-        weights = packed_resize_weights(meta.grid, self.config.pos_grid, x.device)  # (Tp, side*side) fp32
+        (weights,) = tables
         pos = weights @ self.pos_embed.float()  # (Tp, D), resized in fp32 whatever the model dtype
         return x + pos.to(x.dtype), None
 
