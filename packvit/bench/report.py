@@ -55,7 +55,13 @@ def plot(rows: list[dict], path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    timed = [r for r in rows if "ms" in r and r["impl"] != "bound"]
+    timed = {}
+    for r in rows:  # the last row of a (model, workload, mode, implementation) wins
+        if "ms" in r and r["impl"] != "bound":
+            timed[(r["model"], r["workload"], r["mode"], _label(r))] = r
+    timed = list(timed.values())
+    palette = plt.get_cmap("tab10").colors
+    colours = {lab: palette[i % len(palette)] for i, lab in enumerate(sorted({_label(r) for r in timed}))}
     groups = sorted({(r["model"], r["mode"]) for r in timed})
     fig, axes = plt.subplots(len(groups), 1, figsize=(11, 2.6 * len(groups)), squeeze=False)
     for ax, (model, mode) in zip(axes[:, 0], groups):
@@ -70,7 +76,7 @@ def plot(rows: list[dict], path: str | Path) -> None:
                 if m:
                     xs.append(i + j * width)
                     ys.append(m[0]["tokens_per_s"] / 1e3)
-            ax.bar(xs, ys, width, label=lab)
+            ax.bar(xs, ys, width, label=lab, color=colours[lab])
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(workloads))], workloads)
         ax.set_ylabel("k tokens/s")
         ax.set_title(f"{model} {mode}", fontsize=10)
