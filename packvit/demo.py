@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 
 import packvit
+from weights_conversion.reference import load_reference, tiny_checkpoint
 
 ASSETS = Path(__file__).with_name("assets")
 PATCH = {"siglip2": 16, "dinov3": 16, "aimv2": 14}
@@ -27,28 +27,6 @@ MEAN_STD = {
 # (asset, long side in pixels); the astronaut is square, so it is cropped to a 3:4 portrait first.
 IMAGES = [("coffee.jpg", 224), ("chelsea.jpg", 160), ("astronaut.jpg", 96)]
 VIDEO = ("chelsea.jpg", 128)  # two frames, the second shifted by a few pixels
-
-
-def tiny_checkpoint(family: str, directory: Path) -> Path:
-    """Save a small transformers model with random weights (real architecture, real patch size)."""
-    import transformers as tf
-
-    tf.utils.logging.disable_progress_bar()
-
-    common = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4)
-    cls, cfg = {
-        "siglip2": (tf.Siglip2VisionModel, lambda: tf.Siglip2VisionConfig(patch_size=16, num_patches=256, **common)),
-        "dinov3": (tf.DINOv3ViTModel, lambda: tf.DINOv3ViTConfig(patch_size=16, num_register_tokens=4, **common)),
-        "aimv2": (tf.Aimv2VisionModel, lambda: tf.Aimv2VisionConfig(patch_size=14, is_native=True, **common)),
-    }[family]
-    torch.manual_seed(0)
-    model = cls(cfg())
-    with torch.no_grad():  # transformers initialises many tensors to 0 or 1; randomise them all
-        for name, p in model.named_parameters():
-            near_one = ("norm" in name and name.endswith("weight") and p.dim() == 1) or "lambda1" in name
-            p.copy_(torch.randn_like(p) * 0.02 + (1.0 if near_one else 0.0))
-    model.save_pretrained(directory)
-    return directory
 
 
 def load_image(name: str, long_side: int, patch: int) -> torch.Tensor:
@@ -71,22 +49,6 @@ def build_batch(family: str, patch: int) -> list[torch.Tensor]:
     frame = load_image(*VIDEO, patch)
     images.append(torch.stack([frame, torch.roll(frame, shifts=(3, 5), dims=(1, 2))]))  # (t=2, C, H, W)
     return [(x - mean) / std for x in images]
-
-
-def hf_reference_model(path: Path, device: str):
-    """The transformers vision model for a checkpoint folder, chosen from config.json's model_type."""
-    import transformers as tf
-
-    tf.utils.logging.disable_progress_bar()
-    model_type = json.loads((path / "config.json").read_text())["model_type"]
-    if model_type in ("siglip2", "aimv2"):  # full image-text checkpoints: keep the vision tower
-        full = {"siglip2": tf.Siglip2Model, "aimv2": tf.Aimv2Model}[model_type]
-        model = full.from_pretrained(path, dtype=torch.float32).vision_model
-    else:
-        cls = {"siglip2_vision_model": tf.Siglip2VisionModel, "dinov3_vit": tf.DINOv3ViTModel,
-               "aimv2_vision_model": tf.Aimv2VisionModel}[model_type]
-        model = cls.from_pretrained(path, dtype=torch.float32)
-    return model.to(device).eval()
 
 
 @torch.inference_mode()
@@ -163,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.no_parity:
             return 0
         try:
-            hf = hf_reference_model(path, args.device)
+            hf = load_reference(path, args.device)
         except ImportError:
             print("transformers is not installed: skipping the parity check")
             return 0

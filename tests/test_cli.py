@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILIES, PATCH, random_images, tiny_hf_model
+from conftest import FAMILIES, PATCH, random_images
 from safetensors.torch import load_file
 
 import packvit
@@ -234,7 +234,6 @@ def test_align_fails_below_threshold(hf_checkpoints, capsys):
 
 def test_align_detects_a_wrong_model(hf_checkpoints, tmp_path, capsys, monkeypatch):
     """Parity is really measured: a packvit model with a perturbed weight falls below the threshold."""
-    from packvit.commands import align
     import weights_conversion
 
     _, src = hf_checkpoints["siglip2"]

@@ -1,8 +1,6 @@
-"""Real-size model pairs for the benchmarks: a transformers model and the packvit model converted
-from its very weights, plus the FLOP count of BENCHMARKS.md.
-
-transformers is imported here only as the reference; the packvit models never import it.
-"""
+"""Real-size model pairs for the benchmarks: a transformers model (the reference, built by
+``weights_conversion.reference``) and the packvit model converted from its very weights, plus the
+FLOP count of BENCHMARKS.md."""
 
 from __future__ import annotations
 
@@ -10,6 +8,7 @@ import torch
 from torch import nn
 
 from weights_conversion import FAMILIES, build_model, convert_state_dict
+from weights_conversion.reference import build_hf
 
 from ..models.base import PackedViT
 from .workloads import Workload
@@ -21,18 +20,6 @@ DEFAULT_PRESETS = {
     "aimv2": "aimv2-large-patch14-native",
 }
 TINY = dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128)
-
-_HF_CLASSES = {"siglip2": "Siglip2VisionModel", "dinov3": "DINOv3ViTModel", "aimv2": "Aimv2VisionModel"}
-
-
-def hf_config(family: str, cfg) -> "object":
-    import transformers
-
-    d = FAMILIES[family].config_to_hf(cfg)
-    model_type = d.pop("model_type")
-    d.pop("architectures", None)
-    return transformers.CONFIG_MAPPING[model_type](**d)
-
 
 @torch.no_grad()
 def _perturb_degenerate_(model: nn.Module, seed: int) -> None:
@@ -49,19 +36,14 @@ def build_pair(
     family: str, preset: str | None, device: torch.device, dtype: torch.dtype, backend: str, tiny: bool = False
 ) -> tuple[nn.Module, PackedViT]:
     """(HF model, packvit model) with identical weights, both eval, on ``device`` in ``dtype``."""
-    import transformers
-
     fam = FAMILIES[family]
     cfg = fam.CONFIG_CLASS.from_name(preset or DEFAULT_PRESETS[family], **(TINY if tiny else {}))
-    hcfg = hf_config(family, cfg)
-    hcfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    with torch.device(device):
-        hf = getattr(transformers, _HF_CLASSES[family])(hcfg)
+    hf = build_hf(family, cfg, device)
     _perturb_degenerate_(hf, seed=0)
     hf = hf.to(dtype).eval()
     state = {k: v.detach().clone() for k, v in hf.state_dict().items()}  # no storage shared with HF
-    fam_name, pcfg, sd, _ = convert_state_dict(hcfg.to_dict(), state, family=family)
+    fam_name, pcfg, sd, _ = convert_state_dict(hf.config.to_dict(), state, family=family)
     model = build_model(fam_name, pcfg, sd, attn_backend=backend).eval()
     return hf, model
 

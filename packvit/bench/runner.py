@@ -155,7 +155,9 @@ def run(opt: Options, emit=print) -> list[dict]:
                         record(dict(base, impl="packvit", backend=backend, compiled=compiled == "compile", error=_err(e)))
                         continue
                     check = cosine_check(out.cpu(), ref)
-                    ok = check["cos_min"] >= opt.min_cos
+                    # bf16 is judged by cosine (issue 2's criterion); fp32 also by the tests' 1e-4, as a
+                    # cosine alone misses a corrupted weight that a final norm hides.
+                    ok = check["cos_min"] >= opt.min_cos and (dtype != torch.float32 or check["max_abs"] <= 1e-4)
                     if not ok:
                         record(dict(base, impl="packvit", backend=backend, compiled=compiled == "compile",
                                     error=f"output differs from HF: {check}"))

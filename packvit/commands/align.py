@@ -90,7 +90,9 @@ def run(args: argparse.Namespace) -> int:
     from packvit.demo import MEAN_STD
     from weights_conversion import build_model, cast_state, read_checkpoint
 
-    from .parity import HEADER, compare, load_reference, reference_dir, row
+    from weights_conversion.reference import load_reference
+
+    from .parity import HEADER, compare, reference_dir, row
 
     ckpt = read_checkpoint(args.ckpt, **source_kwargs(args))
     model = build_model(ckpt.family, ckpt.config, cast_state(ckpt.state, args.dtype), attn_backend="sdpa")

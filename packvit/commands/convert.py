@@ -60,7 +60,9 @@ VERIFY_GRIDS = ((3, 5), (4, 4), (2, 7), (6, 3))
 def verify(result, device: str, threshold: float) -> int:
     from weights_conversion import load_model
 
-    from .parity import HEADER, compare, load_reference, reference_dir, row
+    from weights_conversion.reference import load_reference
+
+    from .parity import HEADER, compare, reference_dir, row
 
     model = load_model(result.dst, device=device, attn_backend="auto")  # what was written, read back
     ckpt = result.checkpoint

@@ -42,23 +42,6 @@ def reference_dir(ckpt, model) -> Iterator[tuple[Path, str]]:
             yield tmp / "hf", f"transformers on packvit's HF export ({ckpt.layout} source has no transformers twin)"
 
 
-def load_reference(path: Path, device: str, dtype: torch.dtype):
-    """The transformers vision model of an HF checkpoint folder, in eval mode."""
-    import transformers as tf
-
-    tf.utils.logging.disable_progress_bar()  # our own output is the table
-    model_type = json.loads((path / "config.json").read_text())["model_type"]
-    kw = dict(dtype=dtype, attn_implementation="sdpa")
-    if model_type in ("siglip2", "aimv2"):  # image-text checkpoints: keep the vision tower
-        full = {"siglip2": tf.Siglip2Model, "aimv2": tf.Aimv2Model}[model_type]
-        model = full.from_pretrained(path, **kw).vision_model
-    else:
-        cls = {"siglip2_vision_model": tf.Siglip2VisionModel, "dinov3_vit": tf.DINOv3ViTModel,
-               "aimv2_vision_model": tf.Aimv2VisionModel}[model_type]
-        model = cls.from_pretrained(path, **kw)
-    return model.to(device).eval()
-
-
 @torch.inference_mode()
 def hf_patch_tokens(family: str, hf, images: torch.Tensor, patch: int) -> torch.Tensor:
     """(B, C, H, W) same-size images -> (B, h*w, D) patch tokens from transformers."""
