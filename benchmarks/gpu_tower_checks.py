@@ -76,14 +76,7 @@ def main():
     (o32, g32), ms = timed(lambda: fwd_bwd(ref, x, grid, w, False), device, args.reps)
     rows.append(dict(mode="fp32", attn=ref.attn_backend, ms=ms, feat_rel=0.0, grad_rel=0.0, finite=True))
 
-    ref.set_attention_backend("auto")  # autocast: fp32 weights, bf16 compute
-    if device.type == "cuda":
-        from packvit.attention import resolve_backend
-
-        name = resolve_backend("auto", device, torch.bfloat16)
-        for m in ref.modules():
-            if hasattr(m, "backend"):
-                m.backend = name
+    name = ref.set_attention_backend("auto", torch.bfloat16)  # autocast: fp32 weights, bf16 compute
     (o, g), ms = timed(lambda: fwd_bwd(ref, x, grid, w, True), device, args.reps)
     finite = all(torch.isfinite(p.grad).all().item() for p in ref.parameters() if p.grad is not None)
     rows.append(dict(mode="autocast", attn=name if device.type == "cuda" else "sdpa", ms=ms,

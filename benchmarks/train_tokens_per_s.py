@@ -86,15 +86,7 @@ def main():
     model, cfg = build(args.preset, args.tiny, device, torch.float32, args.backend)
     half = args.dtype == "bf16" and device.type == "cuda"
     # The attention kernel is chosen for the compute dtype (FSDP2 casts parameters to bf16 in forward).
-    model.set_attention_backend(args.backend if device.type == "cuda" else "sdpa")
-    if half:
-        from packvit.attention import resolve_backend
-
-        name = resolve_backend(args.backend, device, torch.bfloat16)
-        for m in model.modules():
-            if hasattr(m, "backend"):
-                m.backend = name
-        model.attn_backend = name
+    model.set_attention_backend(args.backend if device.type == "cuda" else "sdpa", torch.bfloat16 if half else None)
     model.gradient_checkpointing = args.grad_ckpt
     if args.compile:
         for i, b in enumerate(model.blocks):

@@ -96,3 +96,24 @@ def test_model_backend_is_chosen_once_and_reported():
     with pytest.raises(ValueError, match="not available"):
         m.set_attention_backend("torch")
     assert m.attn_backend == "sdpa"  # a failed switch leaves the model as it was
+
+
+def test_backend_chosen_for_the_compute_dtype(monkeypatch):
+    """fp32 weights computing in bf16 (autocast, FSDP2 mixed precision) get a kernel for bf16."""
+    from packvit import DINOv3, DINOv3Config
+    from packvit import attention
+
+    cfg = DINOv3Config(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+    m = DINOv3(cfg)
+    seen = []
+
+    def fake_available(device, dtype):
+        seen.append(dtype)
+        return ["torch", "sdpa"] if dtype == torch.bfloat16 else ["sdpa"]
+
+    monkeypatch.setattr(attention, "available_backends", fake_available)
+    monkeypatch.setattr(attention, "_torch_varlen_func", lambda: (lambda *a, **k: None))
+    monkeypatch.setattr(attention, "_RESOLVED", {})  # keep the fake kernel out of the real table
+    assert m.set_attention_backend("auto", torch.bfloat16) == "torch" and m.blocks[0].attn.backend == "torch"
+    assert m.set_attention_backend("auto") == "sdpa"  # the weights' dtype, fp32
+    assert seen == [torch.bfloat16, torch.float32]

@@ -61,6 +61,7 @@ class PackedViT(nn.Module):
         super().__init__()
         self.attn_backend_request = attn_backend
         self.attn_backend = "sdpa"
+        self.attn_compute_dtype: torch.dtype | None = None  # None: the weights' dtype
         self.gradient_checkpointing = False
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -82,10 +83,15 @@ class PackedViT(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def set_attention_backend(self, name: str = "auto") -> str:
-        """Choose the attention kernel for this model's device and dtype; returns the resolved name."""
-        resolved = resolve_backend(name, self.device, self.dtype)
-        self.attn_backend_request, self.attn_backend = name, resolved
+    def set_attention_backend(self, name: str = "auto", dtype: torch.dtype | None = None) -> str:
+        """Choose the attention kernel for this model's device and compute dtype; returns the resolved name.
+
+        ``dtype`` is the dtype attention will compute in, by default the weights'. Pass
+        ``torch.bfloat16`` when fp32 weights compute in bf16 (autocast, FSDP2 mixed precision), so
+        that a fused kernel is chosen rather than the fp32 reference.
+        """
+        resolved = resolve_backend(name, self.device, dtype or self.dtype)
+        self.attn_backend_request, self.attn_backend, self.attn_compute_dtype = name, resolved, dtype
         for m in self.modules():
             if isinstance(m, Attention):
                 m.backend = resolved
@@ -106,7 +112,7 @@ class PackedViT(nn.Module):
         # the new device and dtype; a backend named explicitly stays as named.
         out = super()._apply(fn, recurse)
         if getattr(self, "attn_backend_request", None) == "auto" and any(True for _ in self.parameters()):
-            self.set_attention_backend("auto")
+            self.set_attention_backend("auto", self.attn_compute_dtype)
         return out
 
     # -- forward --------------------------------------------------------------------------------

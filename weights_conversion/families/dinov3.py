@@ -74,11 +74,14 @@ _FIELDS = {
     "proj_bias": "proj_bias",
     "mlp_bias": "mlp_bias",
     "drop_path_rate": "drop_path_rate",
+    "pos_embed_shift": "pos_embed_shift",
+    "pos_embed_jitter": "pos_embed_jitter",
+    "pos_embed_rescale": "pos_embed_rescale",
 }
-# image_size only sets HF's unused default grid; the pos_embed_* augmentations apply in training
-# mode only and are off in packvit unless asked for; the rest configures HF's Backbone wrapper.
+# image_size only sets HF's unused default grid; the rest configures HF's Backbone wrapper. (The
+# pos_embed_* augmentations are read, but apply only with the model's rope_augmentation switch on.)
 _IGNORED = {
-    "image_size", "attention_dropout", "pos_embed_shift", "pos_embed_jitter", "pos_embed_rescale",
+    "image_size", "attention_dropout",
     "out_features", "out_indices", "_out_features", "_out_indices", "stage_names", "apply_layernorm",
     "reshape_hidden_states", "return_class_token",
 }
