@@ -46,7 +46,8 @@ def shard_tower(
     kw = dict(mesh=mesh, mp_policy=mp_policy or MixedPrecisionPolicy())
     for block in model.blocks:
         fully_shard(block, reshard_after_forward=reshard_after_forward, **kw)
-    # The last block's parameters are needed again right away in backward: keep them gathered.
+    # The root's own parameters (final norm, head) are the first the backward needs: keep them
+    # gathered after the forward rather than all-gathering them again at once.
     fully_shard(model, reshard_after_forward=False, **kw)
     return model
 
