@@ -130,3 +130,16 @@ def test_tables_cached_under_inference_mode_serve_training(packvit_models):
         finally:
             model.eval().zero_grad(set_to_none=True)
         assert x.grad is not None and torch.isfinite(x.grad).all(), family
+
+
+def test_prepared_batch_equals_grid_and_checks_rows(packvit_models):
+    """model(x, model.prepare(grid)) is model(x, grid); a prepared batch still checks the rows."""
+    grid = ((1, 3, 5), (2, 2, 2))
+    for family, model in packvit_models.items():
+        x = torch.randn(sum(t * h * w for t, h, w in grid), model.patch_dim)
+        batch = model.prepare(grid)
+        assert torch.equal(model(x, batch), model(x, grid)), family
+        with pytest.raises(ValueError, match="hidden_states has 22 rows but grid_thw describes 23 patches"):
+            model(x[:-1], batch)
+    empty = model.prepare(torch.zeros(0, 3, dtype=torch.long))
+    assert empty.meta is None and model(x[:0], empty).shape == (0, model.hidden_size)

@@ -174,6 +174,11 @@ class PackedViT(nn.Module):
         meta = batch.meta
         if meta is None:
             return self._empty(hidden_states, want, return_dict or output_layers is not None)
+        if meta.cu_seqlens.device != hidden_states.device:
+            raise ValueError(
+                f"grid_thw is a PackedBatch prepared for {meta.cu_seqlens.device} but hidden_states is on "
+                f"{hidden_states.device}: call prepare(grid_thw, device=hidden_states.device)"
+            )
 
         x, rope = self.embed(hidden_states.to(self.dtype), meta, batch.tables)  # (T, D)
         layers = {0: x} if 0 in want else {}
