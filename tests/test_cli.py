@@ -51,6 +51,15 @@ def test_help_through_python_m():
         assert name in r.stdout
 
 
+def test_installed_console_script():
+    """``pip install`` puts ``packvit`` beside the interpreter (scripts/run.sh installs it so)."""
+    exe = Path(sys.executable).parent / "packvit"
+    if not exe.exists():
+        pytest.skip("packvit is not installed in this environment (run through scripts/run.sh)")
+    r = subprocess.run([str(exe), "convert", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "packvit convert" in r.stdout, r.stderr
+
+
 @pytest.mark.parametrize("argv", [["convert"], ["frobnicate"], ["convert", "a", "b", "--dtype", "float8"],
                                   ["align", "--ckpt", "x", "--image_size", "0"], ["align"]])
 def test_usage_errors_exit_two(argv, capsys):
