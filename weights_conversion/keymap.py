@@ -21,6 +21,15 @@ class ConversionError(ValueError):
     """A checkpoint does not match the layout its converter expects."""
 
 
+def count_layers(keys, block_prefix: str, source: str) -> int:
+    """Number of blocks in a state dict whose block tensors are named ``<block_prefix>N.``."""
+    pattern = re.compile(re.escape(block_prefix) + r"(\d+)\.")
+    idx = [int(m.group(1)) for k in keys if (m := pattern.match(k))]
+    if not idx:
+        raise ConversionError(f"{source} has no {block_prefix}N. tensors")
+    return max(idx) + 1
+
+
 @dataclass(frozen=True)
 class Transform:
     """``forward`` turns an entry's HF tensors into the packvit tensor; ``inverse(x, cfg, n)`` gives the n HF tensors back."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 import datetime
 import gc
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -19,7 +19,6 @@ from .workloads import Workload, get
 
 MATMUL_CEILING = 798.0  # TFLOP/s, bf16 dense matmul measured on the H100 (BENCHMARKS.md)
 SPEC_PEAK = 989.0  # TFLOP/s, H100 SXM bf16 dense spec
-PATCH = {"siglip2": 16, "dinov3": 16, "aimv2": 14}
 
 
 @dataclass
@@ -39,7 +38,6 @@ class Options:
     checkpointing: bool = False  # also time packvit training with per-block activation checkpointing
     min_cos: float = 0.999
     out: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def cosine_check(out: torch.Tensor, ref: torch.Tensor) -> dict:

@@ -14,7 +14,9 @@ import torch
 
 from packvit.models.aimv2 import PRESETS, AIMv2Config
 
-from ..keymap import CONV_TO_LINEAR, IDENTITY, TOKEN, ConversionError, Drop, Entry, KeyMap, Transform
+from ..keymap import (
+    CONV_TO_LINEAR, IDENTITY, TOKEN, ConversionError, Drop, Entry, KeyMap, Transform, count_layers,
+)
 
 CONFIG_CLASS = AIMv2Config
 NEEDS_FLAG = ("num_heads",)  # no tensor shape depends on the head count
@@ -73,13 +75,6 @@ def keymap(cfg: AIMv2Config) -> KeyMap:
     )
 
 
-def _num_layers(keys) -> int:
-    idx = [int(m.group(1)) for k in keys if (m := re.match(r"trunk\.blocks\.(\d+)\.", k))]
-    if not idx:
-        raise ConversionError("original ml-aim checkpoint has no trunk.blocks.N. tensors")
-    return max(idx) + 1
-
-
 def infer_config(sd: dict[str, torch.Tensor]) -> dict:
     for k in ("preprocessor.patchifier.proj.weight", "trunk.blocks.0.mlp.fc1.weight", "trunk.post_trunk_norm.weight"):
         if k not in sd:
@@ -87,7 +82,7 @@ def infer_config(sd: dict[str, torch.Tensor]) -> dict:
     w = sd["preprocessor.patchifier.proj.weight"]
     return dict(
         hidden_size=w.shape[0],
-        num_layers=_num_layers(sd),
+        num_layers=count_layers(sd, "trunk.blocks.", "original ml-aim checkpoint"),
         intermediate_size=sd["trunk.blocks.0.mlp.fc1.weight"].shape[0],
         patch_size=w.shape[-1],
         num_channels=w.shape[1],

@@ -7,13 +7,13 @@ Layout, from ``dinov3/models/vision_transformer.py``: ``cls_token`` [1,1,D], ``s
 
 from __future__ import annotations
 
-import re
-
 import torch
 
 from packvit.models.dinov3 import PRESETS, DINOv3Config
 
-from ..keymap import CONV_TO_LINEAR, IDENTITY, TOKEN, TOKENS, ConversionError, Drop, Entry, KeyMap, Transform
+from ..keymap import (
+    CONV_TO_LINEAR, IDENTITY, TOKEN, TOKENS, ConversionError, Drop, Entry, KeyMap, Transform, count_layers,
+)
 
 CONFIG_CLASS = DINOv3Config
 NEEDS_FLAG: tuple[str, ...] = ()  # the head count comes from rope_embed.periods (Dh/4 entries)
@@ -88,13 +88,6 @@ def _concat() -> Transform:
     return Transform("concat", lambda xs, cfg: torch.cat(xs, 0), _no_inverse)
 
 
-def _num_layers(keys) -> int:
-    idx = [int(m.group(1)) for k in keys if (m := re.match(r"blocks\.(\d+)\.", k))]
-    if not idx:
-        raise ConversionError("original dinov3 checkpoint has no blocks.N. tensors")
-    return max(idx) + 1
-
-
 def infer_config(sd: dict[str, torch.Tensor]) -> dict:
     """The config fields the tensor shapes show unambiguously."""
     for k in ("cls_token", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.0.ls1.gamma"):
@@ -106,7 +99,7 @@ def infer_config(sd: dict[str, torch.Tensor]) -> dict:
     has_qkv_bias = "blocks.0.attn.qkv.bias" in sd
     kw = dict(
         hidden_size=d,
-        num_layers=_num_layers(sd),
+        num_layers=count_layers(sd, "blocks.", "original dinov3 checkpoint"),
         intermediate_size=fc1.shape[0],
         patch_size=sd["patch_embed.proj.weight"].shape[-1],
         num_channels=sd["patch_embed.proj.weight"].shape[1],
