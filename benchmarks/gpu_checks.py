@@ -3,7 +3,9 @@
 1. every fused attention backend against the fp32 per-segment reference, forward and backward,
    at head dims 64, 72 (SigLIP2) and 128, on 32 mixed-length segments;
 2. a real-size forward and training step of each family under
-   ``torch.cuda.set_sync_debug_mode("error")``: no host sync anywhere in the forward or backward;
+   ``torch.cuda.set_sync_debug_mode("error")``: no host sync anywhere in the forward or backward,
+   also on a batch of shapes not seen before (tables built in the step) with the loss scaled by
+   ``packvit.distributed.loss_scale``;
 3. regionally compiled blocks on batches of different sizes: how many graphs dynamo built.
 
     python benchmarks/gpu_checks.py [--tiny]      # prints a short table per section
@@ -65,26 +67,33 @@ def kernels(device) -> bool:
 
 def no_sync(device, tiny) -> bool:
     ok = True
-    print("\n| model | backend | forward | training step |")
-    print("|---|---|---|---|")
+    from packvit.distributed import loss_scale
+
+    print("\n| model | backend | forward | training step | new shapes, token-count loss |")
+    print("|---|---|---|---|---|")
     for family in ("siglip2", "dinov3", "aimv2"):
         hf, pv = build_pair(family, None, device, torch.bfloat16, "torch", tiny=tiny)
         del hf
         wl = mixed32(pv.config.patch_size)
         x = torch.randn(wl.num_patches, pv.patch_dim, device=device, dtype=torch.bfloat16)
         grid = torch.tensor(wl.grid)
-        for backend in available_backends(device, torch.bfloat16):
+        for i, backend in enumerate(available_backends(device, torch.bfloat16)):
             if backend == "sdpa":
                 continue
+            new_grid = grid[:, [0, 2, 1]] + torch.tensor([0, 1 + i, 0])  # transposed, taller: not cached yet
+            x_new = torch.randn(int(new_grid.prod(1).sum()), pv.patch_dim, device=device, dtype=torch.bfloat16)
             pv.set_attention_backend(backend)
             res = []
-            for train in (False, True):
-                pv.train(train)
-                pv(x, grid)  # first call of a shape builds and caches tables: host work, allowed
+            for case in ("infer", "train", "new"):
+                pv.train(case != "infer")
+                pv(x, grid)  # tables of these shapes built and cached (host work)
                 torch.cuda.synchronize()
                 torch.cuda.set_sync_debug_mode("error")
                 try:
-                    if train:
+                    if case == "new":  # tables built inside the step; the distributed loss helper
+                        loss = pv(x_new, new_grid).float().square().sum() * loss_scale(x_new.shape[0], device)
+                        loss.backward()
+                    elif case == "train":
                         pv(x, grid).float().square().mean().backward()
                     else:
                         with torch.inference_mode():
@@ -96,7 +105,7 @@ def no_sync(device, tiny) -> bool:
                 finally:
                     torch.cuda.set_sync_debug_mode(0)
                 pv.zero_grad(set_to_none=True)
-            print(f"| {family} | {backend} | {res[0]} | {res[1]} |")
+            print(f"| {family} | {backend} | {res[0]} | {res[1]} | {res[2]} |")
         del pv
         torch.cuda.empty_cache()
     return ok

@@ -62,8 +62,15 @@ def ddp_tower(model: nn.Module, **kwargs) -> nn.parallel.DistributedDataParallel
 
 
 def global_token_count(num_tokens: int | torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
-    """Sum over ranks of ``num_tokens`` (one all-reduce of one number), as a float tensor."""
-    t = torch.as_tensor(num_tokens, dtype=torch.float64, device=device).clone()
+    """Sum over ranks of ``num_tokens`` (one all-reduce of one number), as a float64 tensor.
+
+    Never a host sync: a Python count is written by a fill kernel on ``device``, not copied from
+    the host (a blocking copy would wait for the forward to finish before the backward is issued).
+    """
+    if isinstance(num_tokens, torch.Tensor):
+        t = num_tokens.to(device=device, dtype=torch.float64, copy=True, non_blocking=True)
+    else:
+        t = torch.full((), float(num_tokens), dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(t)
     return t

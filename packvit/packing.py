@@ -119,12 +119,22 @@ def _patch_cu_seqlens(meta: PackedMeta) -> torch.Tensor:
     return _cumsum_int32(lens, meta.cu_seqlens.device)
 
 
+def to_device(table: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Copy a table built on the host to ``device`` without a host sync.
+
+    A plain ``.to(cuda)`` from pageable memory waits for the stream to drain: every batch with a
+    new shape would then stall the host until the previous step finished. ``non_blocking`` stages
+    the pageable source before returning (so it may be freed at once) and keeps the copy ordered
+    on the stream.
+    """
+    return table.to(device=device, dtype=dtype, non_blocking=True)
+
+
 def _cumsum_int32(lens: Sequence[int], device: torch.device) -> torch.Tensor:
     cu = [0]
     for n in lens:
         cu.append(cu[-1] + n)
-    # Built on the host and copied once: non_blocking from pageable memory is still ordered on the stream.
-    return torch.tensor(cu, dtype=torch.int32).to(device, non_blocking=True)
+    return to_device(torch.tensor(cu, dtype=torch.int32), device)
 
 
 @table_cache(maxsize=128)
@@ -144,8 +154,8 @@ def build_meta(grid: Grid, num_prefix: int, device: torch.device) -> PackedMeta:
         frame_of_patch = torch.repeat_interleave(torch.arange(len(seqlens)), lens_t, output_size=num_patches)
         first_patch = torch.cumsum(lens_t, 0) - lens_t
         within = torch.arange(num_patches) - first_patch[frame_of_patch]
-        patch_index = (starts_t[frame_of_patch] + num_prefix + within).to(device, non_blocking=True)
-        prefix_index = (starts_t[:, None] + torch.arange(num_prefix)[None, :]).reshape(-1).to(device, non_blocking=True)
+        patch_index = to_device(starts_t[frame_of_patch] + num_prefix + within, device)
+        prefix_index = to_device((starts_t[:, None] + torch.arange(num_prefix)[None, :]).reshape(-1), device)
     return PackedMeta(
         grid=grid,
         num_prefix=num_prefix,
@@ -158,9 +168,9 @@ def build_meta(grid: Grid, num_prefix: int, device: torch.device) -> PackedMeta:
         num_patches=num_patches,
         patch_index=patch_index,
         prefix_index=prefix_index,
-        cu_frames=torch.arange(len(seqlens) + 1, dtype=torch.int32).to(device, non_blocking=True),
-        frame_of_token=torch.repeat_interleave(torch.arange(len(seqlens)), torch.tensor(seqlens), output_size=sum(seqlens)).to(
-            device, non_blocking=True
+        cu_frames=to_device(torch.arange(len(seqlens) + 1, dtype=torch.int32), device),
+        frame_of_token=to_device(
+            torch.repeat_interleave(torch.arange(len(seqlens)), torch.tensor(seqlens), output_size=sum(seqlens)), device
         ),
     )
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..layers import Block, GatedMlp, RMSNorm, pool_attention
-from ..packing import Grid, PackedMeta, table_cache
+from ..packing import Grid, PackedMeta, table_cache, to_device
 from .base import PackedViT
 
 
@@ -57,7 +57,7 @@ def sincos_table(h: int, w: int, dim: int, device: torch.device, dtype: torch.dt
     ex = xs.reshape(-1, 1) * omega  # (h*w, D/4)
     ey = ys.reshape(-1, 1) * omega
     table = torch.cat([ex.sin(), ex.cos(), ey.sin(), ey.cos()], dim=1)
-    return table.to(device=device, dtype=dtype)
+    return to_device(table, device, dtype)
 
 
 @table_cache(maxsize=64)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..layers import Block, GatedMlp, Mlp
-from ..packing import Grid, PackedMeta, insert_prefix, table_cache
+from ..packing import Grid, PackedMeta, insert_prefix, table_cache, to_device
 from .base import PackedViT
 
 
@@ -88,7 +88,7 @@ def rope_table(
     angles = (2 * math.pi * coords[:, :, None] * inv_freq[None, None, :]).flatten(1, 2).tile(2)  # (hw, Dh)
     cos = torch.cat([torch.ones(num_prefix, head_dim), angles.cos()])
     sin = torch.cat([torch.zeros(num_prefix, head_dim), angles.sin()])
-    return cos.to(device=device, dtype=dtype), sin.to(device=device, dtype=dtype)
+    return to_device(cos, device, dtype), to_device(sin, device, dtype)
 
 
 @table_cache(maxsize=64)
@@ -111,7 +111,7 @@ def packed_coords(grid: Grid, num_prefix: int, device: torch.device) -> tuple[to
         rows += [torch.zeros(num_prefix, 2), torch.stack(torch.meshgrid(cy, cx, indexing="ij"), -1).flatten(0, 1) * 2 - 1]
         patch += [torch.zeros(num_prefix, dtype=torch.bool), torch.ones(h * w, dtype=torch.bool)]
         frame.append(torch.full((num_prefix + h * w,), f))
-    return (torch.cat(rows).to(device), torch.cat(patch)[:, None].to(device), torch.cat(frame).to(device))
+    return to_device(torch.cat(rows), device), to_device(torch.cat(patch)[:, None], device), to_device(torch.cat(frame), device)
 
 
 def augmented_rope(

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..layers import Block, Mlp, pool_attention
-from ..packing import Grid, PackedMeta, table_cache
+from ..packing import Grid, PackedMeta, table_cache, to_device
 from .base import PackedViT
 
 
@@ -77,7 +77,7 @@ def resize_weights(h: int, w: int, side: int, device: torch.device) -> torch.Ten
     """
     wh, ww = _aa_bilinear_1d(side, h), _aa_bilinear_1d(side, w)  # (h, side), (w, side)
     weights = torch.einsum("ia,jb->ijab", wh, ww).reshape(h * w, side * side)
-    return weights.to(device=device, dtype=torch.float32).contiguous()
+    return to_device(weights, device, torch.float32).contiguous()
 
 
 @table_cache(maxsize=64)
