@@ -6,7 +6,8 @@
 
 Random weights built from the preset's config (no download); every rank draws its own mixed
 batch of images (sides 8..32 patches) up to --max-tokens, trains with AdamW on a token-sum loss
-normalised by the global token count. Prints one table row per setting and a JSON line.
+normalised by the global token count. Prints one table row per (preset, backend) and a JSON line;
+--out appends the JSON rows to a file. Peak memory is the largest over ranks.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ def build(preset: str, tiny: bool, device, dtype, backend):
         model = cls(cfg, attn_backend="sdpa")
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.02)
+    if getattr(model, "head", None) is not None:
+        # The loss reads the patch features, as a LLaVA tower does: the pooling head gets no
+        # gradient (DDP would refuse unused parameters) and needs no optimizer state.
+        model.head.requires_grad_(False)
     return model.to(dtype=dtype), cfg
 
 
@@ -53,44 +58,15 @@ def random_batch(cfg, max_tokens: int, gen: torch.Generator, side=(8, 32)):
     return x, torch.tensor(grid)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="siglip2-so400m-patch16-naflex")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"],
-                    help="bf16: FSDP2 mixed precision (bf16 params/compute, fp32 master weights and reduce)")
-    ap.add_argument("--wrap", default="fsdp2", choices=["fsdp2", "ddp", "none"])
-    ap.add_argument("--backend", default="auto", help="attention backend")
-    ap.add_argument("--max-tokens", type=int, default=16384, help="patch tokens per rank per step")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=False)
-    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile each block")
-    ap.add_argument("--tiny", action="store_true", help="tiny config for a CPU smoke test")
-    args = ap.parse_args()
-
-    distributed = "RANK" in os.environ
-    if distributed:
-        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    device = torch.device(args.device, int(os.environ.get("LOCAL_RANK", 0))) if args.device == "cuda" else torch.device(args.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if args.wrap != "none" and not distributed:
-        # FSDP2 and DDP need a process group; a one-rank group keeps the wrapping in the measurement.
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29517")
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
-        distributed = True
-
-    model, cfg = build(args.preset, args.tiny, device, torch.float32, args.backend)
+def measure(preset: str, backend: str, args, rank: int, device) -> dict:
+    """Warm-up, then timed training steps of one (preset, backend); tokens/s averaged over ranks."""
+    model, cfg = build(preset, args.tiny, device, torch.float32, backend)
     half = args.dtype == "bf16" and device.type == "cuda"
     # The attention kernel is chosen for the compute dtype (FSDP2 casts parameters to bf16 in forward).
-    model.set_attention_backend(args.backend if device.type == "cuda" else "sdpa", torch.bfloat16 if half else None)
+    attn = model.set_attention_backend(backend if device.type == "cuda" else "sdpa", torch.bfloat16 if half else None)
     model.gradient_checkpointing = args.grad_ckpt
     if args.compile:
-        for i, b in enumerate(model.blocks):
-            model.blocks[i] = torch.compile(b, dynamic=True)
+        model.compile_blocks()
     if args.wrap == "fsdp2":
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
@@ -101,10 +77,13 @@ def main():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     gen = torch.Generator().manual_seed(1234 + rank)
     autocast = torch.autocast("cuda", torch.bfloat16) if (half and args.wrap != "fsdp2") else torch.autocast("cpu", enabled=False)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
-    tokens, elapsed = 0, 0.0
+    tokens, elapsed, host = 0, 0.0, 0.0
+    fixed = random_batch(cfg, args.max_tokens, gen) if args.same_batch else None
     for step in range(args.warmup + args.steps):
-        x, grid = random_batch(cfg, args.max_tokens, gen)
+        x, grid = fixed or random_batch(cfg, args.max_tokens, gen)
         x = x.to(device, non_blocking=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -115,29 +94,82 @@ def main():
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        t_host = time.perf_counter() - t0  # the host's share: issuing the step (GPU may still run)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if step >= args.warmup:
             elapsed += time.perf_counter() - t0
+            host += t_host
             tokens += x.shape[0]
 
     per_gpu = torch.tensor([tokens / elapsed], dtype=torch.float64, device=device)
-    if distributed:
+    mem = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0],
+                       dtype=torch.float64, device=device)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if dist.is_initialized():
         dist.all_reduce(per_gpu)
-        per_gpu /= dist.get_world_size()
-    mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+        per_gpu /= world
+        dist.all_reduce(mem, op=dist.ReduceOp.MAX)
+    del model, opt
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return dict(
+        preset=preset + (" (tiny)" if args.tiny else ""), world=world, wrap=args.wrap,
+        dtype="bf16" if half else "fp32", attn=attn, grad_ckpt=args.grad_ckpt,
+        compile=args.compile, max_tokens=args.max_tokens, steps=args.steps,
+        same_batch=args.same_batch, step_ms=round(elapsed / args.steps * 1e3, 1),
+        host_ms_rank0=round(host / args.steps * 1e3, 1), tokens_per_s_per_gpu=round(per_gpu.item(), 1), peak_mem_gib_max_rank=round(mem.item(), 2),
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", torch=torch.__version__,
+    )
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", nargs="+", default=["siglip2-so400m-patch16-naflex"])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"],
+                    help="bf16: FSDP2 mixed precision (bf16 params/compute, fp32 master weights and reduce)")
+    ap.add_argument("--wrap", default="fsdp2", choices=["fsdp2", "ddp", "none"])
+    ap.add_argument("--backend", nargs="+", default=["auto"], help="attention backends, one row each")
+    ap.add_argument("--max-tokens", type=int, default=16384, help="patch tokens per rank per step")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=False)
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="compile the blocks")
+    ap.add_argument("--tiny", action="store_true", help="tiny config for a CPU smoke test")
+    ap.add_argument("--same-batch", action="store_true",
+                    help="repeat one batch (cached position tables) instead of drawing a new one per step")
+    ap.add_argument("--out", help="append the JSON rows to this file")
+    args = ap.parse_args()
+
+    distributed = "RANK" in os.environ
+    if distributed:
+        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+    rank = dist.get_rank() if distributed else 0
+    device = torch.device(args.device, int(os.environ.get("LOCAL_RANK", 0))) if args.device == "cuda" else torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if args.wrap != "none" and not distributed:
+        # FSDP2 and DDP need a process group; a one-rank group keeps the wrapping in the measurement.
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29517")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+        distributed = True
+
     if rank == 0:
-        row = dict(
-            preset=args.preset + (" (tiny)" if args.tiny else ""), world=world, wrap=args.wrap,
-            dtype="bf16" if half else "fp32",
-            attn=getattr(getattr(model, "module", model), "attn_backend", "?"), grad_ckpt=args.grad_ckpt,
-            compile=args.compile, max_tokens=args.max_tokens, steps=args.steps,
-            tokens_per_s_per_gpu=round(per_gpu.item(), 1), peak_mem_gib=round(mem, 2),
-            device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        )
-        print(f"{'preset':40s} {'world':>5s} {'wrap':>6s} {'dtype':>5s} {'tok/s/GPU':>12s} {'peak GiB':>9s}")
-        print(f"{row['preset']:40s} {world:5d} {args.wrap:>6s} {row['dtype']:>5s} {row['tokens_per_s_per_gpu']:12.1f} {mem:9.2f}")
-        print(json.dumps(row))
+        print(f"{'preset':40s} {'world':>5s} {'wrap':>6s} {'dtype':>5s} {'attn':>6s} {'tok/s/GPU':>12s} {'step ms':>8s} "
+              f"{'host ms':>8s} {'peak GiB':>9s}", flush=True)
+    for preset in args.preset:
+        for backend in args.backend:
+            row = measure(preset, backend, args, rank, device)
+            if rank == 0:
+                print(f"{row['preset']:40s} {row['world']:5d} {args.wrap:>6s} {row['dtype']:>5s} {row['attn']:>6s} "
+                      f"{row['tokens_per_s_per_gpu']:12.1f} {row['step_ms']:8.1f} {row['host_ms_rank0']:8.1f} "
+                      f"{row['peak_mem_gib_max_rank']:9.2f}", flush=True)
+                print(json.dumps(row), flush=True)
+                if args.out:
+                    with open(args.out, "a") as f:
+                        f.write(json.dumps(row) + "\n")
     if distributed:
         dist.destroy_process_group()
 
