@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -135,6 +135,37 @@ def _cumsum_int32(lens: Sequence[int], device: torch.device) -> torch.Tensor:
     for n in lens:
         cu.append(cu[-1] + n)
     return to_device(torch.tensor(cu, dtype=torch.int32), device)
+
+
+class TokenPositions(NamedTuple):
+    """Where each token of a packed sequence sits; every field (T,) int32 on the device."""
+
+    row: torch.Tensor  # row of the patch in its frame; -1 on prefix tokens
+    col: torch.Tensor  # column of the patch in its frame; -1 on prefix tokens
+    h: torch.Tensor  # height of the token's frame, in patches
+    w: torch.Tensor  # width of the token's frame, in patches
+    frame: torch.Tensor  # index of the token's frame
+
+
+@table_cache(maxsize=16)
+def token_positions(grid: Grid, num_prefix: int, device: torch.device) -> TokenPositions:
+    """Positions of every token, the input of all position tables (sin-cos, RoPE, resize weights).
+
+    Built with a handful of vectorised ops over the whole batch, not one table per frame: a batch
+    of new shapes (the rule when training on native resolutions) costs microseconds, where
+    building per-frame tables on the host cost tens to hundreds of milliseconds. One copy.
+    """
+    frame_hw = torch.tensor([(h, w) for t, h, w in grid for _ in range(t)], dtype=torch.long).reshape(-1, 2)  # (F, 2)
+    seqlens = num_prefix + frame_hw[:, 0] * frame_hw[:, 1]  # (F,)
+    total = int(seqlens.sum())
+    frame = torch.repeat_interleave(torch.arange(len(seqlens)), seqlens, output_size=total)  # (T,)
+    within = torch.arange(total) - (torch.cumsum(seqlens, 0) - seqlens)[frame] - num_prefix  # (T,) < 0 on prefix
+    h, w = frame_hw[frame].unbind(1)
+    is_patch = within >= 0
+    row = torch.where(is_patch, within // w, -1)
+    col = torch.where(is_patch, within % w, -1)
+    packed = to_device(torch.stack([row, col, h, w, frame]).to(torch.int32), device)  # (5, T)
+    return TokenPositions(*packed.unbind(0))
 
 
 @table_cache(maxsize=128)

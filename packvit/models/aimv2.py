@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..layers import Block, GatedMlp, RMSNorm, pool_attention
-from ..packing import Grid, PackedMeta, table_cache, to_device
+from ..packing import Grid, PackedMeta, table_cache, to_device, token_positions
 from .base import PackedViT
 
 
@@ -43,27 +43,33 @@ PRESETS = {
 }
 
 
-@table_cache(maxsize=256)
-def sincos_table(h: int, w: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """(h*w, dim) table laid out [sin(x), cos(x), sin(y), cos(y)], x the column, y the row index.
+@table_cache(maxsize=16)
+def axis_sincos(n: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(n, dim/2) [sin(i*omega), cos(i*omega)] for positions i < n, omega_k = 1 / 10000^(k / (dim/4)).
 
-    This is ml-aim's layout, which transformers reaches by building [y | x] and swapping halves;
-    the two only differ on non-square grids. Built in float64 (as transformers does) and cast, so
-    large positions keep their precision in bf16.
+    Built in float64 (as transformers does) and cast, so large positions keep their precision in
+    bf16.
     """
     quarter = dim // 4
     omega = 1.0 / 10000.0 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (D/4,)
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
-    ex = xs.reshape(-1, 1) * omega  # (h*w, D/4)
-    ey = ys.reshape(-1, 1) * omega
-    table = torch.cat([ex.sin(), ex.cos(), ey.sin(), ey.cos()], dim=1)
-    return to_device(table, device, dtype)
+    angles = torch.arange(n, dtype=torch.float64)[:, None] * omega  # (n, D/4)
+    return to_device(torch.cat([angles.sin(), angles.cos()], dim=1), device, dtype)
 
 
-@table_cache(maxsize=64)
+# Small: a table is cheap to rebuild (two gathers) and can be tens of MB.
+@table_cache(maxsize=4)
 def packed_sincos(grid: Grid, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """(Tp, dim) position table for a whole batch: per-shape tables, one per frame, concatenated."""
-    return torch.cat([sincos_table(h, w, dim, device, dtype) for t, h, w in grid for _ in range(t)])
+    """(Tp, dim) 2-D sin-cos table of a whole batch, laid out [sin(x), cos(x), sin(y), cos(y)], x the
+    column and y the row index.
+
+    This is ml-aim's layout, which transformers reaches by building [y | x] and swapping halves;
+    the two only differ on non-square grids. The table is separable, so it is two gathers from
+    one axis table.
+    """
+    pos = token_positions(grid, 0, device)
+    longest = max((max(h, w) for _, h, w in grid), default=1)
+    axis = axis_sincos(-(-longest // 64) * 64, dim, device, dtype)  # (n, D/2); a few sizes serve all batches
+    return torch.cat([axis.index_select(0, pos.col), axis.index_select(0, pos.row)], dim=1)
 
 
 class AttentionPoolHead(nn.Module):

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..layers import Block, GatedMlp, Mlp
-from ..packing import Grid, PackedMeta, insert_prefix, table_cache, to_device
+from ..packing import Grid, PackedMeta, insert_prefix, table_cache, token_positions
 from .base import PackedViT
 
 
@@ -72,46 +72,37 @@ PRESETS = {
 }
 
 
-@table_cache(maxsize=256)
-def rope_table(
-    h: int, w: int, num_prefix: int, head_dim: int, theta: float, device: torch.device, dtype: torch.dtype
+@table_cache(maxsize=8)
+def packed_coords(grid: Grid, num_prefix: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RoPE inputs of a batch: patch centres ``(i + 0.5) / h``, ``(j + 0.5) / w`` mapped to [-1, 1],
+    coords (T, 2) as (y, x), 0 on prefix rows; is_patch (T, 1) bool; frame (T,) each token's frame."""
+    pos = token_positions(grid, num_prefix, device)
+    is_patch = (pos.row >= 0)[:, None]
+    cy = (pos.row.float() + 0.5) / pos.h.float()
+    cx = (pos.col.float() + 0.5) / pos.w.float()
+    coords = torch.where(is_patch, torch.stack([cy, cx], dim=-1) * 2 - 1, 0.0)
+    return coords, is_patch, pos.frame
+
+
+def rope_from_coords(
+    coords: torch.Tensor, is_patch: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (P + h*w, Dh) for one frame; prefix rows are cos=1, sin=0 (no rotation).
-
-    Patch centres ``(i + 0.5) / h`` and ``(j + 0.5) / w`` mapped to [-1, 1] per axis; angles
-    ``2*pi*coord*inv_freq`` for y then x, tiled twice (rotate_half layout). fp32, then cast, as HF.
-    """
-    inv_freq = 1 / theta ** torch.arange(0, 1, 4 / head_dim, dtype=torch.float32)  # (Dh/4,)
-    cy = torch.arange(0.5, h, dtype=torch.float32) / h
-    cx = torch.arange(0.5, w, dtype=torch.float32) / w
-    coords = torch.stack(torch.meshgrid(cy, cx, indexing="ij"), dim=-1).flatten(0, 1) * 2.0 - 1.0  # (hw, 2)
-    angles = (2 * math.pi * coords[:, :, None] * inv_freq[None, None, :]).flatten(1, 2).tile(2)  # (hw, Dh)
-    cos = torch.cat([torch.ones(num_prefix, head_dim), angles.cos()])
-    sin = torch.cat([torch.zeros(num_prefix, head_dim), angles.sin()])
-    return to_device(cos, device, dtype), to_device(sin, device, dtype)
+    """cos, sin (T, Dh): angles ``2*pi*coord*inv_freq`` for y then x, tiled twice (rotate_half
+    layout), in fp32 then cast, as HF; prefix rows are cos=1, sin=0 (no rotation)."""
+    inv_freq = 1 / theta ** torch.arange(0, 1, 4 / head_dim, dtype=torch.float32, device=coords.device)  # (Dh/4,)
+    angles = (2 * math.pi * coords[:, :, None] * inv_freq).flatten(1, 2).tile(2)  # (T, Dh)
+    cos = torch.where(is_patch, angles.cos(), 1.0)
+    sin = torch.where(is_patch, angles.sin(), 0.0)
+    return cos.to(dtype), sin.to(dtype)
 
 
-@table_cache(maxsize=64)
+@table_cache(maxsize=8)
 def packed_rope(
     grid: Grid, num_prefix: int, head_dim: int, theta: float, device: torch.device, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(T, Dh) cos and sin for a whole packed batch, prefix rows included."""
-    tables = [rope_table(h, w, num_prefix, head_dim, theta, device, dtype) for t, h, w in grid for _ in range(t)]
-    return torch.cat([c for c, _ in tables]), torch.cat([s for _, s in tables])
-
-
-@table_cache(maxsize=64)
-def packed_coords(grid: Grid, num_prefix: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Un-augmented RoPE inputs for a batch: coords (T, 2) in [-1, 1] (0 on prefix rows), is_patch (T, 1) bool,
-    frame (T,) index of each token's frame."""
-    rows, patch, frame = [], [], []
-    for f, (h, w) in enumerate((h, w) for t, h, w in grid for _ in range(t)):
-        cy = torch.arange(0.5, h, dtype=torch.float32) / h
-        cx = torch.arange(0.5, w, dtype=torch.float32) / w
-        rows += [torch.zeros(num_prefix, 2), torch.stack(torch.meshgrid(cy, cx, indexing="ij"), -1).flatten(0, 1) * 2 - 1]
-        patch += [torch.zeros(num_prefix, dtype=torch.bool), torch.ones(h * w, dtype=torch.bool)]
-        frame.append(torch.full((num_prefix + h * w,), f))
-    return to_device(torch.cat(rows), device), to_device(torch.cat(patch)[:, None], device), to_device(torch.cat(frame), device)
+    coords, is_patch, _ = packed_coords(grid, num_prefix, device)
+    return rope_from_coords(coords, is_patch, head_dim, theta, dtype)
 
 
 def augmented_rope(
@@ -133,11 +124,7 @@ def augmented_rope(
     if cfg.pos_embed_rescale is not None:
         r = math.log(cfg.pos_embed_rescale)
         coords = coords * torch.empty(num_frames, 1, device=dev).uniform_(-r, r).exp().index_select(0, frame)
-    inv_freq = 1 / cfg.rope_theta ** torch.arange(0, 1, 4 / head_dim, dtype=torch.float32, device=dev)  # (Dh/4,)
-    angles = (2 * math.pi * coords[:, :, None] * inv_freq).flatten(1, 2).tile(2)  # (T, Dh)
-    cos = torch.where(is_patch, angles.cos(), 1.0)  # prefix rows: no rotation
-    sin = torch.where(is_patch, angles.sin(), 0.0)
-    return cos.to(dtype), sin.to(dtype)
+    return rope_from_coords(coords, is_patch, head_dim, cfg.rope_theta, dtype)
 
 
 class DINOv3(PackedViT):

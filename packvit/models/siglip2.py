@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..layers import Block, Mlp, pool_attention
-from ..packing import Grid, PackedMeta, table_cache, to_device
+from ..packing import Grid, PackedMeta, table_cache, token_positions
 from .base import PackedViT
 
 
@@ -52,38 +52,38 @@ PRESETS = {
 }
 
 
-def _aa_bilinear_1d(n_in: int, n_out: int) -> torch.Tensor:
-    """(n_out, n_in) weights of antialiased bilinear resampling (align_corners=False), float64.
+def _aa_bilinear(pos: torch.Tensor, size: torch.Tensor, side: int) -> torch.Tensor:
+    """(N, side) float64 weights of antialiased bilinear resampling (align_corners=False) of a
+    ``side``-long axis to ``size`` outputs, for output position ``pos``; pos, size (N,) integers.
 
-    A triangle filter whose support widens with the downscale factor, normalised per output,
-    as PIL and ``F.interpolate(..., antialias=True)`` define it.
+    A triangle filter whose support widens with the downscale factor, normalised per output, as
+    PIL and ``F.interpolate(..., antialias=True)`` define it.
     """
-    scale = n_in / n_out
-    support = max(scale, 1.0)
-    centre = (torch.arange(n_out, dtype=torch.float64) + 0.5) * scale  # (n_out,)
-    src = torch.arange(n_in, dtype=torch.float64) + 0.5  # (n_in,)
-    w = (1 - (src[None, :] - centre[:, None]).abs() / support).clamp(min=0)
+    scale = side / size.double()  # (N,) inputs per output
+    support = scale.clamp(min=1.0)
+    centre = (pos.double() + 0.5) * scale  # (N,)
+    src = torch.arange(side, dtype=torch.float64, device=pos.device) + 0.5  # (side,)
+    w = (1 - (src[None, :] - centre[:, None]).abs() / support[:, None]).clamp(min=0)
     return w / w.sum(1, keepdim=True)
 
 
-@table_cache(maxsize=256)
-def resize_weights(h: int, w: int, side: int, device: torch.device) -> torch.Tensor:
-    """(h*w, side*side) fp32 matrix W with W @ grid == the antialiased bilinear resize of the grid.
+# Small: a table is cheap to rebuild (a few elementwise ops) and is 1 KiB per token.
+@table_cache(maxsize=4)
+def packed_resize_weights(grid: Grid, side: int, device: torch.device) -> torch.Tensor:
+    """(Tp, side*side) fp32 matrix W with W @ grid == the antialiased bilinear resize of the learned
+    ``side x side`` grid to every frame's size, for a whole batch.
 
     Written out rather than calling ``F.interpolate(mode="bilinear", antialias=True)`` because
     PyTorch's CPU kernel is wrong when the output is one column wide and the height shrinks
     (16x16 -> 7x1 is off by 0.3; tests/test_siglip2_resize.py); transformers >= 5.2x writes the
     same explicit filter. Keeping W (not the resized table) lets gradients reach the learned grid.
+    The filter is separable: each token's row of W is the outer product of its row and column
+    weights, computed for all tokens at once on the device.
     """
-    wh, ww = _aa_bilinear_1d(side, h), _aa_bilinear_1d(side, w)  # (h, side), (w, side)
-    weights = torch.einsum("ia,jb->ijab", wh, ww).reshape(h * w, side * side)
-    return to_device(weights, device, torch.float32).contiguous()
-
-
-@table_cache(maxsize=64)
-def packed_resize_weights(grid: Grid, side: int, device: torch.device) -> torch.Tensor:
-    """(Tp, side*side) resize weights for a whole batch."""
-    return torch.cat([resize_weights(h, w, side, device) for t, h, w in grid for _ in range(t)])
+    pos = token_positions(grid, 0, device)
+    wh = _aa_bilinear(pos.row, pos.h, side)  # (Tp, side)
+    ww = _aa_bilinear(pos.col, pos.w, side)  # (Tp, side)
+    return (wh[:, :, None] * ww[:, None, :]).reshape(-1, side * side).float()
 
 
 class MAPHead(nn.Module):
