@@ -59,7 +59,8 @@ def _aa_bilinear(pos: torch.Tensor, size: torch.Tensor, side: int) -> torch.Tens
     A triangle filter whose support widens with the downscale factor, normalised per output, as
     PIL and ``F.interpolate(..., antialias=True)`` define it.
     """
-    scale = side / size.double()  # (N,) inputs per output
+    # (N,) inputs per output. A true division: ``side / tensor`` would be reciprocal() * side.
+    scale = torch.full(size.shape, float(side), dtype=torch.float64, device=size.device) / size.double()
     support = scale.clamp(min=1.0)
     centre = (pos.double() + 0.5) * scale  # (N,)
     src = torch.arange(side, dtype=torch.float64, device=pos.device) + 0.5  # (side,)
