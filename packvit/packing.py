@@ -26,7 +26,7 @@ Grid = tuple[tuple[int, int, int], ...]
 
 
 def table_cache(maxsize: int):
-    """``functools.lru_cache`` for per-shape tables (metadata, position tables).
+    """``functools.lru_cache`` for per-grid tables (metadata, token positions, position tables).
 
     The tables are built outside inference mode and without autograd: a table first built under
     ``torch.inference_mode()`` would otherwise be an inference tensor, and a later training step

@@ -19,9 +19,10 @@ class PackedBatch:
     """What a forward needs to know about a batch besides its pixels: the packing metadata and the
     model's position tables (sin-cos table, SigLIP2 resize weights, DINOv3 RoPE), as tensors.
 
-    ``model.prepare(grid_thw)`` builds it on the host (cached per grid, no device sync) and
+    ``model.prepare(grid_thw)`` builds it (cached per grid, no device sync): the host derives each
+    token's position with a few vectorised ops, the device computes the tables from them.
     ``model(hidden_states, batch)`` accepts it in place of ``grid_thw``. Under ``torch.compile`` the
-    compiled code then sees tensors and a few integers, never the grid itself, so batches of other
+    compiled code sees tensors and a few integers, never the grid itself, so batches of other
     shapes reuse the graph instead of recompiling on each new grid. ``meta`` is None for an empty batch.
     """
 
@@ -100,7 +101,7 @@ class PackedViT(nn.Module):
     def compile_blocks(self, **kwargs) -> "PackedViT":
         """Regional ``torch.compile``: each block compiled in place (they share one graph), with
         dynamic token counts so batches of other sizes reuse it. The embedding, the position
-        tables and the heads stay eager: they are cheap, and their per-shape tables are host work.
+        tables and the heads stay eager: they are cheap, and they start from the grid, host data.
         Attention runs as an opaque op (see ``packvit.attention``)."""
         kwargs.setdefault("dynamic", True)
         for block in self.blocks:
@@ -128,7 +129,8 @@ class PackedViT(nn.Module):
         return PackedBatch(meta, self.position_tables(meta))
 
     def position_tables(self, meta: PackedMeta) -> tuple[torch.Tensor, ...]:
-        """The per-batch position tables ``embed`` uses, built from the grid (host work, cached)."""
+        """The per-batch position tables ``embed`` uses, built for the whole batch from
+        ``packing.token_positions`` (cached per grid)."""
         return ()
 
     def embed(
