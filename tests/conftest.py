@@ -7,6 +7,10 @@ such as a missing bias or a LayerScale applied twice).
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 
@@ -15,6 +19,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+ROOT = Path(__file__).resolve().parents[1]
 PATCH = {"aimv2": 14, "dinov3": 16, "siglip2": 16}
 FAMILIES = ("aimv2", "dinov3", "siglip2")
 
@@ -116,3 +121,37 @@ def hf_reference(family: str, hf_model, images, patch: int, output_hidden_states
             hs = o.hidden_states if output_hidden_states else None
             outs.append((o.last_hidden_state[0, p:], o.last_hidden_state[0, :p], o.pooler_output, hs))
     return outs
+
+
+def run_python(args, timeout: int = 240) -> str:
+    """Run ``python ARGS`` from the repository root (packvit and benchmarks/ importable, one thread,
+    offline); fail with the tail of its output. Returns stdout."""
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'benchmarks'}", OMP_NUM_THREADS="1",
+               HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, *map(str, args)], env=env, cwd=ROOT, capture_output=True, text=True,
+                       timeout=timeout)
+    assert r.returncode == 0, f"{list(map(str, args))[:3]} failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+    return r.stdout
+
+
+def torchrun(script, *args, nproc: int = 2, timeout: int = 240) -> str:
+    """Run ``script`` under torchrun with ``nproc`` CPU processes on a free local port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return run_python(["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+                       f"--master_port={port}", script, *args], timeout=timeout)
+
+
+def assert_hf_export_exact(hf_model, src_dir, export_dir) -> None:
+    """An HF-layout export holds the source checkpoint's tensors bit for bit, and transformers
+    reloads it to the same state dict."""
+    from safetensors.torch import load_file
+
+    original, exported = load_file(Path(src_dir) / "model.safetensors"), load_file(Path(export_dir) / "model.safetensors")
+    assert set(exported) == set(original)
+    for k, v in original.items():
+        assert exported[k].dtype == v.dtype and torch.equal(exported[k], v), k
+    reloaded = type(hf_model).from_pretrained(export_dir, attn_implementation="eager").eval()
+    for (k1, v1), (k2, v2) in zip(sorted(hf_model.state_dict().items()), sorted(reloaded.state_dict().items())):
+        assert k1 == k2 and torch.equal(v1, v2), k1

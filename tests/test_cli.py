@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILIES, PATCH, random_images
+from conftest import FAMILIES, PATCH, assert_hf_export_exact, random_images
 from safetensors.torch import load_file
 
 import packvit
@@ -190,13 +190,7 @@ def test_hf_convert_export_round_trip_is_bit_exact(family, hf_checkpoints, tmp_p
     assert main(["convert", str(src), str(tmp_path / "pv"), "--no-progress", "--max-shard-size", "50KB"]) == 0
     assert main(["export-hf", str(tmp_path / "pv"), str(tmp_path / "hf")]) == 0
     assert "exported" in capsys.readouterr().out
-    original, exported = load_file(src / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors")
-    assert set(original) == set(exported)
-    for k, v in original.items():
-        assert exported[k].dtype == v.dtype and torch.equal(exported[k], v), k
-    reloaded = type(hf).from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
-    for (k1, v1), (k2, v2) in zip(sorted(hf.state_dict().items()), sorted(reloaded.state_dict().items())):
-        assert k1 == k2 and torch.equal(v1, v2), k1
+    assert_hf_export_exact(hf, src, tmp_path / "hf")
 
 
 def test_export_hf_with_dtype(hf_checkpoints, tmp_path):

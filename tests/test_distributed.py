@@ -9,15 +9,10 @@ Run as a script, this file is the worker that ``torchrun`` starts.
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 # Two ranks, packed batches of different sizes, one of them holding a video.
 RANK_GRIDS = [[(1, 3, 5), (2, 2, 3)], [(1, 4, 4), (1, 1, 7), (1, 2, 2)]]
 PATCH = 16
@@ -62,18 +57,10 @@ def _worker(ckpt: str, mode: str, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(ckpt, mode, out):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", __file__, str(ckpt), mode, str(out)]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    assert r.returncode == 0, f"torchrun failed ({mode}):\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+    from conftest import torchrun  # not at the top: torchrun's workers run this file as a script
+
+    torchrun(__file__, str(ckpt), mode, str(out), timeout=180)
     return torch.load(out)
 
 
