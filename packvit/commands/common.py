@@ -46,6 +46,15 @@ def add_source_args(p: argparse.ArgumentParser) -> None:
                    help="warn about unknown config.json fields instead of failing")
 
 
+def add_write_args(p: argparse.ArgumentParser) -> None:
+    """SRC and DST of a command that writes a checkpoint, how to read SRC, --dtype and --overwrite."""
+    p.add_argument("src", metavar="SRC", help="hub id (owner/name), local folder, or a single weights file")
+    p.add_argument("dst", metavar="DST", help="output folder (must not exist unless --overwrite)")
+    add_source_args(p)
+    p.add_argument("--dtype", type=dtype_arg, help="cast floating tensors to this dtype (default: keep the source's)")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+
+
 def source_kwargs(args: argparse.Namespace) -> dict:
     return dict(revision=args.revision, config=args.config, allow_pickle=args.allow_pickle, preset=args.preset,
                 num_heads=args.num_heads, strict_config=args.strict_config)

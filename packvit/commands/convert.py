@@ -6,7 +6,7 @@ import argparse
 
 import torch
 
-from .common import add_source_args, dtype_arg, source_kwargs
+from .common import add_write_args, source_kwargs
 
 EXAMPLES = """examples:
   packvit convert facebook/dinov3-vitl16-pretrain-lvd1689m dinov3-l --dtype bfloat16
@@ -23,12 +23,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "config fields. Written atomically: on an error or Ctrl-C nothing is left at DST.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("src", metavar="SRC", help="hub id (owner/name), local folder, or a single weights file")
-    p.add_argument("dst", metavar="DST", help="output folder (must not exist unless --overwrite)")
-    add_source_args(p)
-    p.add_argument("--dtype", type=dtype_arg, help="cast floating tensors to this dtype (default: keep the source's)")
+    add_write_args(p)
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 500MB, 5GB (default 5GB)")
-    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="show progress bars (bytes read and written)")
     v = p.add_argument_group("verification")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_source_args, dtype_arg, source_kwargs
+from .common import add_write_args, source_kwargs
 
 EXAMPLES = """examples:
   packvit export-hf dinov3-l dinov3-l-hf                 # a folder written by packvit convert
@@ -20,11 +20,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "checkpoint and exporting it gives back the same tensors bit for bit. Written atomically.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("src", metavar="SRC", help="hub id, local folder, or a single weights file")
-    p.add_argument("dst", metavar="DST", help="output folder (must not exist unless --overwrite)")
-    add_source_args(p)
-    p.add_argument("--dtype", type=dtype_arg, help="cast floating tensors to this dtype (default: keep the source's)")
-    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    add_write_args(p)
     return p
 
 
