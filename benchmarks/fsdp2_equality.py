@@ -37,17 +37,14 @@ import torch
 import torch.distributed as dist
 
 from packvit.distributed import global_token_count, loss_scale, shard_tower
-from train_tokens_per_s import FAMILIES, TINY  # noqa: E402  (same directory)
+from train_tokens_per_s import build as build_random  # noqa: E402  (same directory)
 
 DEFAULT_PRESETS = ["siglip2-so400m-patch16-naflex", "dinov3-vitl16-pretrain-lvd1689m", "aimv2-large-patch14-native"]
 
 
 def build(preset: str, tiny: bool):
-    """The same model on every rank: built on the CPU from a fixed seed."""
-    family = next(f for f in FAMILIES if f in preset)
-    cls, cfg_cls = FAMILIES[family]
-    cfg = cfg_cls.from_name(preset, **(TINY if tiny else {}))
-    model = cls(cfg, attn_backend="sdpa")
+    """The same model on every rank: built on the CPU, then filled from a fixed seed."""
+    model, cfg = build_random(preset, tiny, "cpu", torch.float32, "sdpa")
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
