@@ -137,6 +137,17 @@ def _cumsum_int32(lens: Sequence[int], device: torch.device) -> torch.Tensor:
     return to_device(torch.tensor(cu, dtype=torch.int32), device)
 
 
+def _layout(frame_hw: Sequence[tuple[int, int]], num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The packed sequence's layout on the host, vectorised over all tokens: frame (T,) each token's
+    frame, within (T,) its patch index in that frame, negative on the frame's prefix tokens."""
+    hw = torch.tensor(frame_hw, dtype=torch.long).reshape(-1, 2)  # (F, 2)
+    seqlens = num_prefix + hw[:, 0] * hw[:, 1]  # (F,)
+    total = int(seqlens.sum())
+    frame = torch.repeat_interleave(torch.arange(len(seqlens)), seqlens, output_size=total)  # (T,)
+    within = torch.arange(total) - (torch.cumsum(seqlens, 0) - seqlens)[frame] - num_prefix  # (T,)
+    return frame, within
+
+
 class TokenPositions(NamedTuple):
     """Where each token of a packed sequence sits; every field (T,) int32 on the device."""
 
@@ -155,12 +166,9 @@ def token_positions(grid: Grid, num_prefix: int, device: torch.device) -> TokenP
     of new shapes (the rule when training on native resolutions) costs microseconds, where
     building per-frame tables on the host cost tens to hundreds of milliseconds. One copy.
     """
-    frame_hw = torch.tensor([(h, w) for t, h, w in grid for _ in range(t)], dtype=torch.long).reshape(-1, 2)  # (F, 2)
-    seqlens = num_prefix + frame_hw[:, 0] * frame_hw[:, 1]  # (F,)
-    total = int(seqlens.sum())
-    frame = torch.repeat_interleave(torch.arange(len(seqlens)), seqlens, output_size=total)  # (T,)
-    within = torch.arange(total) - (torch.cumsum(seqlens, 0) - seqlens)[frame] - num_prefix  # (T,) < 0 on prefix
-    h, w = frame_hw[frame].unbind(1)
+    frame_hw = [(h, w) for t, h, w in grid for _ in range(t)]
+    frame, within = _layout(frame_hw, num_prefix)
+    h, w = torch.tensor(frame_hw, dtype=torch.long).reshape(-1, 2)[frame].unbind(1)
     is_patch = within >= 0
     row = torch.where(is_patch, within // w, -1)
     col = torch.where(is_patch, within % w, -1)
@@ -173,20 +181,12 @@ def build_meta(grid: Grid, num_prefix: int, device: torch.device) -> PackedMeta:
     """Metadata for a validated grid (see ``grid_to_tuple``); cached per (grid, prefix, device)."""
     frame_hw = tuple((h, w) for t, h, w in grid for _ in range(t))
     seqlens = tuple(num_prefix + h * w for h, w in frame_hw)
-    num_patches = sum(h * w for h, w in frame_hw)
+    frame, within = _layout(frame_hw, num_prefix)
     patch_index = prefix_index = None
     if num_prefix:
-        starts = [0]
-        for n in seqlens[:-1]:
-            starts.append(starts[-1] + n)
-        starts_t = torch.tensor(starts, dtype=torch.long)
-        lens_t = torch.tensor([h * w for h, w in frame_hw], dtype=torch.long)
-        # patch j of frame f sits at starts[f] + P + j
-        frame_of_patch = torch.repeat_interleave(torch.arange(len(seqlens)), lens_t, output_size=num_patches)
-        first_patch = torch.cumsum(lens_t, 0) - lens_t
-        within = torch.arange(num_patches) - first_patch[frame_of_patch]
-        patch_index = to_device(starts_t[frame_of_patch] + num_prefix + within, device)
-        prefix_index = to_device((starts_t[:, None] + torch.arange(num_prefix)[None, :]).reshape(-1), device)
+        position = torch.arange(len(within))
+        patch_index = to_device(position[within >= 0], device)  # (Tp,) in frame order
+        prefix_index = to_device(position[within < 0], device)  # (F * P,) frame-major
     return PackedMeta(
         grid=grid,
         num_prefix=num_prefix,
@@ -196,13 +196,11 @@ def build_meta(grid: Grid, num_prefix: int, device: torch.device) -> PackedMeta:
         num_frames=len(seqlens),
         seqlens_cpu=torch.tensor(seqlens, dtype=torch.long),
         frame_hw=frame_hw,
-        num_patches=num_patches,
+        num_patches=sum(h * w for h, w in frame_hw),
         patch_index=patch_index,
         prefix_index=prefix_index,
         cu_frames=to_device(torch.arange(len(seqlens) + 1, dtype=torch.int32), device),
-        frame_of_token=to_device(
-            torch.repeat_interleave(torch.arange(len(seqlens)), torch.tensor(seqlens), output_size=sum(seqlens)), device
-        ),
+        frame_of_token=to_device(frame, device),
     )
 
 
