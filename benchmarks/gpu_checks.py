@@ -1,7 +1,8 @@
 """GPU correctness checks that are not timings (issue 7):
 
 1. every fused attention backend against the fp32 per-segment reference, forward and backward,
-   at head dims 64, 72 (SigLIP2) and 128, on 32 mixed-length segments;
+   at head dims 64, 72 (SigLIP2), 80, 96 and 128, on 32 mixed-length segments; FA4's forward with
+   either backward kernel, and its LSE layout, which the FA2 backward reads;
 2. a real-size forward and training step of each family under
    ``torch.cuda.set_sync_debug_mode("error")``: no host sync anywhere in the forward or backward,
    also on a batch of shapes not seen before (tables built in the step) with the loss scaled by
@@ -39,19 +40,24 @@ def kernels(device) -> bool:
         ref = varlen_attention(*leaves, cu, cu, max(lens), max(lens), backend="sdpa", seqlens_q=lens, seqlens_k=lens)
         ref.backward(dout)
         refs = [ref.detach()] + [t.grad for t in leaves]
-        variants = [b for b in available_backends(device, torch.bfloat16) if b != "sdpa"]
-        if "fa4" in variants and dh not in (64, 128):
-            variants.append("fa4 unpadded")
+        variants = [b for b in available_backends(device, torch.bfloat16) if b not in ("sdpa", "fa4")]
+        if "fa4" in available_backends(device, torch.bfloat16):
+            # FA4's forward with each backward kernel packvit may pick (attention.FA4_BACKWARD).
+            variants += ["fa4 +fa4-bwd", "fa4 +fa2-bwd"] + (["fa4 +fa4-bwd unpadded"] if dh not in (64, 96, 128) else [])
         for backend in variants:
-            attention.FA4_BACKWARD_HEAD_DIMS = (dh,) if backend == "fa4 unpadded" else (64, 96, 128)
+            attention.FA4_BACKWARD_HEAD_DIMS = (dh,) if backend.endswith("unpadded") else (64, 96, 128)
+            attention.FA4_BACKWARD = "fa2" if "fa2-bwd" in backend else "fa4"
             lv = [t.to(torch.bfloat16).requires_grad_() for t in (q, k, v)]
             out = varlen_attention(*lv, cu, cu, max(lens), max(lens), backend=backend.split()[0])
             out.backward(dout.to(torch.bfloat16))
             errs = [((a.float() - b).abs().max() / b.abs().max()).item() for a, b in zip([out] + [t.grad for t in lv], refs)]
             good = all(e < 2e-2 for e in errs)
-            ok &= good or backend == "fa4 unpadded"  # documents the kernel bug the padding avoids
+            ok &= good or backend.endswith("unpadded")  # documents the kernel bug the padding avoids
             print(f"| {backend} | {dh} | " + " | ".join(f"{e:.1e}" for e in errs) + f" | {'ok' if good else 'FAIL'} |")
+        if "fa4" in available_backends(device, torch.bfloat16):
+            ok &= _lse_check(q, k, v, cu, lens)
     attention.FA4_BACKWARD_HEAD_DIMS = (64, 96, 128)
+    attention.FA4_BACKWARD = "auto"
     # The fused bias + tanh-GELU epilogue of SigLIP2's MLP (inference only) must be the tanh GELU.
     x = torch.randn(4096, 1152, device=device, dtype=torch.bfloat16)
     w = torch.randn(4304, 1152, device=device, dtype=torch.bfloat16) * 0.03
@@ -63,6 +69,23 @@ def kernels(device) -> bool:
     print(f"\nfused addmm+GELU epilogue vs fp32: tanh GELU {e_tanh:.2e}, erf GELU {e_erf:.2e}")
     ok &= e_tanh < e_erf
     return ok
+
+
+def _lse_check(q, k, v, cu, lens) -> bool:
+    """FA4's forward LSE is what PyTorch's FA2 backward reads: (H, T), natural log, per segment."""
+    qb, kb, vb = (t.to(torch.bfloat16) for t in (q, k, v))
+    scale = q.shape[-1] ** -0.5
+    _, lse = attention._fa4_fwd_op(qb, kb, vb, cu, cu, max(lens), max(lens), scale)  # (H, T)
+    ref = torch.cat([
+        (torch.einsum("qhd,khd->hqk", qs.float(), ks.float()) * scale).logsumexp(-1)  # (H, L)
+        for qs, ks in zip(qb.split(lens), kb.split(lens))
+    ], dim=1)
+    if lse.shape != ref.shape:
+        print(f"| fa4 forward LSE | {q.shape[-1]} | shape {tuple(lse.shape)}, expected (H, T) {tuple(ref.shape)} | | | | FAIL |")
+        return False
+    err = (lse - ref).abs().max().item()
+    print(f"| fa4 forward LSE, (H, T) natural log | {q.shape[-1]} | max abs err {err:.1e} | | | | {'ok' if err < 5e-2 else 'FAIL'} |")
+    return err < 5e-2
 
 
 def no_sync(device, tiny) -> bool:

@@ -259,11 +259,36 @@ def _(q, k, v, cu_q, cu_k, max_q, max_k, scale):
     return out, lse
 
 
+# Which kernel computes the ``fa4`` backend's backward: FA4's own, or PyTorch's built-in FA2 kernel
+# (``aten._flash_attention_backward``) on FA4's forward. FA2 reads the (H, T) natural-log LSE that
+# FA4's forward writes (checked against fp32 on the H100 by benchmarks/gpu_checks.py). "auto" takes
+# FA2's where it was measured faster (benchmarks/ab_kernels.py, RESULTS.md section 2): batches of
+# short frames, 691 tokens on average and below; FA4's from 722, by up to 1.7x on long segments.
+FA4_BACKWARD = "auto"  # "auto", "fa4" or "fa2"
+FA4_BACKWARD_MIN_MEAN_SEQLEN = 704  # "auto": FA4's backward when segments are this long on average
+
+
+def _fa4_backward_kernel(num_tokens: int, num_segments: int) -> str:
+    if FA4_BACKWARD != "auto":
+        return FA4_BACKWARD
+    return "fa4" if num_tokens >= FA4_BACKWARD_MIN_MEAN_SEQLEN * num_segments else "fa2"
+
+
+def _fa2_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale):
+    no_dropout = torch.zeros(2, dtype=torch.uint64, device=q.device)  # philox state, unused at p = 0
+    return torch.ops.aten._flash_attention_backward(
+        dout.contiguous(), q, k, v, out, lse, cu_q, cu_k, max_q, max_k, 0.0, False,
+        no_dropout, q.new_empty(0), scale=scale,
+    )
+
+
 @torch.library.custom_op("packvit::fa4_varlen_bwd", mutates_args=(), device_types="cuda")
 def _fa4_bwd_op(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _fa4_backward_kernel(q.shape[0], cu_q.shape[0] - 1) == "fa2":
+        return _fa2_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale)
     from flash_attn.cute.interface import _flash_attn_bwd
 
     dh = q.shape[-1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from packvit import attention
 from packvit.attention import _sdpa_op, available_backends, resolve_backend, varlen_attention
 
 
@@ -117,3 +118,11 @@ def test_backend_chosen_for_the_compute_dtype(monkeypatch):
     assert m.set_attention_backend("auto", torch.bfloat16) == "torch" and m.blocks[0].attn.backend == "torch"
     assert m.set_attention_backend("auto") == "sdpa"  # the weights' dtype, fp32
     assert seen == [torch.bfloat16, torch.float32]
+
+
+def test_fa4_backward_kernel_choice(monkeypatch):
+    # "auto": PyTorch's FA2 backward for batches of short frames, FA4's for longer ones (ab_kernels.py).
+    assert attention._fa4_backward_kernel(num_tokens=17_120, num_segments=32) == "fa2"  # video, 535 on average
+    assert attention._fa4_backward_kernel(num_tokens=23_103, num_segments=32) == "fa4"  # mixed32, 722
+    monkeypatch.setattr(attention, "FA4_BACKWARD", "fa4")
+    assert attention._fa4_backward_kernel(num_tokens=100, num_segments=10) == "fa4"
