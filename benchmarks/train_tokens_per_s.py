@@ -64,7 +64,7 @@ def measure(preset: str, backend: str, args, rank: int, device) -> dict:
     half = args.dtype == "bf16" and device.type == "cuda"
     # The attention kernel is chosen for the compute dtype (FSDP2 casts parameters to bf16 in forward).
     attn = model.set_attention_backend(backend if device.type == "cuda" else "sdpa", torch.bfloat16 if half else None)
-    model.gradient_checkpointing = args.grad_ckpt
+    model.gradient_checkpointing = {"off": False, "mlp": "mlp", "block": True}[args.grad_ckpt]
     if args.compile:
         model.compile_blocks()
     if args.wrap == "fsdp2":
@@ -134,7 +134,8 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=16384, help="patch tokens per rank per step")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=False)
+    ap.add_argument("--grad-ckpt", default="off", choices=["off", "mlp", "block"],
+                    help="activation checkpointing: none, the MLPs only, or whole blocks")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="compile the blocks")
     ap.add_argument("--tiny", action="store_true", help="tiny config for a CPU smoke test")
     ap.add_argument("--same-batch", action="store_true",

@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .attention import varlen_attention
 from .packing import PackedMeta
@@ -71,10 +72,30 @@ class Mlp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, D) -> (T, D)
         if (self.fused_gelu_tanh and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
                 and not torch.is_grad_enabled()):
-            h = torch._addmm_activation(self.fc1.bias, x, self.fc1.weight.t(), use_gelu=True)  # (T, hidden)
+            h = linear_gelu_tanh(x, self.fc1.weight, self.fc1.bias)  # (T, hidden)
         else:
             h = self.act(self.fc1(x))
         return self.fc2(h)
+
+
+# Inductor would split ``_addmm_activation`` into a plain matmul and a bias + GELU kernel (it
+# unfuses epilogues to fuse them with pointwise neighbours), which writes and reads the (T, hidden)
+# activation once more. As an opaque op the compiled graph keeps cuBLASLt's epilogue.
+@torch.library.custom_op("packvit::linear_gelu_tanh", mutates_args=(), device_types="cuda")
+def _linear_gelu_tanh_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return torch._addmm_activation(bias, x, weight.t(), use_gelu=True)
+
+
+@_linear_gelu_tanh_op.register_fake
+def _(x, weight, bias):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def linear_gelu_tanh(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(x @ weight.T + bias) in one cuBLASLt call; inference only (no derivative)."""
+    if torch.compiler.is_compiling():
+        return _linear_gelu_tanh_op(x, weight, bias)
+    return torch._addmm_activation(bias, x, weight.t(), use_gelu=True)  # eager: skip the op's dispatch
 
 
 class GatedMlp(nn.Module):
@@ -195,16 +216,25 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else None
 
     def forward(
-        self, x: torch.Tensor, meta: PackedMeta, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self, x: torch.Tensor, meta: PackedMeta, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        checkpoint_mlp: bool = False,
     ) -> torch.Tensor:
         a = self.ls1(self.attn(self.norm1(x), meta, rope))
         if self.drop_path is not None:
             a = self.drop_path(a, meta)
         x = x + a
-        m = self.ls2(self.mlp(self.norm2(x)))
+        if checkpoint_mlp:
+            # Selective checkpointing: the MLP's (T, hidden) activations, the largest a block saves
+            # for backward, are recomputed instead of kept; attention's are kept.
+            m = checkpoint(self._mlp, x, use_reentrant=False)
+        else:
+            m = self._mlp(x)
         if self.drop_path is not None:
             m = self.drop_path(m, meta)
         return x + m
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ls2(self.mlp(self.norm2(x)))
 
 
 def pool_attention(

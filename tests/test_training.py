@@ -99,16 +99,25 @@ def _grads(model, x, g, seed=0):
     return x.grad, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+@pytest.mark.parametrize("mode", [True, "mlp"])
 @pytest.mark.parametrize("family", ["siglip2", "dinov3", "aimv2"])
-def test_gradient_checkpointing_same_gradients(family, hf_checkpoints):
+def test_gradient_checkpointing_same_gradients(family, mode, hf_checkpoints):
     model = load_model(hf_checkpoints[family][1], attn_backend="sdpa").train()
     x, g = packvit.patchify(random_images(GRID, PATCH[family], seed=6), PATCH[family])
     gx, gp = _grads(model, x, g)
-    model.gradient_checkpointing = True
+    model.gradient_checkpointing = mode
     gx2, gp2 = _grads(model, x, g)
     assert torch.allclose(gx, gx2, atol=1e-6, rtol=0)
     for n in gp:
         assert torch.allclose(gp[n], gp2[n], atol=1e-6, rtol=0), n
+
+
+def test_gradient_checkpointing_rejects_unknown_modes(hf_checkpoints):
+    model = load_model(hf_checkpoints["dinov3"][1], attn_backend="sdpa")
+    model.gradient_checkpointing = "block"
+    assert model.gradient_checkpointing is True
+    with pytest.raises(ValueError, match="gradient_checkpointing must be"):
+        model.gradient_checkpointing = "attention"
 
 
 def _meta(grid):

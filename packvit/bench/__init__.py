@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", nargs="+", default=["infer", "train"], choices=("infer", "train"))
     p.add_argument("--compile", nargs="+", default=["eager", "compile"], choices=("eager", "compile"))
     p.add_argument("--impl", nargs="+", default=["packvit", "hf"], choices=("packvit", "hf"))
-    p.add_argument("--checkpointing", action="store_true", help="also time training with activation checkpointing")
+    p.add_argument("--checkpointing", action="store_true", help="also time training with activation checkpointing: of the MLPs only, and of whole blocks")
     p.add_argument("--no-bound", action="store_true", help="skip timing the matmul + attention bound")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))

@@ -16,7 +16,8 @@ def _label(r: dict) -> str:
     if r["impl"] == "bound":
         return f"bound ({r['backend']})"
     tag = " compiled" if r.get("compiled") else ""
-    tag += " +ckpt" if r.get("checkpointing") else ""
+    ckpt = r.get("checkpointing")
+    tag += f" +ckpt {ckpt}" if isinstance(ckpt, str) else (" +ckpt" if ckpt else "")
     return f"packvit {r['backend']}{tag}"
 
 

@@ -63,9 +63,24 @@ class PackedViT(nn.Module):
         self.attn_backend_request = attn_backend
         self.attn_backend = "sdpa"
         self.attn_compute_dtype: torch.dtype | None = None  # None: the weights' dtype
-        self.gradient_checkpointing = False
+        self.gradient_checkpointing = False  # False, True (whole blocks) or "mlp"; see the setter
 
     # -- set-up ---------------------------------------------------------------------------------
+
+    @property
+    def gradient_checkpointing(self) -> bool | str:
+        """Activation checkpointing in training: ``False``; ``True`` (or ``"block"``): each block's
+        activations are recomputed in backward (least memory, one more forward); ``"mlp"``: only
+        the MLPs' (the largest activations, for about a third of the forward's matmuls again)."""
+        return self._gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, value: bool | str) -> None:
+        if value == "block":
+            value = True
+        if value not in (False, True, "mlp"):
+            raise ValueError(f"gradient_checkpointing must be False, True, 'block' or 'mlp', got {value!r}")
+        self._gradient_checkpointing = value
 
     @property
     def patch_dim(self) -> int:
@@ -184,8 +199,11 @@ class PackedViT(nn.Module):
 
         x, rope = self.embed(hidden_states.to(self.dtype), meta, batch.tables)  # (T, D)
         layers = {0: x} if 0 in want else {}
+        ckpt = self.gradient_checkpointing if self.training and torch.is_grad_enabled() else False
         for i, block in enumerate(self.blocks, start=1):
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            if ckpt == "mlp":
+                x = block(x, meta, rope, checkpoint_mlp=True)
+            elif ckpt:
                 x = checkpoint(block, x, meta, rope, use_reentrant=False)
             else:
                 x = block(x, meta, rope)
