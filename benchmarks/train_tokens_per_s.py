@@ -71,7 +71,7 @@ def measure(preset: str, backend: str, args, rank: int, device) -> dict:
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if half else None
-        model = shard_tower(model, mp_policy=mp)
+        model = shard_tower(model, mp_policy=mp, blocks_per_unit=args.blocks_per_unit)
     elif args.wrap == "ddp":
         model = ddp_tower(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -80,7 +80,7 @@ def measure(preset: str, backend: str, args, rank: int, device) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    tokens, elapsed, host = 0, 0.0, 0.0
+    tokens, elapsed, host, host_fb = 0, 0.0, 0.0, 0.0
     fixed = random_batch(cfg, args.max_tokens, gen) if args.same_batch else None
     for step in range(args.warmup + args.steps):
         x, grid = fixed or random_batch(cfg, args.max_tokens, gen)
@@ -92,6 +92,7 @@ def measure(preset: str, backend: str, args, rank: int, device) -> dict:
             out = model(x, grid)
         loss = out.float().square().sum() * loss_scale(x.shape[0], device)
         loss.backward()
+        t_fwd_bwd = time.perf_counter() - t0  # host time to issue forward and backward
         opt.step()
         opt.zero_grad(set_to_none=True)
         t_host = time.perf_counter() - t0  # the host's share: issuing the step (GPU may still run)
@@ -100,6 +101,7 @@ def measure(preset: str, backend: str, args, rank: int, device) -> dict:
         if step >= args.warmup:
             elapsed += time.perf_counter() - t0
             host += t_host
+            host_fb += t_fwd_bwd
             tokens += x.shape[0]
 
     per_gpu = torch.tensor([tokens / elapsed], dtype=torch.float64, device=device)
@@ -115,10 +117,11 @@ def measure(preset: str, backend: str, args, rank: int, device) -> dict:
         torch.cuda.empty_cache()
     return dict(
         preset=preset + (" (tiny)" if args.tiny else ""), world=world, wrap=args.wrap,
-        dtype="bf16" if half else "fp32", attn=attn, grad_ckpt=args.grad_ckpt,
+        dtype="bf16" if half else "fp32", attn=attn, grad_ckpt=args.grad_ckpt, blocks_per_unit=args.blocks_per_unit,
         compile=args.compile, max_tokens=args.max_tokens, steps=args.steps,
         same_batch=args.same_batch, step_ms=round(elapsed / args.steps * 1e3, 1),
-        host_ms_rank0=round(host / args.steps * 1e3, 1), tokens_per_s_per_gpu=round(per_gpu.item(), 1), peak_mem_gib_max_rank=round(mem.item(), 2),
+        host_ms_rank0=round(host / args.steps * 1e3, 1),
+        host_fwd_bwd_ms_rank0=round(host_fb / args.steps * 1e3, 1), tokens_per_s_per_gpu=round(per_gpu.item(), 1), peak_mem_gib_max_rank=round(mem.item(), 2),
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", torch=torch.__version__,
     )
 
@@ -136,6 +139,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--grad-ckpt", default="off", choices=["off", "mlp", "block"],
                     help="activation checkpointing: none, the MLPs only, or whole blocks")
+    ap.add_argument("--blocks-per-unit", type=int, default=1, help="FSDP2: consecutive blocks per fully_shard unit")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="compile the blocks")
     ap.add_argument("--tiny", action="store_true", help="tiny config for a CPU smoke test")
     ap.add_argument("--same-batch", action="store_true",

@@ -28,12 +28,17 @@ def shard_tower(
     *,
     reshard_after_forward: bool = True,
     mp_policy=None,
+    blocks_per_unit: int = 1,
 ) -> PackedViT:
-    """FSDP2: ``fully_shard`` every block, then the root (embeddings, final norm, head).
+    """FSDP2: ``fully_shard`` every block (or every ``blocks_per_unit`` consecutive blocks, as one
+    unit), then the root (embeddings, final norm, head).
 
     mesh: a 1-D ``DeviceMesh`` over the data-parallel ranks (default: all ranks, on the model's
     device type). mp_policy: e.g. ``MixedPrecisionPolicy(param_dtype=torch.bfloat16,
     reduce_dtype=torch.float32)``. Works with one rank too (then only the wrapping costs).
+    blocks_per_unit: FSDP2's host work is per unit and step (hooks, collectives), and with small
+    per-rank batches it can bound the step (benchmarks/RESULTS.md section 6). Fewer, larger units
+    cost less host time and more memory for the gathered parameters.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -43,9 +48,13 @@ def shard_tower(
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh(model.device.type, (dist.get_world_size(),))
+    if blocks_per_unit < 1:
+        raise ValueError(f"blocks_per_unit must be >= 1, got {blocks_per_unit}")
     kw = dict(mesh=mesh, mp_policy=mp_policy or MixedPrecisionPolicy())
-    for block in model.blocks:
-        fully_shard(block, reshard_after_forward=reshard_after_forward, **kw)
+    blocks = list(model.blocks)
+    for i in range(0, len(blocks), blocks_per_unit):
+        unit = blocks[i : i + blocks_per_unit]  # a list: one FSDP unit over several blocks
+        fully_shard(unit if len(unit) > 1 else unit[0], reshard_after_forward=reshard_after_forward, **kw)
     # The root's own parameters (final norm, head) are the first the backward needs: keep them
     # gathered after the forward rather than all-gathering them again at once.
     fully_shard(model, reshard_after_forward=False, **kw)

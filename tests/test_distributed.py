@@ -42,7 +42,10 @@ def _worker(ckpt: str, mode: str, out: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     model = load_model(ckpt, attn_backend="sdpa").train()
-    model = shard_tower(model) if mode == "fsdp2" else ddp_tower(model)
+    if mode == "ddp":
+        model = ddp_tower(model)
+    else:  # "fsdp2": one unit per block; "fsdp2-grouped": one unit over two blocks
+        model = shard_tower(model, blocks_per_unit=2 if mode == "fsdp2-grouped" else 1)
     x, grid_thw, w = _batch(RANK_GRIDS[rank], seed=rank)
     local = _token_sum_loss(model, x, grid_thw, w)
     (local * loss_scale(x.shape[0])).backward()
@@ -80,7 +83,7 @@ def _reference(ckpt):
 def test_fsdp2_and_ddp_match_single_process(hf_checkpoints, tmp_path):
     _, ckpt = hf_checkpoints["dinov3"]
     ref_loss, ref_grads = _reference(ckpt)
-    for mode in ("fsdp2", "ddp"):
+    for mode in ("fsdp2", "fsdp2-grouped", "ddp"):
         got = _run(ckpt, mode, tmp_path / f"{mode}.pt")
         assert abs(got["loss"] - ref_loss) <= 1e-6 * max(1.0, abs(ref_loss)), (mode, got["loss"], ref_loss)
         assert set(got["grads"]) == set(ref_grads), mode
