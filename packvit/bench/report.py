@@ -17,7 +17,7 @@ def _label(r: dict) -> str:
         return f"bound ({r['backend']})"
     tag = " compiled" if r.get("compiled") else ""
     ckpt = r.get("checkpointing")
-    tag += f" +ckpt {ckpt}" if isinstance(ckpt, str) else (" +ckpt" if ckpt else "")
+    tag += f" +ckpt {ckpt}" if isinstance(ckpt, str) else (" +ckpt block" if ckpt else "")
     return f"packvit {r['backend']}{tag}"
 
 
