@@ -78,3 +78,16 @@ def test_flops_formula():
     assert matmul_params(model) == p
     s = 3 * 4 + 3  # one 3x4 frame plus CLS and 2 registers
     assert forward_flops(model, Workload("w", ((2, 3, 4),), "")) == 2 * (2 * p * s + 2 * 4 * s * s * 32)
+
+
+def test_checkpointing_variants_compiled(tmp_path):
+    # --checkpointing adds MLP-only and whole-block checkpointing; compiled blocks take both.
+    out = tmp_path / "rows.jsonl"
+    args = [a for a in ARGS if a not in ("--compile", "eager")] + ["--compile", "compile"]
+    assert main(args + ["--model", "dinov3", "--mode", "train", "--impl", "packvit", "--checkpointing",
+                        "--out", str(out)]) == 0
+    rows = load(out)
+    assert [r["checkpointing"] for r in rows] == [False, "mlp", True]
+    assert all(r["compiled"] and r["check"]["max_abs"] < 1e-4 for r in rows)
+    table = markdown(rows)
+    assert "packvit sdpa compiled +ckpt mlp" in table and "packvit sdpa compiled +ckpt block" in table
