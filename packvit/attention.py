@@ -269,6 +269,8 @@ FA4_BACKWARD_MIN_MEAN_SEQLEN = 704  # "auto": FA4's backward when segments are t
 
 
 def _fa4_backward_kernel(num_tokens: int, num_segments: int) -> str:
+    if FA4_BACKWARD not in ("auto", "fa4", "fa2"):
+        raise ValueError(f"packvit.attention.FA4_BACKWARD must be 'auto', 'fa4' or 'fa2', got {FA4_BACKWARD!r}")
     if FA4_BACKWARD != "auto":
         return FA4_BACKWARD
     return "fa4" if num_tokens >= FA4_BACKWARD_MIN_MEAN_SEQLEN * num_segments else "fa2"

@@ -126,3 +126,6 @@ def test_fa4_backward_kernel_choice(monkeypatch):
     assert attention._fa4_backward_kernel(num_tokens=23_103, num_segments=32) == "fa4"  # mixed32, 722
     monkeypatch.setattr(attention, "FA4_BACKWARD", "fa4")
     assert attention._fa4_backward_kernel(num_tokens=100, num_segments=10) == "fa4"
+    monkeypatch.setattr(attention, "FA4_BACKWARD", "flash")  # a typo must not fall back silently
+    with pytest.raises(ValueError, match="FA4_BACKWARD must be"):
+        attention._fa4_backward_kernel(num_tokens=100, num_segments=10)
