@@ -119,9 +119,8 @@ def section_norm() -> None:
 
         fused = torch.compile(add_norm, dynamic=True)
         with torch.inference_mode():
-            ref = F.layer_norm if isinstance(norm, torch.nn.LayerNorm) else None
             y32 = x.float() + a.float()
-            if ref is not None:
+            if isinstance(norm, torch.nn.LayerNorm):
                 n32 = F.layer_norm(y32, (D,), norm.weight.float(), norm.bias.float(), norm.eps)
             else:
                 n32 = y32 * torch.rsqrt(y32.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight.float()
