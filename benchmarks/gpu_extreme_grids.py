@@ -36,7 +36,7 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
     g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            near_one = (p.dim() == 1 and "norm" in name and name.endswith("weight")) or name.endswith("gamma")
+            near_one = (p.dim() == 1 and "norm" in name and name.endswith("weight")) or name.endswith((".gamma", "ls1.scale", "ls2.scale"))
             p.copy_(torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32).to(p.dtype) * 0.02
                     + (1.0 if near_one else 0.0))
 

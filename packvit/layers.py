@@ -113,12 +113,15 @@ class GatedMlp(nn.Module):
 
 
 class LayerScale(nn.Module):
+    # Not called ``gamma``: transformers' from_pretrained renames checkpoint keys containing
+    # "gamma" to "weight", which silently dropped a fine-tuned tower's LayerScale when a LLaVA
+    # checkpoint holding it was reloaded.
     def __init__(self, dim: int, init: float = 1.0):
         super().__init__()
-        self.gamma = nn.Parameter(torch.full((dim,), float(init)))
+        self.scale = nn.Parameter(torch.full((dim,), float(init)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gamma
+        return x * self.scale
 
 
 class DropPath(nn.Module):

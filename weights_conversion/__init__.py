@@ -18,7 +18,7 @@ import torch
 from .checkpoint_io import CheckpointError, atomic_directory, load_tensors, read_config, resolve, weight_files
 from .families import aimv2, dinov3, siglip2
 from .keymap import ConversionError, ConversionReport, check_dtypes, check_shapes, from_hf, to_hf
-from .native import config_from_native, is_native
+from .native import config_from_native, is_native, rename_legacy
 from .original import convert_original, detect_layout
 
 FAMILIES: dict[str, ModuleType] = {"aimv2": aimv2, "dinov3": dinov3, "siglip2": siglip2}
@@ -145,7 +145,7 @@ def read_checkpoint(
     if cfg_json is not None and is_native(cfg_json):
         fam_name, cfg = config_from_native(cfg_json, FAMILIES)
         report = ConversionReport(mapped=len(tensors))
-        layout, sd, hf_config = "packvit", tensors, None
+        layout, sd, hf_config = "packvit", rename_legacy(tensors), None
     elif (orig := detect_layout(set(tensors))) is not None:
         if num_heads is None and cfg_json is not None and isinstance(cfg_json.get("num_attention_heads"), int):
             # ml-aim's custom-code hub revisions ship a config.json beside original-layout weights.

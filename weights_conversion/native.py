@@ -62,6 +62,21 @@ def config_from_native(config: dict, families: dict) -> tuple[str, object]:
     return family, cls(**fields)
 
 
+# Tensor names earlier packvit versions wrote, renamed since (same format version: the tensors are
+# the same). DINOv3's LayerScale was ``gamma``, a name transformers' loaders rewrite to "weight".
+_RENAMED = ((".ls1.gamma", ".ls1.scale"), (".ls2.gamma", ".ls2.scale"))
+
+
+def rename_legacy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in state.items():
+        for old, new in _RENAMED:
+            if k.endswith(old):
+                k = k[: -len(old)] + new
+        out[k] = v
+    return out
+
+
 def plan_shards(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[list[str]]:
     """Tensor names grouped into shards of at most ``max_shard_bytes`` (a larger tensor gets its own)."""
     shards: list[list[str]] = [[]]
