@@ -1,22 +1,26 @@
 """A LLaVA vision tower backed by a packed model: mixed resolutions, no padding, no per-image loop.
 
-Follows the contract of LLaVA's ``CLIPVisionTower`` (llava/model/multimodal_encoder/clip_encoder.py):
-``__init__(vision_tower, args, delay_load=False)``, ``load_model()``, ``is_loaded``,
+Follows the contract of LLaVA-NeXT's towers (llava/model/multimodal_encoder/siglip_encoder.py):
+``__init__(vision_tower, args, delay_load=False)``, ``load_model(device_map=None)``, ``is_loaded``,
 ``image_processor``, ``select_layer`` / ``select_feature``, ``hidden_size``, ``config``, ``dtype``,
-``device``, ``dummy_feature``; frozen by default.
+``device``, ``dummy_feature``, and in fixed-size mode ``image_size``, ``num_patches_per_side``,
+``num_patches``. Frozen when loaded, like LLaVA's towers; gradients then follow the parameters'
+``requires_grad`` however it is set (LLaVA's ``mm_tunable_parts`` calls ``requires_grad_(True)``).
+
+Two preprocessing modes, named by the tower string LLaVA's builder sees:
+    ``packvit:<ckpt>``        native resolution (the checkpoint's recipe: SigLIP2 NaFlex, AIMv2 /
+                              DINOv3 native): ``pixel_values`` are ``PackedPixels`` with their grid.
+    ``packvit-fixed:<ckpt>``  LLaVA's fixed-size recipe: ``pixel_values`` are (B, C, S, S) images,
+                              so LLaVA's anyres crops, ``pad`` and video pooling run unchanged.
 
     tower = PackedVisionTower("path/to/checkpoint", args)     # args.mm_vision_select_layer etc.
     feats = tower([pil_a, pil_b, [frame0, frame1]])            # list of (N_i, D)
     packed, grid_thw = tower(hidden_states, grid_thw=grid_thw, packed=True)   # (sum N_i, D)
-
-    # Under torch.compile: prepare the batch eagerly, so the graph never sees the grid itself.
-    compiled = torch.compile(tower, fullgraph=True)
-    packed, batch = compiled(hidden_states, grid_thw=tower.prepare(grid_thw), packed=True)
+    feats = tower(images_bchw)                                 # (B, C, H, W) normalised -> (B, N, D)
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,10 +29,81 @@ import torch
 from torch import nn
 
 from .models.base import PackedBatch
-from .packing import grid_to_tuple, split_by_image
+from .packed_pixels import PackedPixels
+from .packing import grid_to_tuple, patchify, split_by_image, unpatchify
 from .preprocess import ImageProcessor
 
 SELECT_FEATURES = ("patch", "cls_patch")
+PREFIXES = {"packvit:": "native", "packvit-fixed:": "fixed"}
+
+
+class FixedSizeOnly(AttributeError):
+    """An attribute that only a fixed-size tower has (``hasattr`` is False, the message says why)."""
+
+
+def parse_tower_name(name: str) -> tuple[str, str | None]:
+    """``packvit:<ckpt>`` / ``packvit-fixed:<ckpt>`` / ``<ckpt>`` -> (checkpoint, mode or None)."""
+    for prefix, mode in PREFIXES.items():
+        if name.startswith(prefix):
+            return name[len(prefix):], mode
+    return name, None
+
+
+def _device_from_map(device_map: Any) -> torch.device | str | None:
+    """LLaVA's ``load_model(device_map=...)`` spellings -> one device for the whole tower."""
+    if device_map is None:
+        return None
+    if device_map == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if isinstance(device_map, dict):
+        devices = set(device_map.values())
+        if len(devices) != 1:
+            raise ValueError(f"device_map puts the vision tower on several devices {sorted(map(str, devices))}; "
+                             "packvit's tower runs on one device: give one device or 'auto'")
+        return _device_from_map(devices.pop())
+    if isinstance(device_map, int):
+        return torch.device("cuda", device_map)
+    if isinstance(device_map, (str, torch.device)):
+        return device_map
+    raise TypeError(f"device_map must be 'auto', a device, an int or a dict, got {type(device_map).__name__}")
+
+
+class LlavaImageProcessor:
+    """The processor a LLaVA data pipeline sees: packvit's ``ImageProcessor`` plus LLaVA's spelling.
+
+    ``preprocess(images)["pixel_values"]`` is a ``PackedPixels`` (native mode; ``[0]`` is image 0
+    with its grid) or a (B, C, S, S) tensor (fixed mode). ``size`` / ``crop_size`` are the fixed
+    size S that LLaVA's anyres crops and its text-only placeholder image use; calling the
+    processor directly returns ``(hidden_states, grid_thw)`` as ``ImageProcessor`` does.
+    """
+
+    def __init__(self, processor: ImageProcessor, mode: str, image_size: int):
+        self.processor = processor
+        self.mode = mode  # "native" or "fixed"
+        self.image_size = image_size
+        s = image_size
+        self.size = {"shortest_edge": s, "height": s, "width": s}
+        self.crop_size = {"height": s, "width": s}
+
+    def __getattr__(self, name):  # image_mean, image_std, patch_size, config, target_size, ...
+        return getattr(self.__dict__["processor"], name)
+
+    def __call__(self, images, **kwargs):
+        return self.processor(images, **kwargs)
+
+    def preprocess(self, images, return_tensors: str | None = "pt", **kwargs) -> dict[str, torch.Tensor]:
+        if return_tensors not in (None, "pt"):
+            raise ValueError(f"return_tensors must be 'pt' (packvit returns torch tensors), got {return_tensors!r}")
+        hidden_states, grid_thw = self.processor(images, **kwargs)
+        if self.mode == "fixed":  # one size: (B, C, S, S) frames, which LLaVA's fixed-size paths expect
+            frame_grid = grid_thw.repeat_interleave(grid_thw[:, 0], dim=0)
+            frame_grid[:, 0] = 1
+            frames = unpatchify(hidden_states, frame_grid, self.patch_size, self.config.num_channels)  # (C, S, S) each
+            return {"pixel_values": torch.stack(frames)}
+        return {"pixel_values": PackedPixels(hidden_states, grid_thw), "grid_thw": grid_thw}
+
+    def __repr__(self) -> str:
+        return f"LlavaImageProcessor(mode={self.mode!r}, image_size={self.image_size}, processor={self.processor!r})"
 
 
 class PackedVisionTower(nn.Module):
@@ -36,96 +111,159 @@ class PackedVisionTower(nn.Module):
 
     args (any object; missing attributes take the defaults):
         mm_vision_select_layer (-2): hidden state to return, Hugging Face indexing (0 = embeddings,
-            -1 = last block before the final norm; LLaVA's -2 is the block before that).
+            -1 = last block before the final norm; LLaVA's -2 is the block before that). Blocks past
+            it, the final norm and the pooling head are dropped at load: not run, no parameters.
         mm_vision_select_feature ("patch"): "patch", or "cls_patch" (DINOv3: each frame's CLS token
             followed by its patches, so a frame gives 1 + h*w rows).
-        unfreeze_mm_vision_tower (False): trainable tower (LLaVA-NeXT's flag); else frozen.
-        mm_vision_preprocess_mode (None): "naflex" / "native" / "fixed"; None -> the checkpoint's.
+        unfreeze_mm_vision_tower (False) / mm_tunable_parts containing "mm_vision_tower": the tower's
+            weights are trained, so a ``delay_load`` tower loads at once (as LLaVA's own towers do:
+            the fine-tuned weights then come from the LLaVA checkpoint) and starts trainable.
+        mm_vision_preprocess_mode (None): "native" / "naflex" / "fixed"; overrides the name's prefix.
     Keyword arguments ``device``, ``dtype``, ``attn_backend`` go to ``packvit.from_pretrained``.
-
-    Frozen (the default): parameters have ``requires_grad=False``, the model stays in eval mode
-    even under ``.train()`` (so no drop path and no RoPE augmentation), and forward runs under
-    ``no_grad``. ``set_trainable(True)`` undoes all three.
     """
 
     def __init__(self, vision_tower: str | os.PathLike, args: Any = None, delay_load: bool = False, **load_kwargs):
         super().__init__()
         self.is_loaded = False
-        self.vision_tower_name = os.fspath(vision_tower)
+        name, mode = parse_tower_name(os.fspath(vision_tower))
+        self.vision_tower_name = name
         self.select_layer = int(getattr(args, "mm_vision_select_layer", -2))
         self.select_feature = getattr(args, "mm_vision_select_feature", "patch")
         if self.select_feature not in SELECT_FEATURES:
             raise ValueError(f"mm_vision_select_feature must be one of {SELECT_FEATURES}, got {self.select_feature!r}")
-        self.trainable = bool(getattr(args, "unfreeze_mm_vision_tower", False))
-        self.preprocess_mode = getattr(args, "mm_vision_preprocess_mode", None)
+        self.preprocess_mode = getattr(args, "mm_vision_preprocess_mode", None) or mode
+        if self.preprocess_mode not in (None, "native", "naflex", "fixed"):
+            raise ValueError(f"mm_vision_preprocess_mode must be 'native', 'naflex' or 'fixed', got {self.preprocess_mode!r}")
+        tunable = getattr(args, "mm_tunable_parts", None) or ""
+        self.tuned = bool(getattr(args, "unfreeze_mm_vision_tower", False)) or "mm_vision_tower" in tunable
         self.load_kwargs = load_kwargs
-        if not delay_load or self.trainable:
+        if not delay_load or self.tuned:
             self.load_model()
         else:
             self.cfg_only = _config_only(self.vision_tower_name)
 
-    def load_model(self, device_map: Any = None) -> None:
+    def load_model(self, device_map: Any = None, **kwargs) -> None:
+        """Load weights and processor. ``device_map`` as LLaVA passes it ("auto", a device, an int, a
+        one-device dict); ``torch_dtype`` / ``dtype`` are honoured, other keywords refused."""
         if self.is_loaded:
             return
         from . import from_pretrained
+        from weights_conversion.checkpoint_io import resolve
 
-        if device_map is not None and "device" not in self.load_kwargs:
-            self.load_kwargs["device"] = device_map if isinstance(device_map, (str, torch.device)) else None
-        self.image_processor = ImageProcessor.from_pretrained(self.vision_tower_name, mode=self.preprocess_mode)
-        self.vision_tower = from_pretrained(self.vision_tower_name, **self.load_kwargs)
-        if self.select_feature == "cls_patch" and self.vision_tower.num_prefix == 0:
+        dtype = kwargs.pop("torch_dtype", None) or kwargs.pop("dtype", None)
+        if kwargs:
+            raise TypeError(f"load_model got unsupported arguments {sorted(kwargs)}; it takes device_map and torch_dtype")
+        load_kwargs = dict(self.load_kwargs)
+        if device_map is not None and "device" not in load_kwargs:
+            load_kwargs["device"] = _device_from_map(device_map)
+        if dtype is not None and "dtype" not in load_kwargs:
+            load_kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        path = resolve(self.vision_tower_name)
+        model = from_pretrained(path, **load_kwargs)
+        fixed = self.preprocess_mode == "fixed"
+        core = ImageProcessor.from_pretrained(path, mode=None if fixed else _core_mode(self.preprocess_mode))
+        size = _fixed_size(core)
+        if fixed:  # the checkpoint's own fixed recipe, or S x S when it has none
+            core = ImageProcessor.from_pretrained(
+                path, mode="fixed", **({} if core.config.size else {"size": {"height": size, "width": size}}))
+        self.image_processor = LlavaImageProcessor(core, "fixed" if fixed else "native", size)
+        if self.select_feature == "cls_patch" and model.num_prefix == 0:
             raise ValueError(
                 f"mm_vision_select_feature='cls_patch' needs a model with a CLS token (DINOv3); "
-                f"{type(self.vision_tower).__name__} has none: use 'patch'"
+                f"{type(model).__name__} has none: use 'patch'"
             )
-        self.vision_tower._layer_indices([self.select_layer])  # range check now, not at the first batch
+        model._layer_indices([self.select_layer])  # range check now, not at the first batch
+        # Keep only what the selected layer needs (as LLaVA's SigLIP tower deletes its last block
+        # and head): no wasted compute, and no parameters that never get a gradient under DDP.
+        model.truncate(self.select_layer % (len(model.blocks) + 1))
+        model.requires_grad_(self.tuned)
+        self.vision_tower = model
         self.is_loaded = True
-        self.set_trainable(self.trainable)
+        self.train(self.training)
 
     def set_trainable(self, trainable: bool = True) -> "PackedVisionTower":
-        self.trainable = trainable
+        """``requires_grad_`` on the tower's weights (the same as LLaVA's unfreezing)."""
         self.vision_tower.requires_grad_(trainable)
-        self.vision_tower.train(self.training and trainable)
         return self
+
+    @property
+    def trainable(self) -> bool:
+        return self.is_loaded and any(p.requires_grad for p in self.vision_tower.parameters())
 
     def train(self, mode: bool = True) -> "PackedVisionTower":
         super().train(mode)
-        if self.is_loaded and not self.trainable:
-            self.vision_tower.eval()  # a frozen tower must not drop paths or augment positions
+        if self.is_loaded:
+            self._sync_mode()
         return self
+
+    def _sync_mode(self) -> None:
+        # A frozen tower stays in eval mode even under .train(): no drop path, no RoPE
+        # augmentation, so its features are those it was trained to give. A trainable one follows.
+        want = self.training and self.trainable
+        if self.vision_tower.training != want:
+            self.vision_tower.train(want)
 
     # -- forward --------------------------------------------------------------------------------
 
     def forward(
         self,
         images: torch.Tensor | Sequence[Any],
-        grid_thw: torch.Tensor | Sequence[Sequence[int]] | None = None,
+        grid_thw: torch.Tensor | Sequence[Sequence[int]] | PackedBatch | None = None,
         *,
         packed: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, torch.Tensor]:
+        normalized: bool | None = None,
+        **kwargs,
+    ) -> list[torch.Tensor] | torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Features of the selected layer.
 
-        images: a list of images / videos (anything ``image_processor`` takes: PIL, arrays, tensors,
-            paths, lists of frames), or already packed ``hidden_states`` (Tp, p*p*C) with ``grid_thw``
-            (an (N, 3) tensor or list, or the ``PackedBatch`` of ``prepare(grid_thw)``, which is what
-            a ``torch.compile``d tower should get: then batches of new shapes do not recompile).
+        images: one of
+            - ``PackedPixels`` (what ``image_processor.preprocess`` returns in native mode), or
+              packed ``hidden_states`` (Tp, p*p*C) with ``grid_thw`` (an (N, 3) tensor or list, or
+              the ``PackedBatch`` of ``prepare(grid_thw)``, which a ``torch.compile``d tower should get);
+            - a (B, C, H, W) tensor of B images (LLaVA's fixed-size batches), normalised unless
+              ``normalized=False``: returns (B, N, D) like LLaVA's own towers;
+            - a list of images / videos (PIL, arrays, tensors, paths, lists of frames), raw pixels
+              unless ``normalized=True`` (then a list of normalised (C, H, W) / (t, C, H, W) tensors).
         Returns a list of (N_i, D) per image (N_i = t*h*w, or t*(1 + h*w) with "cls_patch"), or with
-        ``packed=True`` the tuple (features (sum N_i, D), grid_thw): grid_thw as an (N, 3) int64 CPU
-        tensor, or the ``PackedBatch`` when one was passed.
+        ``packed=True`` the tuple (features (sum N_i, D), grid_thw).
         """
+        if kwargs:
+            raise ValueError(
+                f"PackedVisionTower.forward got unsupported arguments {sorted(kwargs)}: it returns the "
+                f"selected layer ({self.select_layer}) only; for all hidden states use packvit.integrations."
+                "transformers.PackvitVisionModel or the packvit model itself (tower.vision_tower)"
+            )
         if not self.is_loaded:
             raise RuntimeError("the vision tower is not loaded: call load_model() first (delay_load=True)")
-        if isinstance(images, torch.Tensor) and images.dim() == 2:
+        batched = None
+        if isinstance(images, PackedPixels):
+            if grid_thw is not None:
+                raise ValueError("PackedPixels carry their own grid_thw: do not pass grid_thw too")
+            hidden_states, grid_thw = images.packed()
+        elif isinstance(images, torch.Tensor) and images.dim() == 2:
             if grid_thw is None:
                 raise ValueError("packed hidden_states (Tp, p*p*C) need grid_thw (N, 3)")
             hidden_states = images
+        elif isinstance(images, torch.Tensor) and images.dim() == 4 and images.is_floating_point():
+            if grid_thw is not None:
+                raise ValueError("grid_thw is only for packed hidden_states, not for a (B, C, H, W) batch")
+            if normalized is False:
+                hidden_states, grid_thw = self.image_processor(list(images.unbind(0)))
+            else:
+                hidden_states, grid_thw = patchify(images, self.patch_size)
+            batched = images.shape[0]
         else:
             if grid_thw is not None:
                 raise ValueError("grid_thw is only for packed hidden_states; a list of images is preprocessed here")
-            hidden_states, grid_thw = self.image_processor(images)
+            if normalized:
+                hidden_states, grid_thw = patchify(list(images), self.patch_size)
+            else:
+                hidden_states, grid_thw = self.image_processor(images)
+        self._sync_mode()
         batch = self.prepare(grid_thw)
-        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
-            feats = self._select(hidden_states.to(self.device, self.dtype, non_blocking=True), batch)
+        feats = self._select(hidden_states.to(self.device, self.dtype, non_blocking=True), batch)
+        if batched is not None:  # (B, N, D): every image has the same size
+            return feats.view(batched, -1, feats.shape[-1])
         if packed:
             return feats, grid_thw if isinstance(grid_thw, PackedBatch) else torch.as_tensor(grid_thw, dtype=torch.int64)
         return list(feats.split(self.feature_lengths(batch), 0))
@@ -136,8 +274,9 @@ class PackedVisionTower(nn.Module):
         return self.vision_tower.prepare(grid_thw, self.device)
 
     def _select(self, hidden_states: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-        out = self.vision_tower(hidden_states, batch, output_layers=[self.select_layer])
-        k = self.select_layer % (len(self.vision_tower.blocks) + 1)
+        # The model was truncated at load: the selected layer is its last block's output.
+        k = len(self.vision_tower.blocks)
+        out = self.vision_tower(hidden_states, batch, output_layers=[k])
         patches = out.hidden_states[k]  # (Tp, D)
         if self.select_feature == "patch" or batch.meta is None:
             return patches
@@ -190,14 +329,67 @@ class PackedVisionTower(nn.Module):
     def patch_size(self) -> int:
         return self.config.patch_size
 
+    @property
+    def fixed_size(self) -> bool:
+        return self.is_loaded and self.image_processor.mode == "fixed"
+
+    @property
+    def image_size(self) -> int:
+        """Side S of the (S, S) images a fixed-size tower takes (LLaVA's anyres reads it)."""
+        self._need_fixed("image_size")
+        return self.image_processor.image_size
+
+    @property
+    def num_patches_per_side(self) -> int:
+        self._need_fixed("num_patches_per_side")
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        self._need_fixed("num_patches")
+        return self.num_patches_per_side ** 2
+
+    def __getattr__(self, name: str):
+        # A property that raises AttributeError falls through to here; keep its message.
+        if name in ("image_size", "num_patches_per_side", "num_patches"):
+            self._need_fixed(name)
+        return super().__getattr__(name)
+
+    def _need_fixed(self, name: str) -> None:
+        if not self.fixed_size:
+            raise FixedSizeOnly(
+                f"PackedVisionTower.{name} exists only in fixed-size mode: this tower runs every image at its "
+                "own resolution, so there is no single image size. Name the tower 'packvit-fixed:<ckpt>' for "
+                "LLaVA's fixed-size paths (anyres crops), or use packvit.integrations.llava, which handles "
+                "native-resolution images with their grids."
+            )
+
+
+def _core_mode(mode: str | None) -> str | None:
+    return None if mode in (None, "native") else mode
+
+
+def _fixed_size(processor: ImageProcessor) -> int:
+    """S of the fixed-size recipe: the checkpoint's crop or size; else 384 for SigLIP2 NaFlex, which
+    has no fixed recipe (LLaVA-OneVision's SigLIP input, and one of the sizes LLaVA's anyres
+    accepts); else 224 (the size DINOv3 and AIMv2 were trained at)."""
+    c = processor.config
+    if c.crop_size:
+        return int(c.crop_size["height"])
+    if c.size:
+        return int(c.size.get("height") or c.size.get("shortest_edge"))
+    return 384 if c.mode == "naflex" else 224
+
 
 def _config_only(path: str):
     """The packvit config of a checkpoint, without loading weights (LLaVA's ``delay_load``)."""
     from weights_conversion import FAMILIES, detect_family
+    from weights_conversion.checkpoint_io import read_config, resolve
+    from weights_conversion.native import config_from_native, is_native
 
-    if not (Path(path) / "config.json").is_file():
-        raise FileNotFoundError(f"{path} has no config.json; delay_load needs a local checkpoint folder")
-    d = json.loads((Path(path) / "config.json").read_text())
+    d = read_config(Path(resolve(path)))
+    if is_native(d):
+        return config_from_native(d, FAMILIES)[1]
     fam = FAMILIES[detect_family(d)]
     return fam.config_from_hf(d.get("vision_config", d) if "vision_config" in d else d, strict=False)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PATCH, random_images
+from conftest import PATCH, hf_reference, random_images
 
 import packvit
 from packvit.tower import PackedVisionTower
@@ -22,22 +22,28 @@ def _args(**kw):
 
 @pytest.mark.parametrize("family", ["siglip2", "dinov3", "aimv2"])
 def test_contract_and_select_layer(family, hf_checkpoints):
-    _, d = hf_checkpoints[family]
+    hf, d = hf_checkpoints[family]
     tower = PackedVisionTower(d, _args(), attn_backend="sdpa")
     assert tower.is_loaded and tower.select_layer == -2 and tower.select_feature == "patch"
     assert tower.hidden_size == 64 and tower.dtype == torch.float32 and tower.device.type == "cpu"
     assert tower.dummy_feature.shape == (1, 64)
     assert tower.image_processor.image_mean and tower.image_processor.image_std
     assert not any(p.requires_grad for p in tower.parameters())
+    # -2 of 2 blocks: only block 1 is built; no final norm, no head (LLaVA's SigLIP tower does the same)
+    assert len(tower.vision_tower.blocks) == 1 and isinstance(tower.vision_tower.norm, torch.nn.Identity)
+    assert getattr(tower.vision_tower, "head", None) is None
 
     grid = [(1, 3, 5), (2, 2, 2), (1, 4, 1)]
-    x, g = packvit.patchify(random_images(grid, PATCH[family]), PATCH[family])
+    images = random_images(grid, PATCH[family])
+    x, g = packvit.patchify(images, PATCH[family])
     feats = tower(x, grid_thw=g)
     assert [f.shape for f in feats] == [(t * h * w, 64) for t, h, w in grid]
-    ref = tower.vision_tower(x, g, output_layers=[-2]).hidden_states[len(tower.vision_tower.blocks) - 1]
-    assert torch.equal(torch.cat(feats), ref)  # -2 is the block before the last (HF indexing)
+    P = tower.vision_tower.num_prefix
+    ref = torch.cat([r[3][-2][0, P:] for r in hf_reference(family, hf, images, PATCH[family], output_hidden_states=True)])
+    err = (torch.cat(feats) - ref).abs().max().item()
+    assert err <= 1e-4, f"tower vs HF hidden_states[-2]: {err:.3g}"  # the parity suite's tolerance
     packed, g2 = tower(x, grid_thw=g, packed=True)
-    assert torch.equal(packed, ref) and torch.equal(g2, g)
+    assert torch.equal(packed, torch.cat(feats)) and torch.equal(g2, g)
 
 
 def test_cls_patch_for_dinov3(hf_checkpoints):
@@ -80,13 +86,32 @@ def test_frozen_by_default_and_trainable_on_request(hf_checkpoints):
     tower = PackedVisionTower(d, _args()).train()
     assert not tower.vision_tower.training, "a frozen tower stays in eval mode"
     x, g = packvit.patchify(random_images([(1, 2, 2)], 16), 16)
-    x.requires_grad_(True)
-    assert not tower(x, grid_thw=g)[0].requires_grad
+    assert not tower(x, grid_thw=g)[0].requires_grad  # no graph at all when nothing is trainable
 
     trainable = PackedVisionTower(d, _args(unfreeze_mm_vision_tower=True)).train()
     assert trainable.vision_tower.training and all(p.requires_grad for p in trainable.vision_tower.parameters())
+    x.requires_grad_(True)
     trainable(x, grid_thw=g)[0].sum().backward()
     assert trainable.vision_tower.patch_embed.weight.grad is not None and x.grad is not None
+
+
+@pytest.mark.parametrize("family", ["siglip2", "dinov3", "aimv2"])
+def test_unfrozen_the_llava_way_trains(family, hf_checkpoints):
+    """LLaVA-NeXT's mm_tunable_parts unfreezes with requires_grad_(True) on the tower's parameters,
+    after load: every tensor of the (truncated) tower must then get a gradient, in train mode."""
+    _, d = hf_checkpoints[family]
+    tower = PackedVisionTower(d, _args(mm_vision_select_layer=-1)).train()
+    for name, p in tower.named_parameters():  # train.py: `if "vision_tower" in name: p.requires_grad_(True)`
+        if "vision_tower" in name:
+            p.requires_grad_(True)
+    x, g = packvit.patchify(random_images([(1, 2, 3), (1, 3, 1)], PATCH[family]), PATCH[family])
+    assert tower.trainable
+    sum(f.square().sum() for f in tower(x, grid_thw=g)).backward()
+    assert tower.vision_tower.training, "a trainable tower follows .train()"
+    missing = [n for n, p in tower.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, f"no gradient for {missing}"
+    tower.requires_grad_(False)  # frozen again: eval mode at the next forward, no graph
+    assert not tower(x, grid_thw=g)[0].requires_grad and not tower.vision_tower.training
 
 
 def test_delay_load(hf_checkpoints):

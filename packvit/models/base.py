@@ -34,6 +34,26 @@ class PackedBatch:
         return 0 if self.meta is None else self.meta.num_patches
 
 
+class HiddenStates(dict):
+    """layer -> tensor, readable with Hugging Face's negative indices (-1 = the last block)."""
+
+    def __init__(self, items, num_states: int):
+        super().__init__(items)
+        self.num_states = num_states
+
+    def _key(self, k):
+        return k % self.num_states if isinstance(k, int) and -self.num_states <= k < 0 else k
+
+    def __getitem__(self, k):
+        return super().__getitem__(self._key(k))
+
+    def __contains__(self, k):
+        return super().__contains__(self._key(k))
+
+    def get(self, k, default=None):
+        return super().get(self._key(k), default)
+
+
 @dataclass
 class PackedVisionOutput:
     """Rich outputs of a packed forward. Patch tensors are (Tp, D) in input order.
@@ -41,7 +61,7 @@ class PackedVisionOutput:
     ``hidden_states`` follows Hugging Face's convention: index 0 is the embedding output, index i
     the output of block i, so ``-1`` is the last block before the final norm and ``-2`` (LLaVA's
     default ``select_layer``) the one before it. Only the requested indices are kept, keyed by
-    their non-negative index.
+    their non-negative index; negative keys read them too (``hidden_states[-2]``).
     """
 
     last_hidden_state: torch.Tensor  # (Tp, D) final-normed patch tokens
@@ -57,6 +77,7 @@ class PackedViT(nn.Module):
 
     num_prefix: int = 0
     blocks: nn.ModuleList
+    truncated: bool = False  # see ``truncate``
 
     def __init__(self, attn_backend: str = "auto"):
         super().__init__()
@@ -121,6 +142,23 @@ class PackedViT(nn.Module):
         kwargs.setdefault("dynamic", True)
         for block in self.blocks:
             block.compile(**kwargs)
+        return self
+
+    def truncate(self, num_blocks: int) -> "PackedViT":
+        """Keep the first ``num_blocks`` blocks; drop the rest, the final norm and the pooling head.
+
+        The model then returns hidden state ``num_blocks`` (Hugging Face indexing) as its output:
+        what a tower that reads an intermediate layer needs (LLaVA's ``select_layer``), without
+        the compute of the layers it does not read, and without parameters that would never get
+        a gradient (which DDP reports as an error)."""
+        if not 0 <= num_blocks <= len(self.blocks):
+            raise ValueError(f"num_blocks must be in [0, {len(self.blocks)}], got {num_blocks}")
+        self.blocks = nn.ModuleList(list(self.blocks)[:num_blocks])
+        self.norm = nn.Identity()
+        if getattr(self, "head", None) is not None:
+            del self.head  # out of _modules, not a None entry there (accelerate's walks break on those)
+            self.head = None
+        self.truncated = True
         return self
 
     def _apply(self, fn, recurse=True):
@@ -215,12 +253,13 @@ class PackedViT(nn.Module):
             return patches
 
         split = {i: split_prefix(h, meta) for i, h in layers.items()}
+        n = len(self.blocks) + 1
         return PackedVisionOutput(
             last_hidden_state=patches,
             pooler_output=self.pool(x, meta),
             prefix_tokens=prefix,
-            hidden_states={i: p for i, (p, _) in split.items()},
-            prefix_hidden_states={i: q for i, (_, q) in split.items()} if self.num_prefix else None,
+            hidden_states=HiddenStates({i: p for i, (p, _) in split.items()}, n),
+            prefix_hidden_states=HiddenStates({i: q for i, (_, q) in split.items()}, n) if self.num_prefix else None,
             meta=meta,
         )
 
@@ -233,8 +272,8 @@ class PackedViT(nn.Module):
             last_hidden_state=empty,
             pooler_output=empty if self.has_pooler else None,
             prefix_tokens=pref,
-            hidden_states={i: empty for i in want},
-            prefix_hidden_states={i: pref for i in want} if self.num_prefix else None,
+            hidden_states=HiddenStates({i: empty for i in want}, len(self.blocks) + 1),
+            prefix_hidden_states=HiddenStates({i: pref for i in want}, len(self.blocks) + 1) if self.num_prefix else None,
         )
 
     @property
