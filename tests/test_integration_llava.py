@@ -289,3 +289,61 @@ def test_install_wraps_prepare_inputs_and_delegates(hf_checkpoints, monkeypatch)
     assert fixed.prepare_inputs_labels_for_multimodal(ids, None, None, None, None, images) == "list path"
     integ.uninstall()
     assert not hasattr(LlavaMetaForCausalLM.prepare_inputs_labels_for_multimodal, "_packvit_original")
+
+
+def test_readme_builder_branch(hf_checkpoints, monkeypatch):
+    """The branch README.md tells users to paste into LLaVA-NeXT's build_vision_tower, run as written."""
+    import re
+    import textwrap
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## Use with LLaVA-NeXT"):]
+    branch = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    source = "def build_vision_tower(vision_tower_cfg, **kwargs):\n" \
+             "    vision_tower = getattr(vision_tower_cfg, 'mm_vision_tower', getattr(vision_tower_cfg, 'vision_tower', None))\n" \
+             + textwrap.indent(textwrap.dedent(branch), "    ") + "    return 'llava tower'\n"
+    arch = types.ModuleType("llava.model.llava_arch")
+    arch.LlavaMetaForCausalLM = type("LlavaMetaForCausalLM", (), {"prepare_inputs_labels_for_multimodal": lambda *a: None})
+    for name, mod in {"llava": types.ModuleType("llava"), "llava.model": types.ModuleType("llava.model"),
+                      "llava.model.llava_arch": arch}.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    scope: dict = {}
+    exec(compile(source, "README.md", "exec"), scope)
+    cfg = types.SimpleNamespace(mm_vision_tower=f"packvit:{hf_checkpoints['siglip2'][1]}", mm_vision_select_layer=-2)
+    assert isinstance(scope["build_vision_tower"](cfg, delay_load=True), PackedVisionTower)
+    assert scope["build_vision_tower"](types.SimpleNamespace(mm_vision_tower="openai/clip-vit-large-patch14")) == "llava tower"
+    assert hasattr(arch.LlavaMetaForCausalLM.prepare_inputs_labels_for_multimodal, "_packvit_original")
+
+
+def test_tuned_tower_survives_transformers_save_and_reload(hf_checkpoints, tmp_path):
+    """A LLaVA model is a transformers PreTrainedModel holding the tower: save_pretrained then
+    from_pretrained (what LLaVA's save and load_pretrained_model do) must bring back every tuned
+    tensor. transformers renames checkpoint keys containing 'gamma' on load, which once dropped
+    DINOv3's LayerScale here."""
+    import transformers
+
+    d = str(hf_checkpoints["dinov3"][1])
+
+    class HolderConfig(transformers.PretrainedConfig):
+        model_type = "packvit_llava_holder_test"
+
+    class Holder(transformers.PreTrainedModel):
+        config_class = HolderConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.vision_tower = PackedVisionTower(d, _args(mm_tunable_parts="mm_vision_tower"), delay_load=True)
+            self.post_init()
+
+        def _init_weights(self, module):  # the tower's weights come from its checkpoint
+            pass
+
+    model = Holder(HolderConfig())
+    with torch.no_grad():
+        for p in model.vision_tower.parameters():
+            p.mul_(1.5).add_(0.25)
+    tuned = {k: v.clone() for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp_path / "llava")
+    reloaded = Holder.from_pretrained(tmp_path / "llava")
+    for k, v in reloaded.state_dict().items():
+        assert torch.equal(v, tuned[k]), f"{k} did not come back"
