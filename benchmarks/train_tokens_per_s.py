@@ -176,6 +176,9 @@ def main():
                     with open(args.out, "a") as f:
                         f.write(json.dumps(row) + "\n")
     if distributed:
+        # Rank 0 writes results while the others reach here; tearing gloo down under it aborted a
+        # rank now and then ("terminate called without an active exception").
+        dist.barrier()
         dist.destroy_process_group()
 
 
