@@ -52,6 +52,9 @@ _LM_KWARGS = frozenset({
     "num_items_in_batch", "output_router_logits", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
     "max_length_k", "position_ids", "is_causal", "seq_idx",
 })
+# The VLM's own settings, which transformers 5's ``merge_with_config_defaults`` can add to the kwargs a
+# ``get_*_features`` method passes on to its tower (LlavaOnevision's video path does).
+_VLM_KWARGS = frozenset({"use_cache", "vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio"})
 # Arguments of other vision towers that are no-ops here when left at their defaults.
 _NEUTRAL_KWARGS = {"interpolate_pos_encoding": None, "head_mask": None, "bool_masked_pos": None}
 
@@ -70,14 +73,14 @@ def _check_kwargs(output_attentions: Any, kwargs: dict, who: str) -> None:
             "materialise the attention weights"
         )
     for k, v in kwargs.items():
-        if k in _LM_KWARGS or k in ("interpolate_pos_encoding",):
+        if k in _LM_KWARGS or k in _VLM_KWARGS or k == "interpolate_pos_encoding":
             continue  # packvit always runs at the input's own resolution
         if k in _NEUTRAL_KWARGS and v is None:
             continue
         raise ValueError(
             f"{who} got an unsupported argument {k}={_short(v)}. It takes pixel_values, grid_thw, image_sizes, "
-            f"output_hidden_states, output_attentions=False, return_dict, and ignores transformers' language-model "
-            f"kwargs {sorted(_LM_KWARGS)}"
+            f"output_hidden_states, output_attentions=False, return_dict, and ignores the VLM settings and "
+            f"language-model kwargs transformers passes down ({sorted(_VLM_KWARGS | _LM_KWARGS)})"
         )
 
 
