@@ -287,57 +287,67 @@ def test_merge_order_matches_qwen_windows():
     assert sorted(merge_order(((2, 2, 4), (1, 4, 2)), 2).tolist()) == list(range(24))
 
 
-def _qwen_processor(tok_dir_vocab, image_processor, processor_class=None):
-    """A Qwen2VLProcessor on a tiny word-level tokenizer, with packvit's image processor."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    t = Tokenizer(models.WordLevel(tok_dir_vocab, unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.Whitespace()
-    special = [w for w in tok_dir_vocab if w.startswith("<|")]
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", pad_token="<pad>",
-                                               additional_special_tokens=special,
-                                               model_input_names=["input_ids", "attention_mask"])
-    processor_class = processor_class or transformers.Qwen2VLProcessor
-    return processor_class(image_processor=image_processor, tokenizer=tok)
-
-
 QWEN = {
     # class name prefix -> a tiny vision config (replaced by packvit, but built by the constructor)
     "Qwen2VL": dict(depth=1, embed_dim=16, num_heads=2, hidden_size=32, mlp_ratio=2),
     "Qwen2_5_VL": dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
                        fullatt_block_indexes=[0]),
 }
+QWEN_VOCAB = {w: i for i, w in enumerate(
+    ["<unk>", "<pad>", "describe", "the", "image", "a", "cat",
+     "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+)}
+
+
+def tiny_qwen(kind: str = "Qwen2VL", patch_size: int = 16):
+    """A random Qwen2-VL / Qwen2.5-VL with a one-layer LM, and its processor on a word-level
+    tokenizer (packvit's image processor is set on it by the caller)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    text_cfg = tiny_text_config().to_dict()
+    text_cfg.update(rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, vocab_size=VOCAB)
+    v = QWEN_VOCAB
+    config = getattr(transformers, f"{kind}Config")(
+        text_config=text_cfg, vision_config={**QWEN[kind], "patch_size": patch_size},
+        image_token_id=v["<|image_pad|>"], video_token_id=v["<|video_pad|>"],
+        vision_start_token_id=v["<|vision_start|>"], vision_end_token_id=v["<|vision_end|>"],
+    )
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{kind}ForConditionalGeneration")(config)
+
+    t = Tokenizer(models.WordLevel(v, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=t, unk_token="<unk>", pad_token="<pad>", model_input_names=["input_ids", "attention_mask"],
+        additional_special_tokens=[w for w in v if w.startswith("<|")],
+    )
+    # Qwen2VLProcessor checks its image processor's class and, without torchvision, cannot build its
+    # video processor: build it without those checks (the caller patches check_argument_for_proper_class).
+    processor = getattr(transformers, f"{kind}Processor")(image_processor=None, tokenizer=tok)
+    return model, processor
+
+
+@pytest.fixture
+def no_processor_class_check(monkeypatch):
+    from transformers.processing_utils import ProcessorMixin
+
+    monkeypatch.setattr(ProcessorMixin, "check_argument_for_proper_class", lambda self, name, arg: None)
 
 
 @pytest.mark.parametrize("family,kind", [("siglip2", "Qwen2VL"), ("dinov3", "Qwen2VL"), ("aimv2", "Qwen2_5_VL")])
-def test_qwen2_vl_with_packvit_visual(hf_checkpoints, family, kind, monkeypatch):
+def test_qwen2_vl_with_packvit_visual(hf_checkpoints, family, kind, no_processor_class_check):
     from PIL import Image
-    from transformers.processing_utils import ProcessorMixin
 
     import packvit
 
     _, d = hf_checkpoints[family]
-    words = ["<unk>", "<pad>", "describe", "the", "image", "a", "cat"]
-    special = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-    vocab = {w: i for i, w in enumerate(words + special)}
-    text_cfg = tiny_text_config().to_dict()
-    text_cfg.update(rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, vocab_size=VOCAB)
-    config = getattr(transformers, f"{kind}Config")(
-        text_config=text_cfg, vision_config={**QWEN[kind], "patch_size": PATCH[family]},
-        image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"],
-        vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"],
-    )
-    torch.manual_seed(0)
-    model = getattr(transformers, f"{kind}ForConditionalGeneration")(config)
+    model, processor = tiny_qwen(kind, PATCH[family])
+    config = model.config
     visual = PackvitQwen2VLVisual(packvit.from_pretrained(d, attn_backend="sdpa"), config.text_config.hidden_size)
     model.model.visual = visual
 
     # The processor: packvit's sizes rounded to even patch grids; the text gets t*h*w/4 pad tokens.
-    # (Qwen2VLProcessor checks its image processor's class and, without torchvision, cannot build
-    # its video processor: skip that check here; with torchvision, swap processor.image_processor.)
-    monkeypatch.setattr(ProcessorMixin, "check_argument_for_proper_class", lambda self, name, arg: None)
-    image_processor = QwenImageProcessor.from_pretrained(d, max_num_patches=64, max_pixels=64 * 16 * 16)
-    processor = _qwen_processor(vocab, image_processor, getattr(transformers, f"{kind}Processor"))
+    processor.image_processor = QwenImageProcessor.from_pretrained(d, max_num_patches=64, max_pixels=64 * 16 * 16)
     rng = torch.Generator().manual_seed(0)
     photos = [Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=rng, dtype=torch.uint8).numpy())
               for h, w in [(100, 60), (64, 64)]]
@@ -371,18 +381,37 @@ def test_qwen2_vl_with_packvit_visual(hf_checkpoints, family, kind, monkeypatch)
 # ---------------------------------------------------------------------------------------------
 
 
-def test_readme_transformers_section_runs(hf_checkpoints, monkeypatch, capsys):
-    """The README's "Use with transformers" snippets, run as written on tiny checkpoints."""
+def test_readme_transformers_section_runs(hf_checkpoints, monkeypatch, capsys, no_processor_class_check):
+    """The README's "Use with transformers" snippets, run as written on tiny checkpoints: the hub
+    ids are replaced by the tiny SigLIP2 checkpoint, a tiny Qwen2.5 text config and a tiny Qwen2-VL
+    with its processor."""
     text = README.read_text()
     section = text[text.index("## Use with transformers") :]
     section = section[: section.index("\n## ", 3)]
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
-    assert len(blocks) >= 2
-    ckpts = {f: str(d) for f, (_, d) in hf_checkpoints.items()}
+    assert len(blocks) == 2
+    _, d = hf_checkpoints["siglip2"]
+    qwen, processor = tiny_qwen()
+    text_config = tiny_text_config()
+    text_config.vocab_size = 151700  # room for the README's image token id
+    subs = {
+        'transformers.AutoConfig.from_pretrained("Qwen/Qwen2.5-0.5B-Instruct")': "TINY_TEXT_CONFIG",
+        'transformers.Qwen2VLForConditionalGeneration.from_pretrained("Qwen/Qwen2-VL-2B-Instruct")': "TINY_QWEN",
+        'transformers.AutoProcessor.from_pretrained("Qwen/Qwen2-VL-2B-Instruct")': "TINY_QWEN_PROCESSOR",
+    }
     monkeypatch.chdir(README.parent)
+    scopes = []
     for code in blocks:
-        code = re.sub(r'ckpt = "[^"]+"', f"ckpt = {ckpts['siglip2']!r}", code)
-        code = code.replace("TINY_TEXT_CONFIG", "dict(vocab_size=64, hidden_size=32, intermediate_size=64, "
-                            "num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)")
-        exec(compile(code, "README.md", "exec"), {})
-    assert "(" in capsys.readouterr().out
+        code = re.sub(r'ckpt = "[^"]+"', f"ckpt = {str(d)!r}", code)
+        for old, new in subs.items():
+            code = code.replace(old, new)
+        assert "from_pretrained(\"Qwen" not in code and "AutoConfig.from_pretrained" not in code
+        scope = {"TINY_TEXT_CONFIG": text_config, "TINY_QWEN": qwen, "TINY_QWEN_PROCESSOR": processor}
+        exec(compile(code, "README.md", "exec"), scope)
+        scopes.append(scope)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == f"(1, {scopes[0]['input_ids'].shape[1] + 4})"
+    assert isinstance(scopes[0]["model"].model.vision_tower, PackvitVisionModel)
+    assert scopes[0]["tower"].packvit.patch_embed.weight.grad is not None
+    assert isinstance(qwen.model.visual, PackvitQwen2VLVisual) and qwen.model.visual.merger.ln_q.weight.grad is not None
+    assert printed[1].startswith("[[1, ")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -558,5 +559,18 @@ class QwenImageProcessor(ImageProcessor):
         return self(images, return_tensors=return_tensors, **kwargs)
 
     def fetch_images(self, images):
-        """transformers 5's processors call this to download URLs; packvit reads files, arrays and PIL itself."""
+        """transformers 5's processors call this before checking the images' layout: open file
+        paths (and fetch URLs) as PIL images, leave everything else (arrays, tensors, PIL) as it is."""
+        if isinstance(images, (list, tuple)):
+            return [self.fetch_images(x) for x in images]
+        if isinstance(images, str) and images.startswith(("http://", "https://")):
+            from transformers.image_utils import load_image
+
+            return load_image(images)
+        if isinstance(images, (str, os.PathLike)):
+            from PIL import Image
+
+            with Image.open(images) as f:
+                f.load()
+                return f.copy()
         return images
