@@ -35,6 +35,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, BatchFeature, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from ..layers import LayerScale
 from ..models.base import PackedViT
 from ..packing import convert_to_packing_format, grid_to_tuple, patchify
 from ..preprocess import ImageProcessor, smart_resize
@@ -56,8 +57,8 @@ _LM_KWARGS = frozenset({
 # The VLM's own settings, which transformers 5's ``merge_with_config_defaults`` can add to the kwargs a
 # ``get_*_features`` method passes on to its tower (LlavaOnevision's video path does).
 _VLM_KWARGS = frozenset({"use_cache", "vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio"})
-# Arguments of other vision towers that are no-ops here when left at their defaults.
-_NEUTRAL_KWARGS = {"interpolate_pos_encoding": None, "head_mask": None, "bool_masked_pos": None}
+# Options of other vision towers, accepted while off.
+_OFF_KWARGS = ("head_mask", "bool_masked_pos")
 
 
 def _families():
@@ -74,9 +75,11 @@ def _check_kwargs(output_attentions: Any, kwargs: dict, who: str) -> None:
             "materialise the attention weights"
         )
     for k, v in kwargs.items():
-        if k in _LM_KWARGS or k in _VLM_KWARGS or k == "interpolate_pos_encoding":
+        if k in _LM_KWARGS or k in _VLM_KWARGS:
+            continue  # meant for the language model or the VLM itself
+        if k == "interpolate_pos_encoding":
             continue  # packvit always runs at the input's own resolution
-        if k in _NEUTRAL_KWARGS and v is None:
+        if k in _OFF_KWARGS and v is None:
             continue
         raise ValueError(
             f"{who} got an unsupported argument {k}={_short(v)}. It takes pixel_values, grid_thw, image_sizes, "
@@ -215,14 +218,22 @@ class PackvitVisionModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        # Linear and norm layers as transformers initialises them; the parameters packvit's models
-        # hold directly (position tables, CLS / register tokens, probes) from a normal distribution.
+        # For random weights (``AutoModel.from_config``) and keys a checkpoint lacks. Linear and norm
+        # layers as transformers initialises them; the parameters packvit's modules hold directly:
+        # LayerScale at the config's value, attention biases at zero, position tables, CLS /
+        # register tokens and probes from a normal distribution.
         super()._init_weights(module)
-        if isinstance(module, (nn.Linear, nn.LayerNorm)) or "Norm" in type(module).__name__:
+        if isinstance(module, nn.Linear) or "Norm" in type(module).__name__:
             return
         std = getattr(self.config, "initializer_range", None) or 0.02
-        for p in module.parameters(recurse=False):
-            if not getattr(p, "_is_hf_initialized", False):
+        for name, p in module.named_parameters(recurse=False):
+            if getattr(p, "_is_hf_initialized", False):
+                continue
+            if isinstance(module, LayerScale):
+                p.fill_(self.config.packvit_config.get("layerscale_value", 1.0))
+            elif name.endswith("_bias"):
+                p.zero_()
+            else:
                 nn.init.normal_(p, std=std)
 
     # -- construction ---------------------------------------------------------------------------
