@@ -151,6 +151,8 @@ def test_tower_save_load_and_auto_classes(hf_checkpoints, tmp_path):
     with torch.no_grad():
         assert torch.equal(again(x).last_hidden_state, ref)
     d = {k: v for k, v in t.config.to_dict().items() if k != "model_type"}
+    with pytest.raises(ValueError, match="PackvitVisionModel.from_pretrained"):
+        PackvitVisionModel.from_checkpoint(tmp_path)
     cfg = transformers.AutoConfig.for_model("packvit_vision", **d)
     assert isinstance(cfg, PackvitVisionConfig) and cfg.packvit == t.packvit.config
     with pytest.raises(ValueError, match="does not know"):
@@ -274,6 +276,13 @@ def test_llava_named_in_config_mixed_sizes_and_reload(hf_checkpoints, family, tm
         a, b = model(input_ids=input_ids, **inputs).logits, again(input_ids=input_ids, **inputs).logits
     assert torch.equal(a, b)
 
+    # transformers' gradient checkpointing switch reaches packvit's blocks
+    (getattr(again, "activation_checkpointing_enable", None) or again.gradient_checkpointing_enable)()  # 5.x, 4.x
+    again.train()
+    assert again.model.vision_tower.packvit.gradient_checkpointing is True
+    again(input_ids=input_ids, labels=input_ids, **inputs).loss.backward()
+    assert again.model.vision_tower.packvit.blocks[0].attn.qkv.weight.grad is not None
+
 
 # ---------------------------------------------------------------------------------------------
 # Qwen2-VL
@@ -285,6 +294,17 @@ def test_merge_order_matches_qwen_windows():
     order = merge_order(((1, 4, 4),), 2).tolist()
     assert order[:8] == [0, 1, 4, 5, 2, 3, 6, 7]
     assert sorted(merge_order(((2, 2, 4), (1, 4, 2)), 2).tolist()) == list(range(24))
+
+
+def test_qwen_visual_checks_its_grid(packvit_models):
+    visual = PackvitQwen2VLVisual(packvit_models["siglip2"], 32, return_output=False)
+    x = torch.randn(2 * 4 + 3 * 2, 768)  # (Tp, p*p*C) of grids 2x4 and 3x2
+    with pytest.raises(ValueError, match="multiple of spatial_merge_size 2"):
+        visual(x, grid_thw=torch.tensor([[1, 2, 4], [1, 3, 2]]))
+    with pytest.raises(ValueError, match="output_attentions"):
+        visual(x[:8], grid_thw=torch.tensor([[1, 2, 4]]), output_attentions=True)
+    merged = visual(x[:8], grid_thw=torch.tensor([[1, 2, 4]]), output_hidden_states=False, return_dict=True)
+    assert merged.shape == (2, 32)
 
 
 QWEN = {

@@ -265,8 +265,16 @@ class PackvitVisionModel(PreTrainedModel):
         """Load any checkpoint ``packvit.from_pretrained`` reads (a transformers checkpoint of SigLIP2,
         DINOv3 or AIMv2: hub id or folder; a ``packvit convert`` folder); ``load_kwargs`` (device,
         dtype, attn_backend, revision, ...) go to it."""
+        import json
+
         import packvit
 
+        cfg = os.path.join(os.fspath(src), "config.json")
+        if os.path.isfile(cfg) and json.loads(open(cfg).read()).get("model_type") == MODEL_TYPE:
+            raise ValueError(
+                f"{src} was written by PackvitVisionModel.save_pretrained: load it with "
+                "PackvitVisionModel.from_pretrained (or AutoModel.from_pretrained)"
+            )
         return cls.from_packvit(packvit.from_pretrained(src, **load_kwargs), image_size=image_size,
                                 prefix_tokens=prefix_tokens)
 
