@@ -404,14 +404,8 @@ class PackvitVisionModel(PreTrainedModel):
 
 def register() -> None:
     """Register the config and model with AutoConfig / AutoModel (done on import; idempotent)."""
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    if MODEL_TYPE not in CONFIG_MAPPING:
-        AutoConfig.register(MODEL_TYPE, PackvitVisionConfig)
-    try:
-        AutoModel.register(PackvitVisionConfig, PackvitVisionModel)
-    except ValueError:  # already registered (a module reload): the mapping holds ours
-        pass
+    AutoConfig.register(MODEL_TYPE, PackvitVisionConfig, exist_ok=True)
+    AutoModel.register(PackvitVisionConfig, PackvitVisionModel, exist_ok=True)
 
 
 register()
