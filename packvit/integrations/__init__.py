@@ -1,1 +1,2 @@
-"""Glue to other projects (LLaVA-NeXT, transformers, DeepSpeed). The core never imports these."""
+"""Glue to other projects (LLaVA-NeXT, transformers, DeepSpeed): each module imports packvit;
+nothing in the core of packvit imports them."""
