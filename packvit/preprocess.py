@@ -467,9 +467,9 @@ class ImageProcessor:
         if not isinstance(images, (list, tuple)):
             images = [images]
         c, p = self.config, self.config.patch_size
+        resize = self._resize if c.backend == "pil" else (lambda f: f)  # torchvision: resized below, in torch
         decoded = []  # (t, H, W, C) each: uint8 levels (one table lookup away) or final float32 values
         for i, sample in enumerate(images):
-            resize = self._resize if c.backend == "pil" else (lambda f: f)  # torchvision: resized below
             frames = [np.asarray(resize(f)) for f in self._frames(sample, i)]  # (H, W, C) uint8 each
             if frames[0].ndim != 3 or frames[0].shape[2] != c.num_channels:
                 raise ValueError(f"images[{i}] has shape {list(frames[0].shape)}, expected {c.num_channels} channels last")
