@@ -5,13 +5,16 @@
 
 Photo-like random images, sides 256..1024 px, processed in batches of --batch. Modes: SigLIP2
 NaFlex (max_num_patches 256 and 1024, patch 16) and native (DINOv3, patch 16, up to 1024
-patches). One process, torch threads as set by --threads; a DataLoader with W workers scales
+patches). ``--backend`` picks the pixel path (``pil``: PIL resize, as transformers' PIL
+processors; ``torchvision``: interpolate(antialias=True), as its torchvision processors; default
+both). One process, torch threads as set by --threads; a DataLoader with W workers scales
 roughly by W. Prints a table and a JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import time
@@ -40,6 +43,7 @@ def main():
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--from-jpeg", action="store_true")
+    ap.add_argument("--backend", choices=["pil", "torchvision", "both"], default="both")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     images = make_images(args.images)
@@ -57,6 +61,8 @@ def main():
         "dinov3 native <=1024": PreprocessConfig(patch_size=16, mode="native", image_mean=IMAGENET_MEAN,
                                                  image_std=IMAGENET_STD),
     }
+    backends = ["pil", "torchvision"] if args.backend == "both" else [args.backend]
+    procs = {f"{name} {b}": dataclasses.replace(cfg, backend=b) for name, cfg in procs.items() for b in backends}
     rows = []
     for name, cfg in procs.items():
         proc = ImageProcessor(cfg)
@@ -71,9 +77,9 @@ def main():
         dt = time.perf_counter() - t0
         rows.append(dict(mode=name, images_per_s=round(len(images) / dt, 1), tokens_per_s=round(tokens / dt),
                          tokens_per_image=round(tokens / len(images), 1)))
-    print(f"{'mode':24s} {'images/s':>9s} {'tokens/s':>10s} {'tok/img':>8s}")
+    print(f"{'mode':36s} {'images/s':>9s} {'tokens/s':>10s} {'tok/img':>8s}")
     for r in rows:
-        print(f"{r['mode']:24s} {r['images_per_s']:9.1f} {r['tokens_per_s']:10d} {r['tokens_per_image']:8.1f}")
+        print(f"{r['mode']:36s} {r['images_per_s']:9.1f} {r['tokens_per_s']:10d} {r['tokens_per_image']:8.1f}")
     print(json.dumps(dict(threads=args.threads, from_jpeg=args.from_jpeg, sides="256..1024 px", rows=rows)))
 
 

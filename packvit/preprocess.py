@@ -10,12 +10,21 @@ Three sizing modes, chosen from the checkpoint (or by hand):
     ``fixed``   the checkpoint's fixed-size recipe: ``size={"height", "width"}``, or
                 ``size={"shortest_edge"}`` then a centre crop to ``crop_size`` (CLIP's recipe).
 
-Pixel path, identical to transformers' PIL backend for 8-bit images: convert to RGB, resize with
-PIL (``resample`` from the config), rescale by ``rescale_factor`` in float64 then cast to float32,
-normalise ``(x - mean) / std`` in float32, cut (p_h, p_w, C) patches. Rescale and normalise are one
-256-entry lookup table per channel, computed with exactly those operations, so the output matches
-bit for bit. Float inputs are taken as values in [0, 1] and rounded to 8 bits first (transformers
-truncates them when it hands them to PIL; rounding recovers ``k / 255`` exactly).
+Two pixel paths (``backend``), each identical to one of transformers' two processor backends:
+
+    ``pil``          convert to RGB, resize with PIL (``resample`` from the config), rescale by
+                     ``rescale_factor`` in float64 then cast to float32, normalise ``(x - mean) / std``
+                     in float32, cut (p_h, p_w, C) patches.
+    ``torchvision``  the same image resized by ``torch.nn.functional.interpolate`` as transformers'
+                     torchvision ("fast") processors do, then their fused rescale + normalise
+                     (``packvit.preprocess_torchvision``; needs no torchvision).
+    ``auto``         what transformers picks in this environment: ``torchvision`` when the package
+                     is installed, else ``pil``. The config holds the resolved name.
+
+Rescale and normalise of an 8-bit image are one 256-entry lookup table per channel, computed with
+exactly the backend's operations, so the output matches bit for bit. Float inputs are taken as
+values in [0, 1] and rounded to 8 bits first (transformers truncates them when it hands them to
+PIL; rounding recovers ``k / 255`` exactly).
 """
 
 from __future__ import annotations
@@ -31,6 +40,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import preprocess_torchvision as tv
+
 ImageLike = Union[Image.Image, np.ndarray, torch.Tensor, str, os.PathLike]
 # One entry of a batch: an image, or a video given as a list of frames (or a (t, C, H, W) tensor).
 Sample = Union[ImageLike, Sequence[ImageLike]]
@@ -40,6 +51,9 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MODES = ("naflex", "native", "fixed")
+BACKENDS = ("auto", "pil", "torchvision")
+# DINOv3's torchvision processor rescales to float before resizing (its _preprocess override).
+_RESCALE_FIRST = {"dinov3_vit"}
 
 # model_type in config.json -> (mode, mean, std, resample) used when no preprocessor_config.json exists.
 _FAMILY_DEFAULTS = {
@@ -74,10 +88,18 @@ class PreprocessConfig:
     max_pixels: int | None = None  # native; None -> 1024 patches
     size: dict = field(default_factory=dict)  # fixed: {"height", "width"} or {"shortest_edge"}
     crop_size: dict | None = None  # fixed: centre crop after a shortest_edge resize
+    backend: str = "auto"  # "pil" | "torchvision"; "auto" is resolved on construction
+    rescale_first: bool = False  # torchvision backend: rescale to float, then resize (DINOv3)
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.backend == "auto":  # transformers' rule: torchvision when installed, else PIL
+            object.__setattr__(self, "backend", "torchvision" if tv.torchvision_installed() else "pil")
+        if self.backend == "torchvision" and self.do_resize:
+            tv.interpolation(self.resample)  # refuse a resample torchvision cannot apply, now
         if self.patch_size <= 0:
             raise ValueError(f"patch_size must be positive, got {self.patch_size}")
         if len(self.image_mean) != len(self.image_std):
@@ -96,11 +118,15 @@ class PreprocessConfig:
         return self.min_pixels or 16 * p2, self.max_pixels or 1024 * p2
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, mode: str | None = None, **overrides) -> "PreprocessConfig":
+    def from_pretrained(
+        cls, path: str | os.PathLike, *, mode: str | None = None, backend: str = "auto", **overrides
+    ) -> "PreprocessConfig":
         """Read ``config.json`` (family, patch size) and ``preprocessor_config.json`` (if present) in ``path``.
 
         The mode is ``naflex`` for SigLIP2; AIMv2 and DINOv3 default to ``native`` (packvit's point),
-        ``mode="fixed"`` gives their checkpoint's fixed-size recipe. ``overrides`` replace fields.
+        ``mode="fixed"`` gives their checkpoint's fixed-size recipe. ``backend`` picks which of
+        transformers' processors to reproduce (``"auto"``: the one transformers would pick here).
+        ``overrides`` replace fields.
         """
         path = Path(path)
         if not (path / "config.json").is_file():
@@ -113,7 +139,7 @@ class PreprocessConfig:
         vision = cfg.get("vision_config", cfg)  # the dual-tower SigLIP2 nests the vision config
         kw: dict[str, Any] = dict(
             patch_size=int(vision["patch_size"]), mode=mode or default_mode, image_mean=mean, image_std=std,
-            resample=resample,
+            resample=resample, backend=backend, rescale_first=model_type in _RESCALE_FIRST,
         )
         pp = path / "preprocessor_config.json"
         if pp.is_file():
@@ -140,6 +166,8 @@ def _from_processor_json(d: dict) -> dict:
         out["size"] = {k: v for k, v in d["size"].items() if v is not None}
     if d.get("do_center_crop") and isinstance(d.get("crop_size"), dict):
         out["crop_size"] = dict(d["crop_size"])
+    if str(d.get("image_processor_type", "")).startswith("DINOv3"):
+        out["rescale_first"] = True
     return out
 
 
@@ -254,19 +282,37 @@ class ImageProcessor:
 
     def __init__(self, config: PreprocessConfig):
         self.config = c = config
-        # (C, 256) float32: rescale (float64, then cast) and normalise (float32), as transformers does.
-        levels = np.arange(256, dtype=np.float64)
-        lut = (levels * c.rescale_factor if c.do_rescale else levels).astype(np.float32)
-        lut = np.repeat(lut[None], c.num_channels, 0)  # (C, 256)
-        if c.do_normalize:
-            mean = np.array(c.image_mean, dtype=np.float32)[:, None]
-            std = np.array(c.image_std, dtype=np.float32)[:, None]
-            lut = (lut - mean) / std
+        if c.backend == "torchvision":
+            lut = tv.level_table(c.num_channels, c.do_rescale, c.rescale_factor, c.do_normalize,
+                                 c.image_mean, c.image_std).numpy()
+        else:
+            # (C, 256) float32: rescale (float64, then cast) and normalise (float32), as transformers does.
+            levels = np.arange(256, dtype=np.float64)
+            lut = (levels * c.rescale_factor if c.do_rescale else levels).astype(np.float32)
+            lut = np.repeat(lut[None], c.num_channels, 0)  # (C, 256)
+            if c.do_normalize:
+                mean = np.array(c.image_mean, dtype=np.float32)[:, None]
+                std = np.array(c.image_std, dtype=np.float32)[:, None]
+                lut = (lut - mean) / std
         self._lut = torch.from_numpy(np.ascontiguousarray(lut)).reshape(-1)  # (C*256,), index c*256 + v
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, mode: str | None = None, **overrides) -> "ImageProcessor":
-        return cls(PreprocessConfig.from_pretrained(path, mode=mode, **overrides))
+    def from_pretrained(
+        cls, path: str | os.PathLike, *, mode: str | None = None, backend: str = "auto", **overrides
+    ) -> "ImageProcessor":
+        return cls(PreprocessConfig.from_pretrained(path, mode=mode, backend=backend, **overrides))
+
+    def __repr__(self) -> str:
+        c = self.config
+        sizing = {"naflex": f"max_num_patches={c.max_num_patches}", "native": f"pixels={c.bounds}",
+                  "fixed": f"size={c.size}" + (f", crop_size={c.crop_size}" if c.crop_size else "")}[c.mode]
+        return (f"ImageProcessor(backend={c.backend!r}, mode={c.mode!r}, patch_size={c.patch_size}, {sizing}, "
+                f"resample={Image.Resampling(c.resample).name}, image_mean={c.image_mean}, image_std={c.image_std})")
+
+    @property
+    def backend(self) -> str:
+        """``"pil"`` or ``"torchvision"``: which of transformers' processors the pixels match."""
+        return self.config.backend
 
     # LLaVA reads these off its image processor (e.g. to fill padding with the mean colour).
     @property
@@ -280,6 +326,47 @@ class ImageProcessor:
     @property
     def patch_size(self) -> int:
         return self.config.patch_size
+
+    # LLaVA-NeXT's anyres / highres code (llava/mm_utils.py, llava/train/train.py) reads
+    # ``size["shortest_edge"]`` (the side of the square tile and of the resized whole image),
+    # ``crop_size["height"/"width"]`` (the tile it cuts, and the blank image of a text-only sample).
+    # Both are fresh dicts: changing one does not change the processor.
+    @property
+    def size(self) -> dict[str, int]:
+        """Fixed mode: the checkpoint's ``size``, plus ``shortest_edge`` when it is {height, width}.
+
+        naflex / native: ``{"shortest_edge": S}``, S the largest square side the processor keeps
+        unchanged (``p * isqrt(max_num_patches)`` for naflex, the square within ``max_pixels`` for
+        native): the tile LLaVA's anyres cuts costs the full patch budget and is not resized again.
+        """
+        c = self.config
+        if c.mode == "fixed":
+            size = {k: int(v) for k, v in c.size.items()}
+            if "shortest_edge" not in size:
+                size["shortest_edge"] = min(size["height"], size["width"])
+            return size
+        return {"shortest_edge": self._square_side()}
+
+    @property
+    def crop_size(self) -> dict[str, int]:
+        """{"height", "width"} of the square (or fixed) image this processor outputs as is.
+
+        Fixed mode: ``crop_size`` if the recipe crops, else ``size`` ({height, width}, or the
+        shortest edge squared); naflex / native: ``size["shortest_edge"]`` squared.
+        """
+        c = self.config
+        if c.mode == "fixed" and c.crop_size:
+            return {"height": int(c.crop_size["height"]), "width": int(c.crop_size["width"])}
+        if c.mode == "fixed" and "height" in c.size:
+            return {"height": int(c.size["height"]), "width": int(c.size["width"])}
+        side = self.size["shortest_edge"]
+        return {"height": side, "width": side}
+
+    def _square_side(self) -> int:
+        c, p = self.config, self.config.patch_size
+        if c.mode == "naflex":
+            return p * math.isqrt(c.max_num_patches)
+        return p * max(1, math.isqrt(c.bounds[1] // (p * p)))
 
     def target_size(self, height: int, width: int) -> tuple[int, int]:
         """(H, W) in pixels the model sees for an input of ``height x width`` pixels."""
@@ -321,6 +408,32 @@ class ImageProcessor:
         h, w = self.target_size(img.height, img.width)
         return img if (h, w) == (img.height, img.width) else img.resize((w, h), resample=c.resample)
 
+    def _torchvision_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """(t, C, H, W) uint8 -> transformers' torchvision processor: resized uint8, or float32 values.
+
+        The order is transformers' ``TorchvisionBackend._preprocess`` (resize, centre crop, then the
+        fused rescale + normalise, left to the lookup table), or DINOv3's override (rescale, resize
+        in float32, centre crop, normalise).
+        """
+        c = self.config
+        height, width = x.shape[-2:]
+        if c.rescale_first and c.do_rescale:
+            x = tv.rescale(x, c.rescale_factor)  # (t, C, H, W) float32
+        if c.do_resize:
+            if c.mode != "fixed":
+                size = self.target_size(height, width)
+            elif "shortest_edge" in c.size:
+                size = _shortest_edge_size(height, width, int(c.size["shortest_edge"]))
+            else:
+                size = (int(c.size["height"]), int(c.size["width"]))
+            x = tv.resize(x, size, tv.interpolation(c.resample))
+            if c.mode == "fixed" and c.crop_size:
+                x = tv.center_crop(x, int(c.crop_size["height"]), int(c.crop_size["width"]))
+        if c.rescale_first:
+            x = x.to(torch.float32)  # a no-op unless do_rescale=False
+            return tv.normalize(x, c.image_mean, c.image_std) if c.do_normalize else x
+        return x
+
     def _frames(self, sample: Sample, i: int) -> list[Image.Image]:
         rgb = self.config.do_convert_rgb
         if isinstance(sample, (list, tuple)):
@@ -354,18 +467,22 @@ class ImageProcessor:
         if not isinstance(images, (list, tuple)):
             images = [images]
         c, p = self.config, self.config.patch_size
-        decoded = []
+        resize = self._resize if c.backend == "pil" else (lambda f: f)  # torchvision: resized below, in torch
+        decoded = []  # (t, H, W, C) each: uint8 levels (one table lookup away) or final float32 values
         for i, sample in enumerate(images):
-            frames = [np.asarray(self._resize(f)) for f in self._frames(sample, i)]  # (H, W, C) uint8 each
-            hh, ww = frames[0].shape[:2]
+            frames = [np.asarray(resize(f)) for f in self._frames(sample, i)]  # (H, W, C) uint8 each
+            if frames[0].ndim != 3 or frames[0].shape[2] != c.num_channels:
+                raise ValueError(f"images[{i}] has shape {list(frames[0].shape)}, expected {c.num_channels} channels last")
+            v = torch.from_numpy(np.stack(frames))  # (t, H, W, C) uint8
+            if c.backend == "torchvision":
+                v = self._torchvision_pixels(v.permute(0, 3, 1, 2).contiguous()).permute(0, 2, 3, 1)
+            hh, ww = v.shape[1:3]
             if hh % p or ww % p:
                 raise ValueError(
                     f"images[{i}] is {hh}x{ww} after resizing, not a multiple of patch_size {p}: "
                     "use do_resize=True or give sides that are multiples of the patch size"
                 )
-            if frames[0].ndim != 3 or frames[0].shape[2] != c.num_channels:
-                raise ValueError(f"images[{i}] has shape {list(frames[0].shape)}, expected {c.num_channels} channels last")
-            decoded.append(np.stack(frames))  # (t, H, W, C)
+            decoded.append(v)
         grid = [(v.shape[0], v.shape[1] // p, v.shape[2] // p) for v in decoded]
         total = sum(t * h * w for t, h, w in grid)
         dim = p * p * c.num_channels
@@ -374,9 +491,13 @@ class ImageProcessor:
         start = 0
         for v, (t, h, w) in zip(decoded, grid):
             n = t * h * w
-            u8 = torch.from_numpy(v).view(t, h, p, w, p, c.num_channels).permute(0, 1, 3, 2, 4, 5)
-            idx = u8.reshape(n, dim).to(torch.int64) + offsets  # (n, p*p*C)
-            torch.take(self._lut, idx, out=out[start : start + n])  # rescale + normalise, one lookup
+            # (t, H, W, C) -> (t, h, w, p_h, p_w, C); splitting dims is a view whatever the strides.
+            patches = v.unflatten(1, (h, p)).unflatten(3, (w, p)).permute(0, 1, 3, 2, 4, 5)
+            if v.dtype == torch.uint8:
+                idx = patches.reshape(n, dim).to(torch.int64) + offsets  # (n, p*p*C)
+                torch.take(self._lut, idx, out=out[start : start + n])  # rescale + normalise, one lookup
+            else:
+                out[start : start + n].view(t, h, w, p, p, c.num_channels).copy_(patches)
             start += n
         grid_thw = torch.tensor(grid, dtype=torch.int64).reshape(-1, 3)
         if dtype != torch.float32:

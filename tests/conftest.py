@@ -16,7 +16,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 
 import pytest
 import torch
+from torchvision_shim import import_torchvision
 
+import_torchvision()  # before transformers imports it: beside a CPU-only torch it needs a shim
 transformers = pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parents[1]

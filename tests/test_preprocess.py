@@ -1,4 +1,6 @@
-"""packvit.preprocess vs transformers' image processors (PIL backend): identical patches and sizes."""
+"""packvit.preprocess vs transformers' image processors (PIL backend): identical patches and sizes.
+
+The torchvision backend is tested in test_preprocess_torchvision.py."""
 
 from __future__ import annotations
 
@@ -60,7 +62,7 @@ def test_smart_resize_matches_qwen2_vl():
 
 def test_siglip2_patches_identical_to_hf(siglip2_dir):
     d, hf = siglip2_dir
-    proc = ImageProcessor.from_pretrained(d)
+    proc = ImageProcessor.from_pretrained(d, backend="pil")
     assert proc.config.mode == "naflex" and proc.config.max_num_patches == 64
     images = [_photo(h, w, seed=i) for i, (h, w) in enumerate(SIZES)]
     x, grid = proc(images)
@@ -110,7 +112,7 @@ def test_fixed_mode_matches_clip_processor(tmp_path):
     hf.save_pretrained(tmp_path)
     transformers.Aimv2VisionConfig(hidden_size=32, intermediate_size=32, num_hidden_layers=1,
                                    num_attention_heads=2, patch_size=14).save_pretrained(tmp_path)
-    proc = ImageProcessor.from_pretrained(tmp_path, mode="fixed")
+    proc = ImageProcessor.from_pretrained(tmp_path, mode="fixed", backend="pil")
     assert proc.config.resample == Image.BICUBIC
     images = [_photo(h, w, seed=i) for i, (h, w) in enumerate([(100, 150), (300, 61), (56, 56)])]
     x, grid = proc(images)
@@ -134,7 +136,7 @@ def test_native_mode_keeps_resolution_within_bounds(hf_checkpoints):
 
 def test_normalisation_is_hf_arithmetic():
     """One uint8 level per channel: float64 rescale, cast, float32 (x - mean) / std."""
-    proc = ImageProcessor(PreprocessConfig(patch_size=1, mode="native", do_resize=False))
+    proc = ImageProcessor(PreprocessConfig(patch_size=1, mode="native", do_resize=False, backend="pil"))
     a = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, 2)
     x, _ = proc([a])
     mean, std = np.array(proc.image_mean, np.float32), np.array(proc.image_std, np.float32)
