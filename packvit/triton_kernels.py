@@ -5,8 +5,9 @@ Written here, not taken from a kept library, because none fits (checked 2026-12-
     ``layer_norm`` has no residual input; quack-kernels' residual path is its RMSNorm, and quack only
     reaches the GPU machine inside the 70 MB fa4 bundle (its ``gemm_act`` also fails there with the
     bundle's nvidia-cutlass-dsl 4.8.1, issue 19). The same kernel does AIMv2's add + RMSNorm, which
-    Liger-Kernel has (``fused_add_rms_norm``, kept as the fallback in ``fused_ops``), because
-    Liger's one-row-per-program kernels measured 2-3x slower on the H200 (RESULTS.md).
+    Liger-Kernel has (``fused_add_rms_norm``, kept as the alternative in ``fused_ops``), because
+    Liger's backward measured slower on the H200 (kernel time, 23k x 1024, forward + backward:
+    add + RMSNorm 0.271 ms Liger, 0.118 packvit; RMSNorm 0.193 against 0.082; the forwards tie).
   * SwiGLU over the fused ``[gate; up]`` fc1 output: Liger's ``swiglu`` takes gate and up as two
     tensors sharing one row stride, so the (T, 2H) output would first be copied into two (T, H)
     halves (two more passes over the largest activation), and its backward writes in place into
@@ -29,9 +30,7 @@ import triton.language as tl
 #
 # One kernel for LayerNorm and for AIMv2's RMSNorm (IS_RMS), with or without the residual add
 # (HAS_RES) and DINOv3's LayerScale on the branch (HAS_GAMMA). A program takes BLOCK_M rows as one
-# (BLOCK_M, BLOCK_N) tile so that several rows' loads are in flight at once: one row per program
-# left these kernels latency-bound on the H200 (0.43 ms for the backward at 23k x 1152, 9x the
-# bytes' time; benchmarks/fused_ab.py).
+# (BLOCK_M, BLOCK_N) tile; see ``_TILE_ELEMS`` for the shape chosen.
 
 
 @triton.jit
@@ -126,9 +125,13 @@ def _norm_bwd_kernel(
         tl.store(DG_P + pid * N + cols, dg, mask=cmask)
 
 
-# Tiles of about 4096 elements with 8 warps (16 per thread); the backward program takes 8 tiles
-# and writes one row of fp32 partials per 32 rows of D 1024: (T / 32, D), a few MB summed after.
-_TILE_ELEMS, _BWD_TILES, _NORM_WARPS = 4096, 8, 8
+# Tiles of one row (BLOCK_N = next power of two of D) with 4 warps. Kernel time on the H200 at
+# 23,103 rows (benchmarks/fused_ab.py --part sweep): the forward is at the bytes' time for every
+# tile tried (add + LayerNorm D 1152: 0.054 ms); the backward is fastest with one-row tiles: forward +
+# backward 0.183 / 0.194 / 0.118 ms (add + LayerNorm D 1152, + LayerScale D 1024, add + RMSNorm D
+# 1024) against 0.207 / 0.342 / 0.164 with 4096-element tiles and 8 warps. The backward program takes
+# 8 tiles and writes one row of fp32 partials per 8 rows: (T / 8, D), summed after.
+_TILE_ELEMS, _BWD_TILES, _NORM_WARPS = 1024, 8, 4
 
 
 def _norm_tile(D: int) -> tuple[int, int]:

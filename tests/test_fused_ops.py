@@ -88,7 +88,8 @@ def close(a, b, what, tol):
     err = ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
     assert err < tol, f"{what}: relative error {err:.2e} >= {tol}"
 
-for D, gamma_on, bias_on in [(48, True, True), (40, False, True), (64, False, False)]:
+# Narrow rows take many rows per tile; 1152 (SigLIP2) takes one row of a 2048-wide tile, as on the GPU.
+for D, gamma_on, bias_on in [(48, True, True), (40, False, True), (64, False, False), (1152, True, True)]:
     T = 37
     x = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
     a = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
@@ -110,7 +111,7 @@ for D, gamma_on, bias_on in [(48, True, True), (40, False, True), (64, False, Fa
         close(u, v, f"D={D} {name}", 1e-5)
 
 # RMSNorm, with and without the residual (AIMv2: no bias, no LayerScale).
-for D, res in [(48, True), (64, False)]:
+for D, res in [(48, True), (64, False), (1024, True)]:
     T = 37
     x = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
     a = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
