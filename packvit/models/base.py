@@ -10,7 +10,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..attention import resolve_backend
-from ..layers import Attention
+from ..fused_ops import resolve_fused
+from ..layers import Attention, Block, GatedMlp, RMSNorm
 from ..packing import PackedMeta, build_meta, check_inputs, grid_to_tuple, split_prefix
 
 
@@ -84,6 +85,12 @@ class PackedViT(nn.Module):
         self.attn_backend_request = attn_backend
         self.attn_backend = "sdpa"
         self.attn_compute_dtype: torch.dtype | None = None  # None: the weights' dtype
+        # Fused elementwise kernels between the matmuls (``packvit.fused_ops``): "auto" takes them
+        # wherever they run (CUDA, fp16/bf16, library present) beside a fused attention kernel,
+        # "on" also beside ``sdpa``, "off" keeps the reference ops.
+        # ``fused_kernels`` is what was resolved: op -> implementation, or None.
+        self.fused_kernels_request = "auto"
+        self.fused_kernels: dict[str, str | None] = resolve_fused("off", "cpu", torch.float32, "sdpa")
         self.gradient_checkpointing = False  # False, True (whole blocks) or "mlp"; see the setter
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -132,7 +139,28 @@ class PackedViT(nn.Module):
         for m in self.modules():
             if isinstance(m, Attention):
                 m.backend = resolved
+        self.set_fused_kernels(self.fused_kernels_request, dtype)
         return resolved
+
+    def set_fused_kernels(self, name: str = "auto", dtype: torch.dtype | None = None) -> dict[str, str | None]:
+        """Choose the fused elementwise kernels (add + norm, SwiGLU) for this model's device and
+        compute dtype: ``"auto"`` (every one that runs here, unless attention is the ``sdpa``
+        reference), ``"on"`` (also with ``sdpa``) or ``"off"`` (the reference ops). Called by
+        ``set_attention_backend`` and on ``.to()``; returns op -> implementation or None."""
+        fused = resolve_fused(name, self.device, dtype or self.attn_compute_dtype or self.dtype, self.attn_backend)
+        self.fused_kernels_request, self.fused_kernels = name, fused
+        for m in self.modules():
+            if isinstance(m, Block):
+                m.fused_add_norm = fused["add_rmsnorm" if isinstance(m.norm2, RMSNorm) else "add_layernorm"]
+            elif isinstance(m, RMSNorm):
+                m.fused = fused["rmsnorm"]
+            elif isinstance(m, GatedMlp):
+                m.fused = fused["swiglu"] if m.act_name == "silu" else None
+        return fused
+
+    def extra_repr(self) -> str:
+        on = ", ".join(f"{k}={v}" for k, v in self.fused_kernels.items() if v) or "off"
+        return f"attn_backend={self.attn_backend}, fused_kernels=[{on}]"
 
     def compile_blocks(self, **kwargs) -> "PackedViT":
         """Regional ``torch.compile``: each block compiled in place (they share one graph), with
@@ -165,8 +193,12 @@ class PackedViT(nn.Module):
         # Moving the model (``.to("cuda", torch.bfloat16)``) re-chooses an ``auto`` backend for
         # the new device and dtype; a backend named explicitly stays as named.
         out = super()._apply(fn, recurse)
-        if getattr(self, "attn_backend_request", None) == "auto" and any(True for _ in self.parameters()):
-            self.set_attention_backend("auto", self.attn_compute_dtype)
+        if not any(True for _ in self.parameters()):
+            return out
+        if getattr(self, "attn_backend_request", None) == "auto":
+            self.set_attention_backend("auto", self.attn_compute_dtype)  # re-chooses the fused kernels too
+        elif getattr(self, "fused_kernels_request", None) == "auto":
+            self.set_fused_kernels("auto", self.attn_compute_dtype)
         return out
 
     # -- forward --------------------------------------------------------------------------------

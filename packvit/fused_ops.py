@@ -1,0 +1,420 @@
+"""Fused elementwise ops of the default CUDA path, each with autograd, and the choice of which run.
+
+What runs between a block's matmuls on the reference path is several kernels per op, each a pass
+over a (T, D) or (T, hidden) activation in device memory. The fused path does each in one:
+
+    add_layernorm   s = x + gamma * a, y = LayerNorm(s)   packvit's Triton kernel   (SigLIP2, DINOv3)
+    add_rmsnorm     s = x + a, y = RMSNorm(s)              packvit's or Liger-Kernel (AIMv2)
+    rmsnorm         y = RMSNorm(x)                         packvit's or Liger-Kernel (AIMv2 norm1, final, patch)
+    swiglu          silu(gate) * up of fc1's [gate | up]   packvit's Triton kernel   (AIMv2)
+
+Both RMSNorms normalise in fp32, cast back, then scale, which is AIMv2's order (``layers.RMSNorm``;
+Liger's "llama" casting mode). Why packvit has kernels of its own: ``triton_kernels``.
+
+Which run is decided once, when the model picks its attention backend (build, ``.to()``,
+``set_attention_backend``): ``resolve_fused`` returns, per op, the implementation that will run, and
+the model hands it to its modules, whose ``repr`` shows it. CPU, fp32 and a missing library leave
+the op on the reference path (``None``). Every op is a ``torch.library`` custom op with a fake
+implementation and an autograd formula, so ``torch.compile`` keeps each block one graph; eager
+calls skip the op dispatcher and go straight to an ``autograd.Function`` over the same functions.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from typing import Optional
+
+import torch
+
+FUSED_CHOICES = ("auto", "on", "off")
+_HALF = (torch.float16, torch.bfloat16)
+OPS = ("add_layernorm", "add_rmsnorm", "rmsnorm", "swiglu")
+# AIMv2's RMSNorm, in order of preference: packvit's kernel's backward measured 1.7-2.4x faster than
+# Liger-Kernel's on the H200, the forwards tie (benchmarks/fused_ab.py, RESULTS.md); Liger's stays
+# as the alternative.
+RMSNORM_IMPLS = ("triton", "liger")
+
+
+@functools.cache
+def _has(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+        return True
+    except Exception:  # ImportError, or a package broken at import (no driver, wrong triton)
+        return False
+
+
+def _triton_ok() -> bool:
+    return _has("triton") and _has("packvit.triton_kernels")
+
+
+def _liger_ok() -> bool:
+    return _has("liger_kernel.ops.fused_add_rms_norm") and _has("liger_kernel.ops.rms_norm")
+
+
+def resolve_fused(
+    request: str, device: torch.device | str, dtype: torch.dtype, attn_backend: str = "sdpa"
+) -> dict[str, str | None]:
+    """op name -> the implementation that runs it ("triton", "liger"), or None for the reference path.
+
+    ``request``: "auto" fuses alongside a fused attention kernel, so that a model on the ``sdpa``
+    reference backend stays the reference throughout; "on" fuses whatever the attention backend;
+    "off" never. Either way only on CUDA in fp16/bf16, and only where the kernel's library imports.
+    """
+    if request not in FUSED_CHOICES:
+        raise ValueError(f"fused_kernels must be one of {FUSED_CHOICES}, got {request!r}")
+    out: dict[str, str | None] = dict.fromkeys(OPS)
+    if request == "off" or (request == "auto" and attn_backend == "sdpa"):
+        return out
+    if torch.device(device).type != "cuda" or dtype not in _HALF:
+        return out
+    if _triton_ok():
+        out["add_layernorm"] = out["swiglu"] = "triton"
+    for impl in RMSNORM_IMPLS:
+        if {"triton": _triton_ok, "liger": _liger_ok}[impl]():
+            out["add_rmsnorm"] = out["rmsnorm"] = impl
+            break
+    return out
+
+
+def runs_fused(*tensors: torch.Tensor) -> bool:
+    """Inputs the fused kernels take: CUDA, half precision, one dtype (not, e.g., autocast's mixes)."""
+    t0 = tensors[0]
+    return t0.is_cuda and t0.dtype in _HALF and all(t.dtype == t0.dtype for t in tensors[1:])
+
+
+def _kernels():
+    from . import triton_kernels
+
+    return triton_kernels
+
+
+# --- add + norm (+ LayerScale), and norm: packvit's Triton kernel ------------------------------------------
+
+
+def _empty(t: torch.Tensor) -> torch.Tensor:
+    return t.new_empty(0)
+
+
+@torch.library.custom_op("packvit::add_norm", mutates_args=(), device_types="cuda")
+def _add_norm_op(
+    x: torch.Tensor, a: Optional[torch.Tensor], gamma: Optional[torch.Tensor], weight: torch.Tensor,
+    bias: Optional[torch.Tensor], eps: float, rms: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    s, y, mean, rstd = _kernels().norm_fwd(x, a, gamma, weight, bias, eps, rms)
+    # Without a residual the kernel's s is x itself; an op may not return its input, so an empty stands in.
+    return (s if a is not None else _empty(x)), y, mean, rstd
+
+
+@_add_norm_op.register_fake
+def _(x, a, gamma, weight, bias, eps, rms):
+    T = x.shape[0]
+    s = torch.empty_like(x) if a is not None else _empty(x)
+    return s, torch.empty_like(x), x.new_empty(T, dtype=torch.float32), x.new_empty(T, dtype=torch.float32)
+
+
+@torch.library.custom_op("packvit::add_norm_backward", mutates_args=(), device_types="cuda")
+def _add_norm_bwd_op(
+    dy: torch.Tensor, ds: Optional[torch.Tensor], s: torch.Tensor, a: Optional[torch.Tensor],
+    gamma: Optional[torch.Tensor], weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, has_bias: bool,
+    rms: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # A custom op returns tensors only: the absent gradients travel as empty tensors.
+    dx, da, dg, dw, db = _kernels().norm_bwd(dy, ds, s, a, gamma, weight, mean, rstd, has_bias, rms)
+    return dx, da if da is not None else _empty(s), dg if dg is not None else _empty(weight), dw, \
+        db if db is not None else _empty(weight)
+
+
+@_add_norm_bwd_op.register_fake
+def _(dy, ds, s, a, gamma, weight, mean, rstd, has_bias, rms):
+    g = gamma is not None
+    return (torch.empty_like(s), torch.empty_like(s) if g else _empty(s), torch.empty_like(gamma) if g else _empty(weight),
+            torch.empty_like(weight), torch.empty_like(weight) if has_bias else _empty(weight))
+
+
+# The backward formulas take the kernel to call: the backward custom op when they are the op's
+# autograd formula (traced by AOTAutograd under torch.compile, which must see an opaque op), the
+# plain function in the eager ``autograd.Function``.
+def _add_norm_grads(ctx, ds, dy, bwd):
+    s, a, gamma, weight, mean, rstd = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros_like(s)
+    if not ctx.has_res:
+        ds = None
+    dx, da, dg, dw, db = bwd(dy, ds, s, a, gamma, weight, mean, rstd, ctx.has_bias, ctx.rms)
+    g = gamma is not None
+    da = (da if g else dx) if ctx.has_res else None
+    return dx, da, (dg if g else None), dw, (db if ctx.has_bias else None), None, None
+
+
+def _add_norm_save(ctx, x, a, gamma, weight, bias, rms, s, mean, rstd):
+    # The norm's input: s with a residual, x without.
+    ctx.save_for_backward(s if a is not None else x, a if gamma is not None else None, gamma, weight, mean, rstd)
+    ctx.has_bias, ctx.has_res, ctx.rms = bias is not None, a is not None, rms
+
+
+def _add_norm_setup(ctx, inputs, output):
+    x, a, gamma, weight, bias, eps, rms = inputs
+    s, y, mean, rstd = output
+    _add_norm_save(ctx, x, a, gamma, weight, bias, rms, s, mean, rstd)
+
+
+_add_norm_op.register_autograd(
+    lambda ctx, ds, dy, dmean, drstd: _add_norm_grads(ctx, ds, dy, _add_norm_bwd_op), setup_context=_add_norm_setup
+)
+
+
+class _AddNormFn(torch.autograd.Function):
+    """The eager route: the same kernels without the custom op's dispatch (tens of microseconds a call)."""
+
+    @staticmethod
+    def forward(ctx, x, a, gamma, weight, bias, eps, rms):
+        s, y, mean, rstd = _kernels().norm_fwd(x, a, gamma, weight, bias, eps, rms)
+        _add_norm_save(ctx, x, a, gamma, weight, bias, rms, s, mean, rstd)
+        if a is None:
+            return y
+        return s, y
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ds, dy = grads if ctx.has_res else (None, grads[0])
+        return _add_norm_grads(ctx, ds, dy, _kernels().norm_bwd)
+
+
+def add_norm(
+    x: torch.Tensor, a: torch.Tensor, gamma: torch.Tensor | None, weight: torch.Tensor,
+    bias: torch.Tensor | None, eps: float, rms: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, D) residual x and branch output a -> (s = x + gamma * a, norm(s)), one kernel each way.
+    ``rms``: AIMv2's RMSNorm (``layers.RMSNorm``); else LayerNorm."""
+    if torch.compiler.is_compiling():
+        s, y, _, _ = _add_norm_op(x, a, gamma, weight, bias, eps, rms)
+        return s, y
+    return _AddNormFn.apply(x, a, gamma, weight, bias, eps, rms)
+
+
+def norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, rms: bool = False) -> torch.Tensor:
+    """(T, D) -> norm(x) with the same kernel, no residual."""
+    if torch.compiler.is_compiling():
+        return _add_norm_op(x, None, None, weight, bias, eps, rms)[1]
+    return _AddNormFn.apply(x, None, None, weight, bias, eps, rms)
+
+
+def add_layernorm(x, a, gamma, weight, bias, eps):
+    """``add_norm`` with LayerNorm: (s = x + gamma * a, layer_norm(s))."""
+    return add_norm(x, a, gamma, weight, bias, eps, rms=False)
+
+
+# --- add + RMSNorm and RMSNorm (Liger-Kernel) ----------------------------------------------------------
+
+
+def _liger_settings(D: int) -> tuple[int, int]:
+    from liger_kernel.ops.utils import calculate_settings
+
+    return calculate_settings(D)
+
+
+def _add_rmsnorm_fwd(x, a, weight, eps):
+    from liger_kernel.ops.fused_add_rms_norm import fused_add_rms_norm_forward
+
+    y, s, rstd, *_ = fused_add_rms_norm_forward(x.contiguous(), a.contiguous(), weight, eps, 0.0, "llama")
+    return s, y, rstd
+
+
+def _add_rmsnorm_bwd(dy, ds, s, weight, rstd):
+    from liger_kernel.ops.fused_add_rms_norm import _str_to_casting_mode, fused_add_rms_norm_backward
+
+    block, warps = _liger_settings(s.shape[-1])
+    dy = dy.contiguous() if dy is not None else torch.zeros_like(s)
+    ds = ds.contiguous() if ds is not None else torch.zeros_like(s)
+    dx, _, dw = fused_add_rms_norm_backward(
+        dy, ds, s, weight, rstd, 0.0, _str_to_casting_mode["llama"], block, warps, 2, False, needs_dw=True
+    )
+    return dx, dw
+
+
+@torch.library.custom_op("packvit::add_rmsnorm", mutates_args=(), device_types="cuda")
+def _add_rmsnorm_op(
+    x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _add_rmsnorm_fwd(x, a, weight, eps)
+
+
+@_add_rmsnorm_op.register_fake
+def _(x, a, weight, eps):
+    return torch.empty_like(x), torch.empty_like(x), x.new_empty(x.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("packvit::add_rmsnorm_backward", mutates_args=(), device_types="cuda")
+def _add_rmsnorm_bwd_op(
+    dy: Optional[torch.Tensor], ds: Optional[torch.Tensor], s: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _add_rmsnorm_bwd(dy, ds, s, weight, rstd)
+
+
+@_add_rmsnorm_bwd_op.register_fake
+def _(dy, ds, s, weight, rstd):
+    return torch.empty_like(s), torch.empty_like(weight)
+
+
+def _add_rmsnorm_grads(saved, ds, dy, bwd):
+    s, weight, rstd = saved
+    dx, dw = bwd(dy, ds, s, weight, rstd)
+    return dx, dx, dw, None
+
+
+def _add_rmsnorm_setup(ctx, inputs, output):
+    s, y, rstd = output
+    ctx.save_for_backward(s, inputs[2], rstd)
+
+
+_add_rmsnorm_op.register_autograd(
+    lambda ctx, ds, dy, drstd: _add_rmsnorm_grads(ctx.saved_tensors, ds, dy, _add_rmsnorm_bwd_op),
+    setup_context=_add_rmsnorm_setup,
+)
+
+
+class _AddRMSNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, a, weight, eps):
+        s, y, rstd = _add_rmsnorm_fwd(x, a, weight, eps)
+        ctx.save_for_backward(s, weight, rstd)
+        ctx.mark_non_differentiable(rstd)
+        return s, y, rstd
+
+    @staticmethod
+    def backward(ctx, ds, dy, drstd):
+        return _add_rmsnorm_grads(ctx.saved_tensors, ds, dy, _add_rmsnorm_bwd)
+
+
+def add_rmsnorm(x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, D) residual x and branch output a -> (s = x + a, rms_norm(s)) as ``layers.RMSNorm`` computes it."""
+    if torch.compiler.is_compiling():
+        s, y, _ = _add_rmsnorm_op(x, a, weight, eps)
+    else:
+        s, y, _ = _AddRMSNormFn.apply(x, a, weight, eps)
+    return s, y
+
+
+def _rmsnorm_fwd(x, weight, eps):
+    from liger_kernel.ops.rms_norm import rms_norm_forward
+
+    y, _, rstd, *_ = rms_norm_forward(x.contiguous(), weight, eps, 0.0, "llama", None)
+    return y, rstd
+
+
+def _rmsnorm_bwd(dy, x, weight, rstd):
+    from liger_kernel.ops.rms_norm import _str_to_casting_mode, rms_norm_backward
+
+    block, warps = _liger_settings(x.shape[-1])
+    dx, dw = rms_norm_backward(
+        dy.contiguous(), x.contiguous(), weight, rstd, 0.0, _str_to_casting_mode["llama"], block, warps,
+        False, None, needs_dw=True,
+    )
+    return dx, dw
+
+
+@torch.library.custom_op("packvit::rmsnorm", mutates_args=(), device_types="cuda")
+def _rmsnorm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rmsnorm_fwd(x, weight, eps)
+
+
+@_rmsnorm_op.register_fake
+def _(x, weight, eps):
+    return torch.empty_like(x), x.new_empty(x.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("packvit::rmsnorm_backward", mutates_args=(), device_types="cuda")
+def _rmsnorm_bwd_op(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rmsnorm_bwd(dy, x, weight, rstd)
+
+
+@_rmsnorm_bwd_op.register_fake
+def _(dy, x, weight, rstd):
+    return torch.empty_like(x), torch.empty_like(weight)
+
+
+def _rmsnorm_grads(saved, dy, bwd):
+    x, weight, rstd = saved
+    dx, dw = bwd(dy, x, weight, rstd)
+    return dx, dw, None
+
+
+def _rmsnorm_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], inputs[1], output[1])
+
+
+_rmsnorm_op.register_autograd(
+    lambda ctx, dy, drstd: _rmsnorm_grads(ctx.saved_tensors, dy, _rmsnorm_bwd_op), setup_context=_rmsnorm_setup
+)
+
+
+class _RMSNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        y, rstd = _rmsnorm_fwd(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.mark_non_differentiable(rstd)
+        return y, rstd
+
+    @staticmethod
+    def backward(ctx, dy, drstd):
+        return _rmsnorm_grads(ctx.saved_tensors, dy, _rmsnorm_bwd)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """(T, D) -> RMSNorm as ``layers.RMSNorm`` computes it, in one kernel each way."""
+    if torch.compiler.is_compiling():
+        return _rmsnorm_op(x, weight, eps)[0]
+    return _RMSNormFn.apply(x, weight, eps)[0]
+
+
+# --- SwiGLU ----------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("packvit::swiglu", mutates_args=(), device_types="cuda")
+def _swiglu_op(h: torch.Tensor) -> torch.Tensor:
+    return _kernels().swiglu_fwd(h)
+
+
+@_swiglu_op.register_fake
+def _(h):
+    return h.new_empty(h.shape[0], h.shape[1] // 2)
+
+
+@torch.library.custom_op("packvit::swiglu_backward", mutates_args=(), device_types="cuda")
+def _swiglu_bwd_op(do: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    return _kernels().swiglu_bwd(do, h)
+
+
+@_swiglu_bwd_op.register_fake
+def _(do, h):
+    return torch.empty_like(h)
+
+
+def _swiglu_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+_swiglu_op.register_autograd(lambda ctx, do: _swiglu_bwd_op(do, ctx.saved_tensors[0]), setup_context=_swiglu_setup)
+
+
+class _SwiGLUFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h):
+        ctx.save_for_backward(h)
+        return _kernels().swiglu_fwd(h)
+
+    @staticmethod
+    def backward(ctx, do):
+        return _kernels().swiglu_bwd(do, ctx.saved_tensors[0])
+
+
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    """(T, 2H) fc1 output [gate | up] -> silu(gate) * up (T, H), reading h once."""
+    if torch.compiler.is_compiling():
+        return _swiglu_op(h)
+    return _SwiGLUFn.apply(h)

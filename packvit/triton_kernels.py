@@ -1,0 +1,259 @@
+"""packvit's own Triton kernels for the elementwise work between a block's matmuls (CUDA, fp16/bf16).
+
+Written here, not taken from a kept library, because none fits (checked 2026-12-03):
+  * residual add + LayerNorm, with DINOv3's LayerScale folded in, forward and backward: Liger-Kernel's
+    ``layer_norm`` has no residual input; quack-kernels' residual path is its RMSNorm, and quack only
+    reaches the GPU machine inside the 70 MB fa4 bundle (its ``gemm_act`` also fails there with the
+    bundle's nvidia-cutlass-dsl 4.8.1, issue 19). The same kernel does AIMv2's add + RMSNorm, which
+    Liger-Kernel has (``fused_add_rms_norm``, kept as the alternative in ``fused_ops``), because
+    Liger's backward measured slower on the H200 (kernel time, 23k x 1024, forward + backward:
+    add + RMSNorm 0.271 ms Liger, 0.118 packvit; RMSNorm 0.193 against 0.082; the forwards tie).
+  * SwiGLU over the fused ``[gate; up]`` fc1 output: Liger's ``swiglu`` takes gate and up as two
+    tensors sharing one row stride, so the (T, 2H) output would first be copied into two (T, H)
+    halves (two more passes over the largest activation), and its backward writes in place into
+    its inputs. This kernel reads the halves by stride and writes the (T, 2H) gradient that fc1's
+    backward takes as it is.
+
+Notation: T packed tokens (rows), D model width, H the MLP's hidden width. Every kernel computes in
+fp32 and rounds once per stored tensor. They also run on the CPU under Triton's interpreter
+(``TRITON_INTERPRET=1``), which is how CI checks them.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+# --- residual add + norm (+ LayerScale) --------------------------------------------------------------
+#
+# One kernel for LayerNorm and for AIMv2's RMSNorm (IS_RMS), with or without the residual add
+# (HAS_RES) and DINOv3's LayerScale on the branch (HAS_GAMMA). A program takes BLOCK_M rows as one
+# (BLOCK_M, BLOCK_N) tile; see ``_TILE_ELEMS`` for the shape chosen.
+
+
+@triton.jit
+def _norm_fwd_kernel(
+    X, A, G, W, B, S, Y, MEAN, RSTD, M, N, eps,
+    HAS_RES: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BIAS: tl.constexpr, IS_RMS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # s = x + gamma * a (stored), then y = LayerNorm(s) or RMSNorm(s).
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    live = rows < M
+    mask = live[:, None] & (cols < N)[None, :]
+    off = rows.to(tl.int64)[:, None] * N + cols[None, :]
+    s = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        a = tl.load(A + off, mask=mask, other=0.0).to(tl.float32)
+        if HAS_GAMMA:
+            a = a * tl.load(G + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        s_lo = (s + a).to(S.dtype.element_ty)
+        tl.store(S + off, s_lo, mask=mask)
+        s = s_lo.to(tl.float32)  # normalise the residual as stored, as the unfused path does
+    w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    if IS_RMS:
+        rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=1) / N + eps)
+        # AIMv2's order: normalise in fp32, round to the storage dtype, then scale.
+        y = (s * rstd[:, None]).to(Y.dtype.element_ty).to(tl.float32) * w
+    else:
+        mean = tl.sum(s, axis=1) / N
+        d = tl.where(mask, s - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / N + eps)
+        y = d * rstd[:, None] * w
+        tl.store(MEAN + rows, mean, mask=live)
+    if HAS_BIAS:
+        y = y + tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + off, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + rows, rstd, mask=live)
+
+
+@triton.jit
+def _norm_bwd_kernel(
+    DY, DS, S, A, G, W, MEAN, RSTD, DX, DA, DW_P, DB_P, DG_P, M, N,
+    HAS_DS: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BIAS: tl.constexpr, IS_RMS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr,
+):
+    # LayerNorm: ds = rstd * (w*dy - mean(w*dy) - xhat * mean(w*dy*xhat)); RMSNorm drops the
+    # mean(w*dy) term. Then ds += ds_out (the residual's own gradient), dx = ds, da = gamma * ds.
+    # The program's TILES * BLOCK_M rows sum their parameter gradients into one fp32 row of partials.
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if HAS_GAMMA:
+        g = tl.load(G + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    db = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    dg = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for t in range(0, TILES):  # a constexpr trip count: a run-time one does not run under the interpreter
+        rows = (pid * TILES + t) * BLOCK_M + tl.arange(0, BLOCK_M)
+        live = rows < M
+        mask = live[:, None] & cmask[None, :]
+        off = rows.to(tl.int64)[:, None] * N + cols[None, :]
+        dy = tl.load(DY + off, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(S + off, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=live, other=0.0)[:, None]
+        wdy = w * dy
+        if IS_RMS:
+            xhat = s * rstd
+            ds = (wdy - xhat * (tl.sum(xhat * wdy, axis=1) / N)[:, None]) * rstd
+            # The forward scales the rounded normalised value: so does the weight's gradient.
+            dw += tl.sum(dy * xhat.to(DX.dtype.element_ty).to(tl.float32), axis=0)
+        else:
+            mean = tl.load(MEAN + rows, mask=live, other=0.0)[:, None]
+            xhat = tl.where(mask, (s - mean) * rstd, 0.0)
+            c1 = tl.sum(xhat * wdy, axis=1) / N
+            c2 = tl.sum(wdy, axis=1) / N
+            ds = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd
+            dw += tl.sum(dy * xhat, axis=0)
+        if HAS_DS:
+            ds = ds + tl.load(DS + off, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + off, ds.to(DX.dtype.element_ty), mask=mask)
+        if HAS_BIAS:
+            db += tl.sum(dy, axis=0)
+        if HAS_GAMMA:
+            a = tl.load(A + off, mask=mask, other=0.0).to(tl.float32)
+            tl.store(DA + off, (ds * g).to(DA.dtype.element_ty), mask=mask)
+            dg += tl.sum(ds * a, axis=0)
+    tl.store(DW_P + pid * N + cols, dw, mask=cmask)
+    if HAS_BIAS:
+        tl.store(DB_P + pid * N + cols, db, mask=cmask)
+    if HAS_GAMMA:
+        tl.store(DG_P + pid * N + cols, dg, mask=cmask)
+
+
+# Tiles of one row (BLOCK_N = next power of two of D) with 4 warps. Kernel time on the H200 at
+# 23,103 rows (benchmarks/fused_ab.py --part sweep): the forward is at the bytes' time for every
+# tile tried (add + LayerNorm D 1152: 0.054 ms); the backward is fastest with one-row tiles: forward +
+# backward 0.183 / 0.194 / 0.118 ms (add + LayerNorm D 1152, + LayerScale D 1024, add + RMSNorm D
+# 1024) against 0.207 / 0.342 / 0.164 with 4096-element tiles and 8 warps. The backward program takes
+# 8 tiles and writes one row of fp32 partials per 8 rows: (T / 8, D), summed after.
+_TILE_ELEMS, _BWD_TILES, _NORM_WARPS = 1024, 8, 4
+
+
+def _norm_tile(D: int) -> tuple[int, int]:
+    block_n = triton.next_power_of_2(D)
+    return max(1, _TILE_ELEMS // block_n), block_n
+
+
+def norm_fwd(
+    x: torch.Tensor, a: torch.Tensor | None, gamma: torch.Tensor | None, weight: torch.Tensor,
+    bias: torch.Tensor | None, eps: float, rms: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x, a (T, D) -> s = x + gamma * a (T, D; x itself when a is None), y = norm(s) (T, D), and
+    mean, rstd (T,) fp32 (mean unused for RMSNorm)."""
+    x = x.contiguous()
+    a = a.contiguous() if a is not None else None
+    T, D = x.shape
+    s = torch.empty_like(x) if a is not None else x
+    y = torch.empty_like(x)
+    mean = x.new_empty(T, dtype=torch.float32)
+    rstd = x.new_empty(T, dtype=torch.float32)
+    if T:
+        bm, bn = _norm_tile(D)
+        _norm_fwd_kernel[(triton.cdiv(T, bm),)](
+            x, a if a is not None else x, gamma if gamma is not None else weight, weight,
+            bias if bias is not None else weight, s, y, mean, rstd, T, D, eps,
+            HAS_RES=a is not None, HAS_GAMMA=gamma is not None, HAS_BIAS=bias is not None, IS_RMS=rms,
+            BLOCK_M=bm, BLOCK_N=bn, num_warps=_NORM_WARPS,
+        )
+    return s, y, mean, rstd
+
+
+def norm_bwd(
+    dy: torch.Tensor, ds: torch.Tensor | None, s: torch.Tensor, a: torch.Tensor | None,
+    gamma: torch.Tensor | None, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, has_bias: bool,
+    rms: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """Gradients of ``norm_fwd``: (dx, da or None, dgamma or None, dweight, dbias or None).
+
+    ``ds`` is the gradient reaching the residual output s from later layers (None: zero). Without
+    gamma, da equals dx (the caller reuses it)."""
+    dy = dy.contiguous()
+    ds = ds.contiguous() if ds is not None else None
+    T, D = s.shape
+    bm, bn = _norm_tile(D)
+    P = max(1, triton.cdiv(T, bm * _BWD_TILES))
+    dx = torch.empty_like(s)
+    da = torch.empty_like(s) if gamma is not None else None
+    part = s.new_zeros((1 + (gamma is not None) + has_bias, P, D), dtype=torch.float32)
+    dw_p = part[0]
+    dg_p = part[1] if gamma is not None else dw_p
+    db_p = part[-1] if has_bias else dw_p
+    if T:
+        _norm_bwd_kernel[(P,)](
+            dy, ds if ds is not None else dy, s, a if a is not None else s, gamma if gamma is not None else weight,
+            weight, mean, rstd, dx, da if da is not None else dx, dw_p, db_p, dg_p, T, D,
+            HAS_DS=ds is not None, HAS_GAMMA=gamma is not None, HAS_BIAS=has_bias, IS_RMS=rms,
+            BLOCK_M=bm, BLOCK_N=bn, TILES=_BWD_TILES, num_warps=_NORM_WARPS,
+        )
+    dw = dw_p.sum(0).to(weight.dtype)
+    dg = dg_p.sum(0).to(gamma.dtype) if gamma is not None else None
+    db = db_p.sum(0).to(weight.dtype) if has_bias else None
+    return dx, da, dg, dw, db
+
+
+# --- SwiGLU ------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _swiglu_fwd_kernel(Hx, O, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # h (M, 2N) = [gate | up] -> o (M, N) = silu(gate) * up; silu is rounded to the storage dtype
+    # before the product, as the unfused ``F.silu(gate) * up`` does.
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    h_off = r64 * (2 * N) + cols[None, :]
+    gate = tl.load(Hx + h_off, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(Hx + h_off + N, mask=mask, other=0.0).to(tl.float32)
+    act = (gate * tl.sigmoid(gate)).to(O.dtype.element_ty).to(tl.float32)
+    tl.store(O + r64 * N + cols[None, :], (act * up).to(O.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(DO, Hx, DH, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # dgate = do * up * silu'(gate), dup = do * silu(gate), written as one (M, 2N) gradient.
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    h_off = r64 * (2 * N) + cols[None, :]
+    do = tl.load(DO + r64 * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(Hx + h_off, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(Hx + h_off + N, mask=mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(gate)
+    act = (gate * sig).to(DH.dtype.element_ty).to(tl.float32)
+    dgate = do * up * (sig * (1.0 + gate * (1.0 - sig)))
+    tl.store(DH + h_off, dgate.to(DH.dtype.element_ty), mask=mask)
+    tl.store(DH + h_off + N, (do * act).to(DH.dtype.element_ty), mask=mask)
+
+
+_SWIGLU_BLOCK_M, _SWIGLU_BLOCK_N = 8, 256
+
+
+def _swiglu_grid(M: int, N: int) -> tuple[int, int]:
+    return triton.cdiv(M, _SWIGLU_BLOCK_M), triton.cdiv(N, _SWIGLU_BLOCK_N)
+
+
+def swiglu_fwd(h: torch.Tensor) -> torch.Tensor:
+    """h (T, 2H) = fc1 output [gate | up] -> silu(gate) * up (T, H)."""
+    h = h.contiguous()
+    M, N = h.shape[0], h.shape[1] // 2
+    out = h.new_empty(M, N)
+    if M:
+        _swiglu_fwd_kernel[_swiglu_grid(M, N)](h, out, M, N, BLOCK_M=_SWIGLU_BLOCK_M, BLOCK_N=_SWIGLU_BLOCK_N, num_warps=4)
+    return out
+
+
+def swiglu_bwd(do: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """do (T, H), h (T, 2H) -> dh (T, 2H)."""
+    do, h = do.contiguous(), h.contiguous()
+    M, N = h.shape[0], h.shape[1] // 2
+    dh = torch.empty_like(h)
+    if M:
+        _swiglu_bwd_kernel[_swiglu_grid(M, N)](do, h, dh, M, N, BLOCK_M=_SWIGLU_BLOCK_M, BLOCK_N=_SWIGLU_BLOCK_N, num_warps=4)
+    return dh

@@ -1,0 +1,193 @@
+"""The fused elementwise path on the CPU: which kernels a model chooses, and packvit's own Triton
+kernels checked against the reference ops under Triton's interpreter (``TRITON_INTERPRET=1``;
+skipped where triton is not installed). The same checks at the presets' real widths on a GPU are in
+test_gpu_fused.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ROOT
+from packvit import fused_ops
+from packvit.layers import Block, GatedMlp, RMSNorm
+from packvit.models.aimv2 import AIMv2, AIMv2Config
+from packvit.models.dinov3 import DINOv3, DINOv3Config
+
+
+def _tiny_aimv2():
+    return AIMv2(AIMv2Config(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=96))
+
+
+def test_cpu_and_fp32_models_take_the_reference_path():
+    m = _tiny_aimv2()
+    assert set(m.fused_kernels.values()) == {None}
+    assert "fused_kernels=[off]" in repr(m)
+    for mod in m.modules():
+        assert getattr(mod, "fused", None) is None and getattr(mod, "fused_add_norm", None) is None
+    m.to(torch.bfloat16)  # bf16 on the CPU: still no fused kernel
+    assert set(m.fused_kernels.values()) == {None}
+
+
+def test_resolution_rules(monkeypatch):
+    monkeypatch.setattr(fused_ops, "_triton_ok", lambda: True)
+    monkeypatch.setattr(fused_ops, "_liger_ok", lambda: True)
+    on = fused_ops.resolve_fused("auto", "cuda", torch.bfloat16, "fa4")
+    assert on == {"add_layernorm": "triton", "add_rmsnorm": "triton", "rmsnorm": "triton", "swiglu": "triton"}
+    assert set(fused_ops.resolve_fused("auto", "cuda", torch.bfloat16, "sdpa").values()) == {None}  # the reference
+    assert fused_ops.resolve_fused("on", "cuda", torch.bfloat16, "sdpa") == on
+    assert set(fused_ops.resolve_fused("on", "cuda", torch.float32, "fa4").values()) == {None}
+    assert set(fused_ops.resolve_fused("off", "cuda", torch.bfloat16, "fa4").values()) == {None}
+    monkeypatch.setattr(fused_ops, "RMSNORM_IMPLS", ("liger", "triton"))
+    assert fused_ops.resolve_fused("auto", "cuda", torch.bfloat16, "fa4")["rmsnorm"] == "liger"
+    monkeypatch.setattr(fused_ops, "_liger_ok", lambda: False)  # a library missing: the next one, or the reference
+    assert fused_ops.resolve_fused("auto", "cuda", torch.bfloat16, "fa4")["add_rmsnorm"] == "triton"
+    monkeypatch.setattr(fused_ops, "_triton_ok", lambda: False)
+    assert set(fused_ops.resolve_fused("auto", "cuda", torch.float16, "torch").values()) == {None}
+    with pytest.raises(ValueError, match="fused_kernels must be one of"):
+        fused_ops.resolve_fused("yes", "cuda", torch.bfloat16)
+
+
+def test_model_hands_the_choice_to_its_modules(monkeypatch):
+    # What a CUDA bf16 model would hold, forced on the CPU by pretending the device is CUDA.
+    monkeypatch.setattr(fused_ops, "_triton_ok", lambda: True)
+    monkeypatch.setattr(fused_ops, "_liger_ok", lambda: True)
+    real = fused_ops.resolve_fused
+    monkeypatch.setattr("packvit.models.base.resolve_fused", lambda r, d, t, b: real(r, "cuda", torch.bfloat16, b))
+    m = _tiny_aimv2()
+    m.set_fused_kernels("on")
+    assert all(b.fused_add_norm == "triton" for b in m.blocks)
+    assert all(r.fused == "triton" for r in m.modules() if isinstance(r, RMSNorm))
+    assert all(g.fused == "triton" for g in m.modules() if isinstance(g, GatedMlp))
+    assert "fused_add_norm=triton" in repr(m) and "add_rmsnorm=triton" in repr(m)
+    d = DINOv3(DINOv3Config(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=96, num_register_tokens=1))
+    d.set_fused_kernels("on")
+    assert all(b.fused_add_norm == "triton" for b in d.blocks)
+    # On CPU tensors the modules still run the reference ops, whatever they were told.
+    x = torch.randn(7, 64)
+    blk: Block = d.blocks[0]
+    assert not blk._fuses(x, x)
+    d.set_fused_kernels("off")
+    assert all(b.fused_add_norm is None for b in d.blocks)
+
+
+# --- the kernels, under Triton's interpreter ------------------------------------------------------------
+
+_INTERPRETED = """
+import torch, torch.nn.functional as F
+from packvit import fused_ops, triton_kernels as K
+
+torch.manual_seed(0)
+
+def close(a, b, what, tol):
+    err = ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+    assert err < tol, f"{what}: relative error {err:.2e} >= {tol}"
+
+# Narrow rows take many rows per tile; 1152 (SigLIP2) takes one row of a 2048-wide tile, as on the GPU.
+for D, gamma_on, bias_on in [(48, True, True), (40, False, True), (64, False, False), (1152, True, True)]:
+    T = 37
+    x = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
+    g = (torch.rand(D, dtype=torch.float64) + 0.5).requires_grad_(gamma_on)
+    w = (torch.randn(D, dtype=torch.float64) * 0.3 + 1).requires_grad_()
+    b = (torch.randn(D, dtype=torch.float64) * 0.1).requires_grad_(bias_on)
+    s_ref = x + (a * g if gamma_on else a)
+    y_ref = F.layer_norm(s_ref, (D,), w, b if bias_on else None, 1e-6)
+    gy, gs = torch.randn(T, D, dtype=torch.float64), torch.randn(T, D, dtype=torch.float64)
+    ref = torch.autograd.grad((y_ref * gy).sum() + (s_ref * gs).sum(),
+                              [x, a, w] + ([g] if gamma_on else []) + ([b] if bias_on else []))
+    xs, as_ = x.detach().float().requires_grad_(), a.detach().float().requires_grad_()
+    ws, gs32, bs = w.detach().float().requires_grad_(), g.detach().float().requires_grad_(), b.detach().float().requires_grad_()
+    s, y = fused_ops.add_layernorm(xs, as_, gs32 if gamma_on else None, ws, bs if bias_on else None, 1e-6)
+    close(s, s_ref, "s", 1e-6); close(y, y_ref, "y", 1e-5)
+    got = torch.autograd.grad((y * gy.float()).sum() + (s * gs.float()).sum(),
+                              [xs, as_, ws] + ([gs32] if gamma_on else []) + ([bs] if bias_on else []))
+    for name, u, v in zip(["dx", "da", "dw", "dgamma" if gamma_on else "db", "db"], got, ref):
+        close(u, v, f"D={D} {name}", 1e-5)
+
+# RMSNorm, with and without the residual (AIMv2: no bias, no LayerScale).
+for D, res in [(48, True), (64, False), (1024, True)]:
+    T = 37
+    x = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
+    w = (torch.randn(D, dtype=torch.float64) * 0.3 + 1).requires_grad_()
+    s_ref = x + a if res else x
+    y_ref = w * s_ref * torch.rsqrt(s_ref.pow(2).mean(-1, keepdim=True) + 1e-5)
+    gy, gs = torch.randn(T, D, dtype=torch.float64), torch.randn(T, D, dtype=torch.float64)
+    loss = (y_ref * gy).sum() + ((s_ref * gs).sum() if res else 0)
+    ref = torch.autograd.grad(loss, [x, a, w] if res else [x, w])
+    xs, as_, ws = (t.detach().float().requires_grad_() for t in (x, a, w))
+    if res:
+        s, y = fused_ops.add_norm(xs, as_, None, ws, None, 1e-5, rms=True)
+        close(s, s_ref, "rms s", 1e-6)
+        got = torch.autograd.grad((y * gy.float()).sum() + (s * gs.float()).sum(), [xs, as_, ws])
+    else:
+        y = fused_ops.norm(xs, ws, None, 1e-5, rms=True)
+        got = torch.autograd.grad((y * gy.float()).sum(), [xs, ws])
+    close(y, y_ref, f"rms y res={res}", 1e-5)
+    for i, (u, v) in enumerate(zip(got, ref)):
+        close(u, v, f"rms res={res} grad {i}", 1e-5)
+
+# SwiGLU on [gate | up], odd sizes (partial tiles in both directions).
+T, H = 13, 300
+h = torch.randn(T, 2 * H, dtype=torch.float64, requires_grad=True)
+gate, up = h.chunk(2, -1)
+o_ref = F.silu(gate) * up
+do = torch.randn(T, H, dtype=torch.float64)
+(dh_ref,) = torch.autograd.grad((o_ref * do).sum(), [h])
+hs = h.detach().float().requires_grad_()
+o = fused_ops.swiglu(hs)
+close(o, o_ref, "swiglu", 1e-6)
+(dh,) = torch.autograd.grad((o * do.float()).sum(), [hs])
+close(dh, dh_ref, "swiglu grad", 1e-6)
+
+# Whole models on their fused route (LayerScale folded, addcmul, SwiGLU, RMSNorm, checkpointed MLP),
+# forced on CPU fp32 tensors, against the reference route: the wiring, not the precision.
+import copy
+from packvit.layers import GatedMlp, RMSNorm
+from packvit.models.aimv2 import AIMv2, AIMv2Config
+from packvit.models.dinov3 import DINOv3, DINOv3Config
+from packvit.models.siglip2 import Siglip2, Siglip2Config
+
+fused_ops.runs_fused = lambda *t: True
+grid = torch.tensor([[1, 3, 5], [1, 4, 4], [2, 2, 3]])
+for ref in (DINOv3(DINOv3Config(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=96, num_register_tokens=1)),
+            Siglip2(Siglip2Config(hidden_size=48, num_layers=2, num_heads=4, intermediate_size=80, use_head=False)),
+            AIMv2(AIMv2Config(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=96))):
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    fused = copy.deepcopy(ref)
+    for mod in fused.modules():
+        if isinstance(mod, (RMSNorm, GatedMlp)):
+            mod.fused = "triton"
+    for b in fused.blocks:
+        b.fused_add_norm = "triton"
+    px = torch.randn(int((grid[:, 0] * grid[:, 1] * grid[:, 2]).sum()), ref.patch_dim)
+    for ckpt in (False, "mlp"):
+        outs = []
+        for m in (ref, fused):
+            m.train().zero_grad()
+            m.gradient_checkpointing = ckpt
+            y = m(px, grid)
+            y.square().mean().backward()
+            # (a key bias's gradient is zero up to rounding: softmax ignores it)
+            outs.append((y, [p.grad.clone() for n, p in m.named_parameters() if p.grad is not None and "k_bias" not in n]))
+        close(outs[1][0], outs[0][0], f"{type(ref).__name__} output", 1e-5)
+        assert len(outs[0][1]) == len(outs[1][1])
+        for i, (u, v) in enumerate(zip(outs[1][1], outs[0][1])):
+            close(u, v, f"{type(ref).__name__} grad {i} ckpt={ckpt}", 1e-4)
+print("ok")
+"""
+
+
+def test_triton_kernels_under_the_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]

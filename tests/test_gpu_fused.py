@@ -1,0 +1,269 @@
+"""The default CUDA path against the fp32 reference, on a GPU (skipped without CUDA):
+
+* every fused elementwise op (``packvit.fused_ops``), forward and gradients, at every width the
+  presets use (D 1024, 1152; SwiGLU hidden 2816 and DINOv3's gated 5120, 8192), next to the MLPs
+  that stay unfused (erf-GELU 4096, cuBLASLt gelu-tanh 4304);
+* every attention backend that runs here (``fa4``, ``flash_attn``, ``torch``) against the fp32
+  ``sdpa`` reference, forward and gradients, at the presets' head dims (64, 72, 128);
+* each family's whole model as ``from_pretrained`` would run it (bf16, fused kernels, best
+  attention) against the same weights in fp32 on the reference path: per-patch cosine >= 0.999,
+  and its parameter gradients;
+* ``torch.compile`` of a fused block in one graph (``fullgraph=True``), matching eager.
+
+Run on the GPU machine: ``python -m pytest -q -m gpu tests/test_gpu_fused.py``.
+
+An error is judged against what bf16 itself costs: the fused op's relative error to fp32 may not
+exceed the unfused bf16 ops' own error by more than a quarter (plus a floor for values that bf16
+represents almost exactly).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from packvit import fused_ops
+from packvit.attention import available_backends, varlen_attention
+from packvit.layers import Block, GatedMlp, Mlp, RMSNorm
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+DEV = "cuda"
+BF16 = torch.bfloat16
+T = 3000  # tokens: enough rows for every program shape of the kernels, fast to check in fp32
+
+
+def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def assert_as_good_as_bf16(fused, unfused_bf16, ref32, what: str, floor: float = 2e-3):
+    """The fused bf16 result is within bf16's own error of the fp32 reference."""
+    assert torch.isfinite(fused).all(), f"{what}: non-finite values"
+    e_fused, e_ref = rel(fused, ref32), rel(unfused_bf16, ref32)
+    assert e_fused <= 1.25 * e_ref + floor, f"{what}: fused error {e_fused:.2e}, unfused bf16 {e_ref:.2e}"
+
+
+def run_grads(fn, inputs, seed=1):
+    """outputs of fn(*inputs) and the gradients of a random projection of them w.r.t. inputs."""
+    outs = fn(*inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    loss = sum((o.float() * torch.randn(o.shape, device=DEV, generator=g)).sum() for o in outs)
+    grads = torch.autograd.grad(loss, [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad])
+    return [o.detach() for o in outs], list(grads)
+
+
+def three_ways(fused_fn, ref_fn, make_inputs):
+    """(fused bf16, reference bf16, reference fp32) outputs and gradients on the same random inputs."""
+    base = make_inputs()
+    bf = [t.detach().to(BF16).requires_grad_(t.requires_grad) for t in base]
+    bf2 = [t.detach().to(BF16).requires_grad_(t.requires_grad) for t in base]
+    f32 = [t.detach().float().requires_grad_(t.requires_grad) for t in base]
+    return run_grads(fused_fn, bf), run_grads(ref_fn, bf2), run_grads(ref_fn, f32)
+
+
+def compare(results, names, what):
+    (fo, fg), (ro, rg), (o32, g32) = results
+    for i, (a, b, c) in enumerate(zip(fo, ro, o32)):
+        assert_as_good_as_bf16(a, b, c, f"{what} output {i}")
+    for n, a, b, c in zip(names, fg, rg, g32):
+        assert_as_good_as_bf16(a, b, c, f"{what} d{n}")
+
+
+def rand(*shape, scale=1.0, shift=0.0, grad=True):
+    return (torch.randn(*shape, device=DEV) * scale + shift).requires_grad_(grad)
+
+
+needs_triton = pytest.mark.skipif(not fused_ops._triton_ok(), reason="needs triton")
+
+
+# --- fused ops -----------------------------------------------------------------------------------------
+
+
+@needs_triton
+@pytest.mark.parametrize("D, gamma, eps", [(1152, False, 1e-6), (1024, True, 1e-5), (1024, False, 1e-5)])
+def test_add_layernorm(D, gamma, eps):
+    torch.manual_seed(D)
+
+    def ref(x, a, g, w, b):
+        s = x + (a * g if gamma else a)
+        return s, F.layer_norm(s, (D,), w, b, eps)
+
+    def fused(x, a, g, w, b):
+        return fused_ops.add_layernorm(x, a, g if gamma else None, w, b, eps)
+
+    def make():
+        return [rand(T, D, scale=3), rand(T, D), rand(D, scale=0.1, shift=1, grad=gamma), rand(D, scale=0.3, shift=1),
+                rand(D, scale=0.1)]
+
+    names = ["x", "a"] + (["gamma"] if gamma else []) + ["weight", "bias"]
+    compare(three_ways(fused, ref, make), names, f"add_layernorm D={D} gamma={gamma}")
+
+
+def _rms_ref(x, w, eps):
+    x32 = x.float()
+    return w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+@pytest.mark.parametrize("impl", ["triton", "liger"])
+def test_add_rmsnorm_and_rmsnorm(impl):
+    if not (fused_ops._triton_ok() if impl == "triton" else fused_ops._liger_ok()):
+        pytest.skip(f"{impl} kernels unavailable")
+    D, eps = 1024, 1e-5
+    torch.manual_seed(0)
+    if impl == "triton":
+        add = lambda x, a, w: fused_ops.add_norm(x, a, None, w, None, eps, rms=True)  # noqa: E731
+        one = lambda x, w: fused_ops.norm(x, w, None, eps, rms=True)  # noqa: E731
+    else:
+        add = lambda x, a, w: fused_ops.add_rmsnorm(x, a, w, eps)  # noqa: E731
+        one = lambda x, w: fused_ops.rmsnorm(x, w, eps)  # noqa: E731
+    make = lambda: [rand(T, D, scale=3), rand(T, D), rand(D, scale=0.3, shift=1)]  # noqa: E731
+
+    def ref(x, a, w):
+        s = x + a
+        return s, _rms_ref(s, w, eps)
+
+    compare(three_ways(add, ref, make), ["x", "a", "weight"], f"add_rmsnorm {impl} D=1024")
+    make1 = lambda: [rand(T, D, scale=3), rand(D, scale=0.3, shift=1)]  # noqa: E731
+    compare(three_ways(one, lambda x, w: _rms_ref(x, w, eps), make1), ["x", "weight"], f"rmsnorm {impl} D=1024")
+
+
+@needs_triton
+@pytest.mark.parametrize("H", [2816, 5120, 8192])
+def test_swiglu(H):
+    torch.manual_seed(H)
+
+    def ref(h):
+        gate, up = h.chunk(2, -1)
+        return F.silu(gate) * up
+
+    compare(three_ways(fused_ops.swiglu, ref, lambda: [rand(T, 2 * H, scale=2)]), ["h"], f"swiglu H={H}")
+
+
+@pytest.mark.parametrize("D, H, act, gated", [(1024, 2816, "silu", True), (1024, 4096, "gelu", False),
+                                              (1152, 4304, "gelu_pytorch_tanh", False)])
+def test_mlp_modules(D, H, act, gated):
+    """Each MLP as the models build it, on its default CUDA path (fused where it is), against fp32."""
+    torch.manual_seed(H)
+    mlp32 = (GatedMlp(D, H, act, bias=False) if gated else Mlp(D, H, act)).to(DEV)
+    mlp = copy.deepcopy(mlp32).to(BF16)
+    ref16 = copy.deepcopy(mlp)
+    if gated:
+        mlp.fused = "triton" if fused_ops._triton_ok() else None
+    x = rand(T, D)
+    outs = []
+    for m in (mlp, ref16, mlp32):
+        xi = x.detach().to(next(m.parameters()).dtype).requires_grad_()
+        with torch.no_grad():
+            y_inf = m(xi)  # the inference route (cuBLASLt's epilogue for gelu-tanh)
+        y = m(xi)
+        dy = torch.randn_like(y, dtype=torch.float32).to(y.dtype)
+        gx, gw = torch.autograd.grad(y, [xi, m.fc1.weight], dy)
+        outs.append((y_inf, y, gx, gw))
+    for i, name in enumerate(["inference output", "output", "dx", "dfc1"]):
+        assert_as_good_as_bf16(outs[0][i], outs[1][i], outs[2][i], f"mlp {act} {H} {name}")
+
+
+# --- attention backends ----------------------------------------------------------------------------------
+
+FUSED_BACKENDS = [b for b in ("fa4", "flash_attn", "torch") if b in available_backends(DEV if torch.cuda.is_available() else "cpu", BF16)]
+
+
+@pytest.mark.parametrize("backend", ["fa4", "flash_attn", "torch"])
+@pytest.mark.parametrize("heads, head_dim", [(16, 64), (16, 72), (8, 128)])
+def test_attention_backend_against_sdpa(backend, heads, head_dim):
+    if backend not in FUSED_BACKENDS:
+        pytest.skip(f"attention backend {backend} does not run here")
+    torch.manual_seed(head_dim)
+    lens = [64, 1, 700, 255, 1024, 2304, 96]  # DINOv3-like prefix-length oddities and long frames
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEV)
+    Tq, mx = sum(lens), max(lens)
+
+    def attn(be):
+        return lambda q, k, v: varlen_attention(q, k, v, cu, cu, mx, mx, backend=be, seqlens_q=lens, seqlens_k=lens)
+
+    make = lambda: [rand(Tq, heads, head_dim) for _ in range(3)]  # noqa: E731
+    compare(three_ways(attn(backend), attn("sdpa"), make), ["q", "k", "v"], f"{backend} Dh={head_dim}")
+
+
+# --- whole models ------------------------------------------------------------------------------------------
+
+GRID = ((1, 20, 31), (1, 8, 8), (1, 37, 14), (2, 12, 16), (1, 1, 9))
+
+
+def _model(family: str):
+    from packvit.bench.models import DEFAULT_PRESETS
+    from weights_conversion import FAMILIES
+
+    fam = FAMILIES[family]
+    cfg = fam.CONFIG_CLASS.from_name(DEFAULT_PRESETS[family])
+    torch.manual_seed(0)
+    m = fam.MODEL_CLASS(cfg)
+    with torch.no_grad():  # spread the constant-initialised norms, biases and scales
+        for name, p in m.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.05)
+    return m
+
+
+@pytest.mark.parametrize("family", ["siglip2", "dinov3", "aimv2"])
+def test_whole_model_default_path_against_fp32(family):
+    ref = _model(family).to(DEV).eval()  # fp32 on CUDA: the sdpa reference path, nothing fused
+    assert ref.attn_backend == "sdpa" and set(ref.fused_kernels.values()) == {None}
+    model = copy.deepcopy(ref).to(DEV, BF16)  # what from_pretrained(...).to("cuda", bf16) holds
+    assert model.attn_backend != "sdpa", "no fused attention backend here"
+    want = {"siglip2": ["add_layernorm"], "dinov3": ["add_layernorm"], "aimv2": ["add_rmsnorm", "rmsnorm", "swiglu"]}
+    missing = [op for op in want[family] if model.fused_kernels[op] is None]
+    if missing:
+        pytest.skip(f"fused kernels {missing} unavailable here (library missing)")
+    assert "fused_kernels=[" in repr(model) and "off]" not in repr(model)
+
+    n = sum(t * h * w for t, h, w in GRID)
+    g = torch.Generator().manual_seed(0)
+    px = torch.randn(n, ref.patch_dim, generator=g).to(DEV)
+    grid = torch.tensor(GRID)
+    out32 = ref(px, grid)
+    out = model(px.to(BF16), grid)
+    cos = F.cosine_similarity(out.float(), out32, dim=-1)
+    assert cos.min() >= 0.999, f"{family}: per-patch min cosine {cos.min():.5f}"
+
+    # Gradients of every parameter, through the fused backward kernels.
+    model.train(), ref.train()
+    for m in (model, ref):
+        m(px.to(m.dtype), grid).float().square().mean().backward()
+    worst = (1.0, "")
+    for (name, p32), p in zip(ref.named_parameters(), model.parameters()):
+        if p32.grad is None or name.endswith("k_bias"):  # softmax ignores a key bias: its gradient is noise
+            continue
+        c = F.cosine_similarity(p.grad.float().flatten(), p32.grad.flatten(), dim=0).item()
+        worst = min(worst, (c, name))
+    assert worst[0] >= 0.99, f"{family}: parameter gradient cosine {worst[0]:.4f} at {worst[1]}"
+
+
+@pytest.mark.parametrize("family", ["dinov3", "aimv2"])
+def test_fused_block_compiles_in_one_graph(family):
+    model = _model(family).to(DEV, BF16)
+    blk: Block = model.blocks[0]
+    if not blk.fused_add_norm:
+        pytest.skip("no fused kernels here")
+    from packvit.packing import build_meta
+
+    meta = build_meta(((1, 20, 31), (1, 9, 13)), model.num_prefix, torch.device(DEV))
+    rope = None
+    if family == "dinov3":
+        rope = tuple(t.to(BF16) for t in model.position_tables(meta)[:2])
+    x = torch.randn(meta.num_tokens, model.hidden_size, device=DEV, dtype=BF16, requires_grad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(blk, fullgraph=True, dynamic=True)  # a graph break raises here
+    y_c = compiled(x, meta, rope)
+    (gx_c,) = torch.autograd.grad(y_c.float().square().mean(), [x])
+    y_e = blk(x, meta, rope)
+    (gx_e,) = torch.autograd.grad(y_e.float().square().mean(), [x])
+    assert rel(y_c, y_e) < 1e-2 and rel(gx_c, gx_e) < 2e-2
