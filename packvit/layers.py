@@ -273,7 +273,7 @@ class Block(nn.Module):
         """The same block with x + ls1(a) and norm2 in one kernel (forward and backward), and
         x + ls2(m) in one ``addcmul``: two and three passes over (T, D) fewer than the reference."""
         n = self.norm2
-        gamma = self.ls1.gamma if isinstance(self.ls1, LayerScale) else None
+        gamma = self.ls1.scale if isinstance(self.ls1, LayerScale) else None
         if self.fused_add_norm == "liger":
             x, h = fused_ops.add_rmsnorm(x, a, n.weight, n.eps)
         else:
@@ -281,7 +281,7 @@ class Block(nn.Module):
         # With checkpointing, the normed h (T, D) is what the checkpoint keeps, in place of x.
         m = checkpoint(self.mlp, h, use_reentrant=False) if checkpoint_mlp else self.mlp(h)
         if isinstance(self.ls2, LayerScale):
-            return torch.addcmul(x, m, self.ls2.gamma)
+            return torch.addcmul(x, m, self.ls2.scale)
         return x + m
 
     def extra_repr(self) -> str:
