@@ -24,9 +24,12 @@ model without DeepSpeed runs the mean of all ranks' losses in one process. Compa
                                  rounds w - lr * g once; gradient clipping as configured)
 Then ``engine.save_16bit_model`` (what transformers' Trainer calls for ZeRO-3) writes the weights;
 rank 0 loads the tower's part into a fresh ``PackedVisionTower`` (no DeepSpeed) and checks it equals
-the engine's gathered weights exactly. Also checked: the tower built with transformers'
-``HfDeepSpeedConfig`` alive and no ``zero.Init`` open (LLaVA's ``initialize_vision_modules``) comes
-out partitioned with the checkpoint's values. Prints one line per check; exits non-zero on a failure.
+the engine's gathered weights exactly. Also checked, with transformers' ``HfDeepSpeedConfig`` alive:
+the tower built with no ``zero.Init`` open (LLaVA's ``initialize_vision_modules``) comes out
+partitioned with the checkpoint's values; a ``PreTrainedModel`` holding the stand-in, saved with the
+trained weights, reloads them through transformers' ZeRO-3 ``from_pretrained`` (as LLaVA reloads a
+fine-tuned model), and ``_from_config`` keeps the tower checkpoint's weights instead of
+re-initialising them. Prints one line per check; exits non-zero on a failure.
 """
 
 from __future__ import annotations
@@ -169,7 +172,8 @@ def run_one(checkpoint: str, device: torch.device, out_dir: Path, fails: list) -
             if p.grad is not None:
                 p -= LR * p.grad
 
-    # The ZeRO-3 step.
+    # The ZeRO-3 step. LLaVA's train.py first moves the tower to the training dtype and device.
+    model.tower.to(dtype=torch.float32, device=device)
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR), config=ZERO3)
     loss = engine(*batches[rank])
     engine.backward(loss)
@@ -247,7 +251,63 @@ def run_one(checkpoint: str, device: torch.device, out_dir: Path, fails: list) -
     ok = all(hasattr(p, "ds_id") and p.numel() == 0 for p in tower.parameters()) and all(
         torch.equal(got[k], v) for k, v in plain.state_dict().items())
     check(f"{family} HfDeepSpeedConfig, no zero.Init open", ok, "partitioned, checkpoint values", fails)
+    run_hf_from_pretrained(checkpoint, family, stepped, out_dir, fails)
     del hf_cfg
+
+
+def run_hf_from_pretrained(checkpoint: str, family: str, trained: dict, out_dir: Path, fails: list) -> None:
+    """transformers' own ZeRO-3 loading, as LLaVA reloads a fine-tuned model: ``from_pretrained`` opens
+    ``zero.Init``, the model's ``__init__`` loads the tower from its checkpoint (through the hook),
+    then transformers copies the saved model's weights in (``_load_state_dict_into_zero3_model``).
+    The tower must end partitioned and equal to the saved (trained) weights. ``_from_config`` (a new
+    model) must keep the tower checkpoint's weights: transformers re-initialises every module it
+    does not know to be initialised."""
+    import torch.distributed as dist
+    import transformers
+
+    import packvit
+    from packvit.integrations import zero3
+    from weights_conversion import load_model
+
+    class Config(transformers.PretrainedConfig):
+        model_type = "packvit-zero3-check"
+
+        def __init__(self, mm_vision_tower: str = "", **kwargs):
+            super().__init__(**kwargs)
+            self.mm_vision_tower = mm_vision_tower
+
+    class Model(transformers.PreTrainedModel):
+        config_class = Config
+        base_model_prefix = "model"
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.model = TinyLlava(config.mm_vision_tower)
+            self.post_init()
+
+    save_dir = out_dir / f"{family}-hf"
+    if dist.get_rank() == 0:  # the trained weights, saved as a transformers checkpoint would hold them
+        saved = Model(Config(mm_vision_tower=str(checkpoint)))
+        saved.model.load_state_dict(trained)
+        saved.save_pretrained(save_dir)
+    dist.barrier()
+    original = packvit.from_pretrained
+    packvit.from_pretrained = zero3.from_pretrained
+    try:
+        reloaded = Model.from_pretrained(save_dir)
+        fresh = Model._from_config(Config(mm_vision_tower=str(checkpoint)))
+    finally:
+        packvit.from_pretrained = original
+    got = zero3.full_state_dict(reloaded.model)
+    ok = all(hasattr(p, "ds_id") and p.numel() == 0 for p in reloaded.parameters()) and got.keys() == trained.keys()
+    ok = ok and all(torch.equal(got[k], v) for k, v in trained.items())
+    check(f"{family} transformers from_pretrained under ZeRO-3", ok,
+          f"partitioned, {len(trained)} tensors equal to the saved trained weights", fails)
+    got = zero3.full_state_dict(fresh.model.tower)
+    plain = load_model(checkpoint, attn_backend="sdpa").state_dict()
+    same = [k for k, v in plain.items() if torch.equal(got["vision_tower." + k], v)]
+    check(f"{family} transformers _from_config under ZeRO-3", len(same) == len(plain),
+          f"{len(same)} of {len(plain)} tower tensors keep the tower checkpoint's values", fails)
 
 
 def main() -> None:
@@ -270,10 +330,11 @@ def main() -> None:
         torch.cuda.set_device(device)
     fails: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(a.out or tmp)
+        shared = [a.out or tmp]  # rank 0's folder: the ranks read what rank 0 writes
+        dist.broadcast_object_list(shared, src=0)
         for ckpt in a.checkpoints:
-            run_one(ckpt, device, out, fails)
-    dist.barrier()
+            run_one(ckpt, device, Path(shared[0]), fails)
+        dist.barrier()
     if dist.get_rank() == 0:
         print("ZERO3 CHECK " + ("FAILED: " + "; ".join(fails) if fails else "PASSED"), flush=True)
     dist.destroy_process_group()

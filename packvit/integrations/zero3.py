@@ -114,8 +114,25 @@ def build_model(
     check_shapes({k: _full_shape(v) for k, v in tensors.items()}, state_dict)
     check_dtypes({k: v.dtype for k, v in tensors.items()}, state_dict)
     load_state_dict(model, state_dict)
+    mark_initialized(model)
     expose_output_tensors(model)
     model.set_attention_backend(attn_backend)
+    return model
+
+
+def mark_initialized(model: nn.Module) -> nn.Module:
+    """Flag every module and parameter as holding its checkpoint's values, so that transformers does
+    not re-initialise them when the tower sits in a ``PreTrainedModel``.
+
+    Under ZeRO-3, transformers' ``_from_config`` (and ``from_pretrained`` for keys its checkpoint
+    lacks) runs the language model's ``_init_weights`` over every module it does not know to be
+    initialised (``initialize_weights_zero3``): a Linear gets N(0, 0.02), a LayerNorm ones and
+    zeros. ``_is_hf_initialized`` is the flag it reads (on modules in 4.x, also on tensors in 5.x).
+    """
+    for m in model.modules():
+        m._is_hf_initialized = True
+        for p in m.parameters(recurse=False):
+            p._is_hf_initialized = True
     return model
 
 
