@@ -2,10 +2,10 @@
 LLaVA tower loads partitioned, trains with the same loss and gradients, and saves weights that
 reload into a fresh tower.
 
-    DS_ACCELERATOR=cpu torchrun --nproc_per_node=2 benchmarks/zero3_check.py --device cpu CKPT...  # gloo
-    torchrun --nproc_per_node=1 benchmarks/zero3_check.py CKPT...                                   # one GPU
+    torchrun --nproc_per_node=2 benchmarks/zero3_check.py --device cpu CKPT...   # gloo (tests/test_zero3.py)
+    torchrun --nproc_per_node=1 benchmarks/zero3_check.py --tiny                  # one GPU, nccl
 
-CKPT: transformers vision checkpoints (folders); tests/test_zero3.py saves tiny random ones.
+CKPT: transformers vision checkpoint folders; --tiny adds the tests' tiny random ones.
 
 Per checkpoint, on every rank: a stand-in for LLaVA (``PackedVisionTower`` with LLaVA's
 ``unfreeze_mm_vision_tower`` and ``mm_vision_select_layer=-2``, then an mlp2x_gelu projector) is
@@ -29,7 +29,8 @@ the tower built with no ``zero.Init`` open (LLaVA's ``initialize_vision_modules`
 partitioned with the checkpoint's values; a ``PreTrainedModel`` holding the stand-in, saved with the
 trained weights, reloads them through transformers' ZeRO-3 ``from_pretrained`` (as LLaVA reloads a
 fine-tuned model), and ``_from_config`` keeps the tower checkpoint's weights instead of
-re-initialising them. Prints one line per check; exits non-zero on a failure.
+re-initialising them. Last, LLaVA's default, the tower frozen: same loss and projector gradients,
+no tower gradient. Prints one line per check; exits non-zero on a failure.
 """
 
 from __future__ import annotations
@@ -80,11 +81,11 @@ TOWER_PREFIX = "tower."  # the stand-in's attribute; LLaVA's is model.vision_tow
 class TinyLlava(nn.Module):
     """What LLaVA trains around its tower: tower -> mlp2x_gelu projector -> a token-weighted loss."""
 
-    def __init__(self, checkpoint: str):
+    def __init__(self, checkpoint: str, trainable: bool = True):
         super().__init__()
         from packvit.tower import PackedVisionTower
 
-        args = SimpleNamespace(mm_vision_select_layer=SELECT_LAYER, unfreeze_mm_vision_tower=True)
+        args = SimpleNamespace(mm_vision_select_layer=SELECT_LAYER, unfreeze_mm_vision_tower=trainable)
         self.tower = PackedVisionTower(checkpoint, args, attn_backend="sdpa")
         d = self.tower.hidden_size
         self.projector = nn.Sequential(nn.Linear(d, 32), nn.GELU(), nn.Linear(32, 32))
@@ -253,6 +254,53 @@ def run_one(checkpoint: str, device: torch.device, out_dir: Path, fails: list) -
     check(f"{family} HfDeepSpeedConfig, no zero.Init open", ok, "partitioned, checkpoint values", fails)
     run_hf_from_pretrained(checkpoint, family, stepped, out_dir, fails)
     del hf_cfg
+    run_frozen(checkpoint, family, device, fails)
+
+
+def run_frozen(checkpoint: str, family: str, device: torch.device, fails: list) -> None:
+    """LLaVA's default (the tower frozen, the projector trained) under ZeRO-3: the same loss and
+    projector gradients as without DeepSpeed, and no gradient on the tower."""
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.utils import safe_get_full_grad
+
+    import packvit
+    from packvit.integrations import zero3
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ref = TinyLlava(checkpoint, trainable=False).to(device)
+    original = packvit.from_pretrained
+    packvit.from_pretrained = zero3.from_pretrained
+    try:
+        with deepspeed.zero.Init(config_dict_or_path=ZERO3):
+            model = TinyLlava(checkpoint, trainable=False)
+    finally:
+        packvit.from_pretrained = original
+    ref.projector.load_state_dict({k.removeprefix("projector."): v for k, v in zero3.full_state_dict(model).items()
+                                   if k.startswith("projector.")})
+    batches = [rank_batch(ref.tower.vision_tower.patch_dim, r, device) for r in range(world)]
+    ref_losses = [ref(*b) for b in batches]
+    torch.stack(ref_losses).mean().backward()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(trainable, lr=LR),
+                                      model_parameters=trainable, config=ZERO3)
+    loss = engine(*batches[rank])
+    engine.backward(loss)
+    losses = [torch.zeros((), device=device) for _ in range(world)]
+    dist.all_gather(losses, loss.detach().float())
+    err = max(abs(z.item() - r.item()) / abs(r.item()) for z, r in zip(losses, ref_losses))
+    worst, bad = 0.0, []
+    for (k, p), (_, q) in zip(engine.module.named_parameters(), ref.named_parameters()):
+        if not p.requires_grad:
+            bad += [k] if q.grad is not None or p.grad is not None else []
+            continue
+        e, m = rel_err(safe_get_full_grad(p), q.grad)
+        worst = max(worst, e / m)
+        bad += [k] if e > 1e-5 * m else []
+    n_frozen = sum(not p.requires_grad for p in model.parameters())
+    check(f"{family} frozen tower", err <= 1e-6 and not bad and n_frozen == len(list(ref.tower.parameters())),
+          f"loss relative error {err:.1e}; projector gradients worst {worst:.1e}; "
+          f"{n_frozen} tower tensors frozen, none with a gradient" + (f"; bad: {bad[:3]}" if bad else ""), fails)
 
 
 def run_hf_from_pretrained(checkpoint: str, family: str, trained: dict, out_dir: Path, fails: list) -> None:
@@ -310,9 +358,25 @@ def run_hf_from_pretrained(checkpoint: str, family: str, trained: dict, out_dir:
           f"{len(same)} of {len(plain)} tower tensors keep the tower checkpoint's values", fails)
 
 
+def make_tiny(root: Path) -> list[str]:
+    """The tests' tiny random transformers checkpoints, one folder per family (rank 0 writes them)."""
+    import torch.distributed as dist
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import FAMILIES, tiny_hf_model
+
+    if dist.get_rank() == 0:
+        for family in FAMILIES:
+            tiny_hf_model(family).save_pretrained(root / family)
+    dist.barrier()
+    return [str(root / family) for family in FAMILIES]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("checkpoints", nargs="+", help="transformers vision checkpoint folders")
+    ap.add_argument("checkpoints", nargs="*", help="transformers vision checkpoint folders")
+    ap.add_argument("--tiny", action="store_true",
+                    help="also check tiny random checkpoints of the three families (tests/conftest.py; needs transformers)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--out", default=None, help="folder for the saved weights (default: a temporary one)")
     a = ap.parse_args()
@@ -332,7 +396,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         shared = [a.out or tmp]  # rank 0's folder: the ranks read what rank 0 writes
         dist.broadcast_object_list(shared, src=0)
-        for ckpt in a.checkpoints:
+        checkpoints = list(a.checkpoints)
+        if a.tiny:
+            checkpoints += make_tiny(Path(shared[0]) / "tiny")
+        if not checkpoints:
+            ap.error("give checkpoint folders or --tiny")
+        for ckpt in checkpoints:
             run_one(ckpt, device, Path(shared[0]), fails)
         dist.barrier()
     if dist.get_rank() == 0:

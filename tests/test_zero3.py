@@ -5,7 +5,6 @@ the CPU run benchmarks/zero3_check.py (its docstring has the criteria); skipped 
 from __future__ import annotations
 
 import importlib.util
-import shutil
 import sys
 
 import pytest
@@ -17,16 +16,13 @@ needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is No
 
 
 @needs_deepspeed
-def test_zero3_step_equals_plain_step_two_cpu_ranks(hf_checkpoints, tmp_path):
-    dirs = []
-    for family in FAMILIES:  # the script names each check by its folder
-        dirs.append(tmp_path / family)
-        shutil.copytree(hf_checkpoints[family][1], dirs[-1])
-    out = torchrun(ROOT / "benchmarks" / "zero3_check.py", "--device", "cpu", *dirs, timeout=300)
+def test_zero3_step_equals_plain_step_two_cpu_ranks():
+    out = torchrun(ROOT / "benchmarks" / "zero3_check.py", "--device", "cpu", "--tiny", timeout=300)
     for family in FAMILIES:
         for name in ("built inside zero.Init", "partitioned weights == checkpoint", "loss", "gradients",
                      "one SGD step", "save_16bit_model -> fresh tower", "HfDeepSpeedConfig, no zero.Init open",
-                     "transformers from_pretrained under ZeRO-3", "transformers _from_config under ZeRO-3"):
+                     "transformers from_pretrained under ZeRO-3", "transformers _from_config under ZeRO-3",
+                     "frozen tower"):
             assert f"ok   {family} {name}" in out, f"{family} {name}:\n{out[-3000:]}"
     assert "ZERO3 CHECK PASSED" in out
 
