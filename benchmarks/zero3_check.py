@@ -24,7 +24,8 @@ model without DeepSpeed runs the mean of all ranks' losses in one process. Compa
                                  rounds w - lr * g once; gradient clipping as configured)
 Then ``engine.save_16bit_model`` (what transformers' Trainer calls for ZeRO-3) writes the weights;
 rank 0 loads the tower's part into a fresh ``PackedVisionTower`` (no DeepSpeed) and checks it equals
-the engine's gathered weights exactly. Also checked, with transformers' ``HfDeepSpeedConfig`` alive:
+the engine's gathered weights exactly, and ``zero3.export_hf`` writes a transformers checkpoint that
+loads back to them. Also checked, with transformers' ``HfDeepSpeedConfig`` alive:
 the tower built with no ``zero.Init`` open (LLaVA's ``initialize_vision_modules``) comes out
 partitioned with the checkpoint's values; a ``PreTrainedModel`` holding the stand-in, saved with the
 trained weights, reloads them through transformers' ZeRO-3 ``from_pretrained`` (as LLaVA reloads a
@@ -237,6 +238,14 @@ def run_one(checkpoint: str, device: torch.device, out_dir: Path, fails: list) -
         exact = all(torch.equal(v, stepped[TOWER_PREFIX + k]) for k, v in fresh.state_dict().items())
         check(f"{family} save_16bit_model -> fresh tower", exact,
               f"{len(fresh.state_dict())} tower tensors reloaded equal to the trained ones, bit for bit", fails)
+    # The transformers layout (packvit export-hf) straight from the partitioned model.
+    zero3.export_hf(engine.module.tower.vision_tower, out_dir / f"{family}-export")
+    dist.barrier()
+    if rank == 0:
+        back = load_model(out_dir / f"{family}-export", attn_backend="sdpa").state_dict()
+        exact = all(torch.equal(v, stepped["tower.vision_tower." + k]) for k, v in back.items())
+        check(f"{family} export_hf -> load_model", exact and len(back) == len(fresh.state_dict()),
+              f"{len(back)} tensors, the trained weights bit for bit", fails)
 
     # LLaVA's initialize_vision_modules: no zero.Init open, transformers' HfDeepSpeedConfig alive.
     try:

@@ -19,6 +19,7 @@ is whole at a time, and every rank ends with its partition of the checkpoint.
     model = zero3.from_pretrained(path)                  # plain packvit.from_pretrained when ZeRO-3 is off
     model = zero3.from_pretrained(path, ds_config=cfg)   # a DeepSpeed script without transformers
     state = zero3.full_state_dict(model)                 # whole CPU tensors on every rank (for saving)
+    zero3.export_hf(model, "tower-hf")                   # transformers layout, written by rank 0
 
 Forward and backward need nothing more: DeepSpeed gathers a parameter that a module reads from a
 child (``Attention`` reads ``qkv.weight``) as an external parameter of the running module.
@@ -222,3 +223,17 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         with deepspeed.zero.GatheredParameters(params):
             return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def export_hf(model: nn.Module, dst: str | os.PathLike, **kwargs):
+    """``weights_conversion.export_hf`` of a (possibly partitioned) model: every rank must call it
+    (the gather is collective); rank 0 writes and returns the folder, the others return None."""
+    from weights_conversion import export_hf as write
+
+    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return write(model, dst, **kwargs)
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params):
+        return write(model, dst, **kwargs) if deepspeed.comm.get_rank() == 0 else None
