@@ -10,7 +10,7 @@ CKPT: transformers vision checkpoint folders; --tiny adds the tests' tiny random
 Per checkpoint, on every rank: a stand-in for LLaVA (``PackedVisionTower`` with LLaVA's
 ``unfreeze_mm_vision_tower`` and ``mm_vision_select_layer=-2``, then an mlp2x_gelu projector) is
 built inside ``deepspeed.zero.Init``, where transformers' ``from_pretrained`` builds a LLaVA model
-whose config names its tower. The tower loads through ``packvit.integrations.zero3.from_pretrained``
+whose config names its tower. The tower loads through ``packvit.zero3.from_pretrained``
 (patched in for ``packvit.from_pretrained``, which ``PackedVisionTower.load_model`` calls). Each rank
 runs one ZeRO-3 engine step on its own packed batch (mixed image sizes and a 2-frame clip); the same
 model without DeepSpeed runs the mean of all ranks' losses in one process. Compared, fp32, TF32 off:
@@ -124,7 +124,7 @@ def run_one(checkpoint: str, device: torch.device, out_dir: Path, fails: list) -
     from deepspeed.utils import safe_get_full_grad
 
     import packvit
-    from packvit.integrations import zero3
+    from packvit import zero3
     from packvit.tower import PackedVisionTower
     from weights_conversion import load_model
 
@@ -145,13 +145,8 @@ def run_one(checkpoint: str, device: torch.device, out_dir: Path, fails: list) -
     if rank == 0:
         print(f"info {family} PackedVisionTower inside zero.Init via packvit.from_pretrained: {before}")
 
-    original = packvit.from_pretrained
-    packvit.from_pretrained = zero3.from_pretrained  # the hook PackedVisionTower.load_model should call
-    try:
-        with deepspeed.zero.Init(config_dict_or_path=ZERO3):
-            model = TinyLlava(checkpoint)
-    finally:
-        packvit.from_pretrained = original
+    with deepspeed.zero.Init(config_dict_or_path=ZERO3):  # packvit.from_pretrained partitions by itself
+        model = TinyLlava(checkpoint)
     params = dict(model.named_parameters())
     partitioned = all(hasattr(p, "ds_id") and p.numel() == 0 for p in params.values())
     check(f"{family} built inside zero.Init", partitioned,
@@ -238,14 +233,18 @@ def run_one(checkpoint: str, device: torch.device, out_dir: Path, fails: list) -
         exact = all(torch.equal(v, stepped[TOWER_PREFIX + k]) for k, v in fresh.state_dict().items())
         check(f"{family} save_16bit_model -> fresh tower", exact,
               f"{len(fresh.state_dict())} tower tensors reloaded equal to the trained ones, bit for bit", fails)
-    # The transformers layout (packvit export-hf) straight from the partitioned model.
-    zero3.export_hf(engine.module.tower.vision_tower, out_dir / f"{family}-export")
+    # The transformers layout (packvit export-hf) straight from the partitioned tower: the trained
+    # blocks, and the parts past select_layer from the source checkpoint.
+    engine.module.tower.export_hf(out_dir / f"{family}-export")
     dist.barrier()
     if rank == 0:
         back = load_model(out_dir / f"{family}-export", attn_backend="sdpa").state_dict()
-        exact = all(torch.equal(v, stepped["tower.vision_tower." + k]) for k, v in back.items())
-        check(f"{family} export_hf -> load_model", exact and len(back) == len(fresh.state_dict()),
-              f"{len(back)} tensors, the trained weights bit for bit", fails)
+        source = load_model(checkpoint, attn_backend="sdpa").state_dict()
+        trained = {k: v for k, v in back.items() if "tower.vision_tower." + k in stepped}
+        exact = all(torch.equal(v, stepped["tower.vision_tower." + k]) for k, v in trained.items()) and all(
+            torch.equal(v, source[k]) for k, v in back.items() if k not in trained)
+        check(f"{family} tower.export_hf -> load_model", exact and len(trained) == len(fresh.state_dict()),
+              f"{len(trained)} trained tensors bit for bit, {len(back) - len(trained)} from the source", fails)
 
     # LLaVA's initialize_vision_modules: no zero.Init open, transformers' HfDeepSpeedConfig alive.
     try:
@@ -274,7 +273,7 @@ def run_frozen(checkpoint: str, family: str, device: torch.device, fails: list) 
     from deepspeed.utils import safe_get_full_grad
 
     import packvit
-    from packvit.integrations import zero3
+    from packvit import zero3
 
     rank, world = dist.get_rank(), dist.get_world_size()
     ref = TinyLlava(checkpoint, trainable=False).to(device)
@@ -323,7 +322,7 @@ def run_hf_from_pretrained(checkpoint: str, family: str, trained: dict, out_dir:
     import transformers
 
     import packvit
-    from packvit.integrations import zero3
+    from packvit import zero3
     from weights_conversion import load_model
 
     class Config(transformers.PretrainedConfig):

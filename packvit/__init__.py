@@ -25,9 +25,19 @@ def from_pretrained(
     attn_backend: str = "auto",
     **kwargs,
 ) -> PackedViT:
-    """Load a Hugging Face checkpoint (local folder or hub id); the family comes from config.json."""
+    """Load a Hugging Face checkpoint (local folder or hub id); the family comes from config.json.
+
+    Under DeepSpeed ZeRO-3 (an open ``deepspeed.zero.Init``, or transformers' stage-3 config) the
+    model is built partitioned and filled module by module (``packvit.zero3``)."""
     from weights_conversion import load_model
 
+    from .zero3 import zero3_enabled
+
+    if zero3_enabled():
+        from .zero3 import from_pretrained as zero3_from_pretrained
+
+        return zero3_from_pretrained(path_or_id, revision=revision, device=device, dtype=dtype,
+                                     attn_backend=attn_backend, **kwargs)
     return load_model(path_or_id, revision=revision, device=device, dtype=dtype, attn_backend=attn_backend, **kwargs)
 
 

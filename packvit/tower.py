@@ -32,6 +32,7 @@ from .models.base import PackedBatch
 from .packed_pixels import PackedPixels
 from .packing import grid_to_tuple, patchify, split_by_image, unpatchify
 from .preprocess import ImageProcessor
+from .zero3 import mark_initialized
 
 SELECT_FEATURES = ("patch", "cls_patch")
 PREFIXES = {"packvit:": "native", "packvit-fixed:": "fixed"}
@@ -147,6 +148,12 @@ class PackedVisionTower(nn.Module):
         one-device dict); ``torch_dtype`` / ``dtype`` are honoured, other keywords refused."""
         if self.is_loaded:
             return
+        # transformers 5 builds a PreTrainedModel (a LLaVA model holding this tower) under a meta
+        # default device: the checkpoint's tensors and the processor's tables are real data.
+        with torch.device("cpu"):
+            self._load(device_map, **kwargs)
+
+    def _load(self, device_map: Any = None, **kwargs) -> None:
         from . import from_pretrained
         from weights_conversion.checkpoint_io import resolve
 
@@ -173,6 +180,9 @@ class PackedVisionTower(nn.Module):
                 f"{type(model).__name__} has none: use 'patch'"
             )
         model._layer_indices([self.select_layer])  # range check now, not at the first batch
+        # transformers re-initialises every module of a PreTrainedModel it does not know was loaded
+        # (LLaVA's _init_weights over a tower built in __init__): these hold the checkpoint.
+        mark_initialized(model)
         # Keep only what the selected layer needs (as LLaVA's SigLIP tower deletes its last block
         # and head): no wasted compute, and no parameters that never get a gradient under DDP.
         model.truncate(self.select_layer % (len(model.blocks) + 1))
@@ -267,6 +277,29 @@ class PackedVisionTower(nn.Module):
         if packed:
             return feats, grid_thw if isinstance(grid_thw, PackedBatch) else torch.as_tensor(grid_thw, dtype=torch.int64)
         return list(feats.split(self.feature_lengths(batch), 0))
+
+    def export_hf(self, dst: str | os.PathLike, **kwargs):
+        """The tower's (fine-tuned) weights as a transformers checkpoint of the whole model.
+
+        The blocks past ``select_layer``, the final norm and the head that the tower dropped come
+        from its source checkpoint, unchanged; ``kwargs`` go to ``weights_conversion.export_hf``.
+        Under ZeRO-3 every rank calls it (gathering is collective) and rank 0 writes; the others
+        return None."""
+        from weights_conversion import export_hf, load_model
+        from weights_conversion.checkpoint_io import resolve
+
+        from .zero3 import full_state_dict
+
+        tuned = full_state_dict(self.vision_tower)  # whole CPU tensors, partitioned or not
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+            return None
+        full = load_model(resolve(self.vision_tower_name), attn_backend="sdpa", dtype=self.dtype)
+        state = full.state_dict()
+        unknown = sorted(set(tuned) - set(state))
+        if unknown:
+            raise ValueError(f"the tower holds tensors its source checkpoint has not: {unknown[:5]}")
+        full.load_state_dict({**state, **tuned}, strict=True)
+        return export_hf(full, dst, **kwargs)
 
     def prepare(self, grid_thw) -> PackedBatch:
         """The batch's packing metadata and position tables on the tower's device (host work,

@@ -30,7 +30,7 @@ def test_zero3_step_equals_plain_step_two_cpu_ranks():
 
 def test_zero3_off_is_plain_from_pretrained(hf_checkpoints):
     """Without ZeRO-3 the hook is packvit.from_pretrained, and it never imports deepspeed."""
-    from packvit.integrations import zero3
+    from packvit import zero3
     from weights_conversion import load_model
 
     had = "deepspeed" in sys.modules
@@ -45,7 +45,7 @@ def test_zero3_off_is_plain_from_pretrained(hf_checkpoints):
 
 def test_hookable_output_reads_like_the_dataclass(packvit_models):
     """The dict a ZeRO-3 model returns (so DeepSpeed finds its tensors) reads as PackedVisionOutput does."""
-    from packvit.integrations.zero3 import HookableOutput, expose_output_tensors
+    from packvit.zero3 import HookableOutput, expose_output_tensors
 
     model = packvit_models["dinov3"]
     x, grid = torch.randn(6 + 4, model.patch_dim), [[1, 2, 3], [1, 2, 2]]

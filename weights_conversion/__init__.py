@@ -202,6 +202,12 @@ def load_model(
 
 def hf_state_dict(model) -> tuple[dict, dict[str, torch.Tensor]]:
     """A packvit model's (config.json dict, state dict) in the HF layout."""
+    if getattr(model, "truncated", False):
+        raise ValueError(
+            f"this {type(model).__name__} was truncated to {len(model.blocks)} blocks without its final norm "
+            "(a vision tower's select_layer), so it is no whole checkpoint: export the tower with "
+            "PackedVisionTower.export_hf, which takes the dropped parts from its source checkpoint"
+        )
     fam = FAMILIES[model_family(model)]
     cfg = model.config
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}

@@ -1,5 +1,8 @@
 """DeepSpeed ZeRO-3 (LLaVA-NeXT's ``scripts/zero3.json``): build packvit models already partitioned.
 
+``packvit.from_pretrained`` (and so the LLaVA tower) comes here when ZeRO-3 is on; with it off
+nothing changes and deepspeed is never imported.
+
 ``weights_conversion.build_model`` builds on the meta device and assigns the checkpoint's tensors.
 Under ZeRO-3 that goes wrong in two ways:
 
@@ -15,7 +18,7 @@ DeepSpeed config) and the weights are copied in module by module with
 ``GatheredParameters(..., modifier_rank=0)``, as transformers does for its own models: one module
 is whole at a time, and every rank ends with its partition of the checkpoint.
 
-    from packvit.integrations import zero3
+    from packvit import zero3
     model = zero3.from_pretrained(path)                  # plain packvit.from_pretrained when ZeRO-3 is off
     model = zero3.from_pretrained(path, ds_config=cfg)   # a DeepSpeed script without transformers
     state = zero3.full_state_dict(model)                 # whole CPU tensors on every rank (for saving)
