@@ -39,6 +39,7 @@ import contextlib
 import dataclasses
 import os
 import sys
+import threading
 from typing import Any
 
 import torch
@@ -62,10 +63,25 @@ def _hf_deepspeed_module():
     return None
 
 
+_OFF = threading.local()
+
+
+@contextlib.contextmanager
+def off():
+    """Build plain models inside this block even with ZeRO-3 on: for a model that one rank builds
+    alone (a reference, a save on rank 0), where partitioning would wait on the other ranks."""
+    before = getattr(_OFF, "on", False)
+    _OFF.on = True
+    try:
+        yield
+    finally:
+        _OFF.on = before
+
+
 def zero3_enabled() -> bool:
     """ZeRO-3 applies to models built now: a ``zero.Init`` is open, or transformers' ``HfDeepSpeedConfig``
-    (made by ``TrainingArguments(deepspeed=...)``) says stage 3."""
-    if "deepspeed" not in sys.modules:
+    (made by ``TrainingArguments(deepspeed=...)``) says stage 3; and no ``off()`` block is open."""
+    if "deepspeed" not in sys.modules or getattr(_OFF, "on", False):
         return False
     if init_context_active():
         return True
