@@ -10,7 +10,7 @@ EXIT_CODES = """exit codes:
   0    success
   1    failure: unreadable or mismatched checkpoint, or parity below --threshold (align, convert --verify)
   2    usage error (bad or missing arguments)
-  130  interrupted (Ctrl-C); convert and export-hf leave nothing at DST
+  130  interrupted (Ctrl-C; 143 for SIGTERM, 129 for SIGHUP); convert and export-hf leave DST as it was
 """
 
 # Subcommands that parse their own arguments: everything after the name goes to them.
@@ -54,6 +54,14 @@ def _passthrough(name: str, rest: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt as e:  # also during imports, before a command runs
+        print(f"packvit{' ' + argv[0] if argv else ''}: interrupted", file=sys.stderr)
+        return 128 + getattr(e, "signum", 2)
+
+
+def _main(argv: list[str]) -> int:
     parser = build_parser()
     if argv and argv[0] in PASSTHROUGH:
         try:
@@ -66,9 +74,6 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     try:
         return args.run(args)
-    except KeyboardInterrupt:
-        print(f"packvit {args.command}: interrupted", file=sys.stderr)
-        return 130
     except (ValueError, OSError, ImportError) as e:
         # CheckpointError and ConversionError are ValueErrors; FileExistsError/FileNotFoundError are OSErrors.
         print(f"packvit {args.command}: error: {e}", file=sys.stderr)

@@ -138,14 +138,22 @@ def test_convert_verify_prints_parity(family, hf_checkpoints, tmp_path, capsys):
     assert "OK: cosine min" in out
 
 
-def test_convert_refuses_existing_destination_unless_overwrite(hf_checkpoints, tmp_path):
+def test_convert_refuses_existing_destination_unless_overwrite(hf_checkpoints, tmp_path, capsys):
+    """A folder packvit wrote is replaced only with --overwrite; a folder it did not write never is (issue 16)."""
     _, src = hf_checkpoints["dinov3"]
     (tmp_path / "pv").mkdir()
     (tmp_path / "pv" / "keep.txt").write_text("mine")
-    assert main(["convert", str(src), str(tmp_path / "pv"), "--no-progress"]) == 1
-    assert (tmp_path / "pv" / "keep.txt").read_text() == "mine"
-    assert main(["convert", str(src), str(tmp_path / "pv"), "--no-progress", "--overwrite"]) == 0
-    assert not (tmp_path / "pv" / "keep.txt").exists() and (tmp_path / "pv" / "config.json").exists()
+    for extra in ([], ["--overwrite"]):
+        assert main(["convert", str(src), str(tmp_path / "pv"), "--no-progress", *extra]) == 1
+        assert "packvit did not write" in capsys.readouterr().err
+        assert [f.name for f in tmp_path.iterdir()] == ["pv"] and (tmp_path / "pv" / "keep.txt").read_text() == "mine"
+        assert [f.name for f in (tmp_path / "pv").iterdir()] == ["keep.txt"]
+    (tmp_path / "pv" / "keep.txt").unlink()  # an empty folder holds nothing to lose
+    assert main(["convert", str(src), str(tmp_path / "pv"), "--no-progress"]) == 0
+    assert main(["convert", str(src), str(tmp_path / "pv"), "--no-progress", "--dtype", "bf16"]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["convert", str(src), str(tmp_path / "pv"), "--no-progress", "--dtype", "bf16", "--overwrite"]) == 0
+    assert load_model(tmp_path / "pv").dtype == torch.bfloat16 and [f.name for f in tmp_path.iterdir()] == ["pv"]
 
 
 @pytest.mark.parametrize("exc", [RuntimeError("disk full"), KeyboardInterrupt()])

@@ -27,7 +27,19 @@ _FULL_CLASSES = {"siglip2": "Siglip2Model", "aimv2": "Aimv2Model"}
 _FAMILY_CLASSES = {"siglip2": "Siglip2VisionModel", "dinov3": "DINOv3ViTModel", "aimv2": "Aimv2VisionModel"}
 
 
+def require_transformers(what: str) -> None:
+    """An ImportError naming what to install, where transformers is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        raise ImportError(
+            f"{what} compares against transformers, which is not installed: pip install 'packvit[demo]' "
+            "(or pip install transformers)"
+        )
+
+
 def _transformers():
+    require_transformers("this")
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # the callers print their own output
