@@ -204,6 +204,18 @@ def _rename(src: Path, dst: Path, replace: bool) -> None:
     os.rename(src, dst)
 
 
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask sets it, racing other threads)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -291,7 +303,10 @@ def atomic_directory(
         with _signals("raise"):
             yield tmp
             write_manifest(tmp, command)
+            mode = 0o666 & ~_umask()  # safetensors creates its files 0600, whatever the umask
             for f in tmp.iterdir():
+                if f.is_file():
+                    os.chmod(f, mode)
                 _fsync(f)
             _fsync(tmp)
             with _signals("hold") as received:
