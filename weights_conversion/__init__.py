@@ -29,7 +29,7 @@ FAMILIES: dict[str, ModuleType] = {"aimv2": aimv2, "dinov3": dinov3, "siglip2": 
 __all__ = [
     "FAMILIES", "CheckpointError", "ConversionError", "UnsafeDestinationError", "ConversionReport", "detect_family",
     "convert_state_dict", "load_model", "export_hf", "model_family", "Checkpoint", "read_checkpoint", "cast_state",
-    "build_model",
+    "build_model", "config_of",
 ]
 
 
@@ -41,6 +41,17 @@ def detect_family(config: dict) -> str:
             return name
     known = sorted(t for f in FAMILIES.values() for t in f.MODEL_TYPES)
     raise CheckpointError(f"unknown checkpoint layout: config.json model_type is {model_type!r}; packvit reads {known}")
+
+
+def config_of(path: str | os.PathLike, *, strict_config: bool = True) -> tuple[str, Any]:
+    """(family, packvit config) of a checkpoint folder, from its ``config.json`` alone (no weights):
+    a transformers config or packvit's own. Fields that depend on the weights (a pooling head's
+    presence) are as the config says, not as the tensors do."""
+    d = read_config(Path(path).expanduser())
+    if is_native(d):
+        return config_from_native(d, FAMILIES)
+    family = detect_family(d)
+    return family, FAMILIES[family].config_from_hf(d, strict=strict_config)
 
 
 def model_family(model: torch.nn.Module) -> str:
