@@ -60,7 +60,7 @@ def test_unsafe_destinations_are_refused_with_overwrite(command, case, src, tmp_
     dst = {"contains-src": str(proj), "equals-src": str(src), "cwd": ".", "parent-of-cwd": "..",
            "home-like": str(home), "file": str(proj / "notes.txt")}[case]
     before = _tree(tmp_path)
-    assert main([command, str(src), dst, "--overwrite", "--no-progress"][: 4 if command == "export-hf" else 5]) == 1
+    assert main([command, str(src), dst, "--overwrite", "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"packvit {command}: error: DST" in err, err  # one clear line
     want = {"contains-src": "contains the source", "equals-src": "is the source", "cwd": "working directory",
@@ -220,7 +220,7 @@ def test_disk_full_injected_at_the_write(command, src, tmp_path, monkeypatch, ca
     import safetensors.torch
 
     dst = tmp_path / "out"
-    assert main([command, str(src), str(dst)] + (["--no-progress"] if command == "convert" else [])) == 0
+    assert main([command, str(src), str(dst), "--no-progress"]) == 0
     before = _tree(dst)
     real_save, calls = safetensors.torch.save_file, []
 
@@ -230,8 +230,8 @@ def test_disk_full_injected_at_the_write(command, src, tmp_path, monkeypatch, ca
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
-    argv = [command, str(src), str(dst), "--overwrite", "--dtype", "bf16"]
-    assert main(argv + (["--no-progress", "--max-shard-size", "30KB"] if command == "convert" else [])) == 1
+    argv = [command, str(src), str(dst), "--overwrite", "--dtype", "bf16", "--no-progress"]
+    assert main(argv + (["--max-shard-size", "30KB"] if command == "convert" else [])) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "No space left on device" in err and "could not write" in err, err
     assert calls and _tree(dst) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out", "sb"]

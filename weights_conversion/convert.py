@@ -82,7 +82,7 @@ def convert_checkpoint(
     max_bytes = parse_size(max_shard_size)
     sources = [src, config]
     prepare_destination(dst, sources=sources, overwrite=overwrite)  # fail before reading gigabytes
-    read_bar = _LazyBar("read", progress)
+    read_bar = ByteBar("read", progress)
     try:
         ckpt = read_checkpoint(
             src, revision=revision, config=config, strict_config=strict_config, allow_pickle=allow_pickle,
@@ -96,7 +96,7 @@ def convert_checkpoint(
     del model
     total = sum(t.numel() * t.element_size() for t in state.values())
     dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
-    write_bar = _LazyBar("write", progress)
+    write_bar = ByteBar("write", progress)
     try:
         with atomic_directory(dst, sources=sources, overwrite=overwrite, command="convert") as tmp:
             write_bar.reset(total)
@@ -116,7 +116,7 @@ def convert_checkpoint(
     return replace(result, dst=Path(dst), files=[Path(dst) / f.name for f in files])
 
 
-class _LazyBar:
+class ByteBar:
     """A tqdm bar in bytes that appears only once there is something to count (no empty bar before
     a run that fails early); with ``enabled`` False, a no-op."""
 

@@ -23,17 +23,23 @@ def add_parser(sub) -> argparse.ArgumentParser:
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_write_args(p)
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="show a progress bar (bytes read)")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     from weights_conversion import build_model, cast_state, export_hf, read_checkpoint
+    from weights_conversion.convert import ByteBar
     from weights_conversion.safe_write import prepare_destination
 
     sources = [args.src, args.config]
     prepare_destination(args.dst, sources=sources, overwrite=args.overwrite)  # before reading gigabytes
-    kw = source_kwargs(args)
-    ckpt = read_checkpoint(args.src, progress=_progress("read"), **kw)
+    bar = ByteBar("read", args.progress)
+    try:
+        ckpt = read_checkpoint(args.src, progress=bar, **source_kwargs(args))
+    finally:
+        bar.close()
     model = build_model(ckpt.family, ckpt.config, cast_state(ckpt.state, args.dtype), attn_backend="sdpa")
     out = export_hf(model, args.dst, overwrite=args.overwrite, preprocessor=ckpt.preprocessor, sources=sources)
     n = sum(p.numel() for p in model.parameters())
@@ -42,13 +48,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"exported {ckpt.family} model ({n:,} parameters, {str(model.dtype).removeprefix('torch.')}) "
           f"to {out} ({' + '.join(files)}, {size / 1e6:.1f} MB)")
     return 0
-
-
-def _progress(desc: str):
-    """A tqdm bar in bytes for ``read_checkpoint`` (which sets its total), shown on a terminal only."""
-    import sys
-
-    from tqdm.auto import tqdm
-
-    return tqdm(total=0, desc=desc, unit="B", unit_scale=True, unit_divisor=1000, leave=False,
-                disable=not sys.stderr.isatty())
