@@ -117,8 +117,8 @@ def _passthrough(name: str, rest: list[str]) -> int:
         if rest[:1] == ["render"] and any(a == "--plot" or a.startswith("--plot=") for a in rest):
             import importlib.util
 
-            if importlib.util.find_spec("matplotlib") is None:
-                print(f"packvit bench: error: --plot {_missing(ImportError(name='matplotlib'))}", file=sys.stderr)
+            if importlib.util.find_spec("matplotlib") is None:  # before reading the results, not after
+                print(f"packvit bench: error: --plot: {_missing(ImportError(name='matplotlib'))}", file=sys.stderr)
                 return 1
     try:
         return int(module.main(rest) or 0)

@@ -32,9 +32,9 @@ def require_transformers(what: str) -> None:
     import importlib.util
 
     if importlib.util.find_spec("transformers") is None:
-        raise ImportError(
+        raise ModuleNotFoundError(
             f"{what} compares against transformers, which is not installed: pip install 'packvit[demo]' "
-            "(or pip install transformers)"
+            "(or pip install transformers)", name="transformers",
         )
 
 
