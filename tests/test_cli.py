@@ -340,3 +340,11 @@ def test_ctrl_c_during_imports_is_an_interrupt(monkeypatch, capsys):
     assert main(["convert", "--help"]) == 130
     assert "interrupted" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_load_model_progress(hf_checkpoints, capsys):
+    _, src = hf_checkpoints["aimv2"]
+    load_model(src, progress=True)
+    assert "read" in capsys.readouterr().err
+    load_model(src)
+    assert capsys.readouterr().err == ""

@@ -225,12 +225,23 @@ def load_model(
     preset: str | None = None,
     num_heads: int | None = None,
     allow_nonfinite: bool = False,
+    progress: bool = False,
 ):
-    """Load a checkpoint (HF, packvit-native or original layout; local or hub id) as a packvit model in eval mode."""
-    ckpt = read_checkpoint(
-        src, revision=revision, config=config, family=family, strict_config=strict_config,
-        allow_pickle=allow_pickle, preset=preset, num_heads=num_heads, allow_nonfinite=allow_nonfinite,
-    )
+    """Load a checkpoint (HF, packvit-native or original layout; local or hub id) as a packvit model in eval mode.
+
+    ``progress=True`` shows a tqdm bar of the bytes read (worth it for a DINOv3 7B).
+    """
+    from .convert import ByteBar
+
+    bar = ByteBar("read", progress)
+    try:
+        ckpt = read_checkpoint(
+            src, revision=revision, config=config, family=family, strict_config=strict_config,
+            allow_pickle=allow_pickle, preset=preset, num_heads=num_heads, allow_nonfinite=allow_nonfinite,
+            progress=bar if progress else None,
+        )
+    finally:
+        bar.close()
     model = build_model(ckpt.family, ckpt.config, cast_state(ckpt.state, dtype), attn_backend="sdpa")
     model.to(device=device)
     model.set_attention_backend(attn_backend)
