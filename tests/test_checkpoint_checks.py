@@ -235,3 +235,16 @@ def test_tower_loads_a_converted_folder(siglip2_with_processor, tmp_path):
     images = [torch.rand(3, 40, 90), torch.rand(3, 64, 32)]
     for a, b in zip(tower(images), ref(images)):
         assert torch.equal(a, b)
+
+
+def test_config_is_checked_before_the_weights_are_read(hf_checkpoints, tmp_path, monkeypatch, capsys):
+    """A typo in config.json fails before a byte of weights is read (a 7B read takes minutes)."""
+    import weights_conversion
+
+    _, src = hf_checkpoints["dinov3"]
+    d = _copy(src, tmp_path / "c")
+    _edit_json(d / "config.json", lambda c: {**c, "hidden_size": "64"})
+    reads = []
+    monkeypatch.setattr(weights_conversion, "load_tensors", lambda *a, **k: reads.append(a) or {})
+    _one_line_error(["convert", str(d), str(tmp_path / "pv"), "--no-progress"], capsys, "hidden_size must be int")
+    assert reads == []

@@ -172,6 +172,7 @@ def read_checkpoint(
     cfg_json = _source_config(path, config)
     preprocessor = _source_preprocessor(path, config)
     files = weight_files(path, allow_pickle=allow_pickle)
+    _check_config_first(cfg_json, files, family, strict_config)
     source_bytes = sum(f.stat().st_size for f in files)
     if progress is not None and hasattr(progress, "reset"):  # a tqdm bar: now we know its total
         progress.reset(total=source_bytes)
@@ -199,6 +200,33 @@ def read_checkpoint(
     if not allow_nonfinite:  # the converted tensors: a NaN in a dropped text tower is not the vision tower's
         check_finite(sd, path)
     return Checkpoint(fam_name, cfg, sd, report, layout, path, hf_config, len(tensors), source_bytes, preprocessor)
+
+
+def _check_config_first(cfg_json: dict | None, files: list[Path], family: str | None, strict: bool) -> None:
+    """Parse ``config.json`` before reading gigabytes of weights: a typo in it must not cost the read.
+
+    The tensor names come from the safetensors headers alone; pickles cannot be listed without
+    unpickling them, so their config is checked after the read, as before."""
+    if cfg_json is None or any(f.suffix != ".safetensors" for f in files):
+        return
+    if is_native(cfg_json):
+        config_from_native(cfg_json, FAMILIES)
+        return
+    from safetensors import safe_open
+
+    names: set[str] = set()
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as fh:
+                names.update(fh.keys())
+        except Exception:
+            return  # unreadable: load_tensors says why, naming the file
+    if detect_layout(names) is None:  # a transformers layout: the file must describe the model
+        name = detect_family(cfg_json)
+        if family is not None and family != name:
+            raise CheckpointError(f"expected a {family} checkpoint, but config.json describes a {name} model")
+        fam = FAMILIES[name]
+        fam.config_from_hf(cfg_json, present_keys=_norm_keys(fam, names), strict=strict)
 
 
 def cast_state(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
