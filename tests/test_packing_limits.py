@@ -89,3 +89,13 @@ def test_cached_tables_are_reused():
     assert packing.build_meta(grid, 1, torch.device("cpu")) is not a
     with pytest.raises(ValueError, match="non-negative"):
         set_cache_limit(-1)
+
+
+@pytest.mark.xfail(strict=True, reason="needs PackedViT.forward to call packing.check_packed before prepare "
+                   "(packvit/models/base.py, owned by the lead); remove this mark with that change")
+def test_model_checks_rows_before_tables(dinov3):
+    clear_caches()
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="10 rows but grid_thw describes 1000000 patches"):
+        dinov3(torch.randn(10, dinov3.patch_dim), [[1, 1000, 1000]])
+    assert time.perf_counter() - start < 0.5 and cache_bytes() == 0
