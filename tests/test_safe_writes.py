@@ -22,6 +22,7 @@ from packvit.cli import main
 from weights_conversion import load_model, safe_write
 
 COMMANDS = ("convert", "export-hf")
+posix_only = pytest.mark.skipif(not hasattr(os, "fork"), reason="forks children and sets rlimits (POSIX)")
 
 
 def _tree(d: Path) -> dict[str, bytes]:
@@ -125,6 +126,7 @@ def _drive(src: Path, work: Path, sig: str, mode: str) -> list[dict]:
     return rows[:-1]
 
 
+@posix_only
 @pytest.mark.parametrize("mode", ["exchange", "fallback"])
 def test_sigkill_at_every_step_of_overwrite(mode, src, tmp_path):
     """SIGKILL before each file-system call of ``convert --overwrite``: DST is the whole old output or
@@ -142,6 +144,7 @@ def test_sigkill_at_every_step_of_overwrite(mode, src, tmp_path):
     assert any(r["leftovers"] for r in rows)  # kills did leave temporary folders, which were then removed
 
 
+@posix_only
 def test_ctrl_c_at_every_step_of_overwrite(src, tmp_path):
     """Ctrl-C before each step: exit 130 with the old output and nothing else left, or, once the swap
     has begun, the swap finishes and the command exits 0 with the new output (not 130 on a complete DST)."""
@@ -237,6 +240,7 @@ def test_disk_full_injected_at_the_write(command, src, tmp_path, monkeypatch, ca
     assert calls and _tree(dst) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out", "sb"]
 
 
+@posix_only
 def test_disk_full_from_the_kernel(src, tmp_path):
     """A real write error from the kernel (RLIMIT_FSIZE: writes past 40 KB fail with EFBIG) in a
     subprocess, through safetensors' own writer: the same one line, and DST untouched."""
