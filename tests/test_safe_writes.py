@@ -164,14 +164,17 @@ def test_stale_folders_of_other_runs(src, tmp_path, capsys):
     try:
         dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
         stale = dst.parent / f".pv.packvit-tmp-{host}-{int(dead.stdout)}-0123abcd"
+        other = dst.parent / f".pv2.packvit-tmp-{host}-{int(dead.stdout)}-0123abcd"  # a killed write of another DST
+        aside = dst.parent / f".pv3.packvit-old-{host}-{int(dead.stdout)}-0123abcd"  # killed mid-swap: put back
         live = dst.parent / f".pv.packvit-tmp-{host}-{sleeper.pid}-0123abcd"
         legacy = dst.parent / ".pv.tmp-k2j4h5g6"
-        for d in (stale, live, legacy):
+        for d in (stale, other, aside, live, legacy):
             d.mkdir()
             (d / "model.safetensors").write_bytes(b"x" * 100)
         assert main(["convert", str(src), str(dst), "--no-progress"]) == 0
         err = capsys.readouterr().err
-        assert not stale.exists() and "removed" in err
+        assert not stale.exists() and not other.exists() and "removed" in err
+        assert not aside.exists() and (dst.parent / "pv3" / "model.safetensors").read_bytes() == b"x" * 100
         assert live.exists() and "still writing" in err
         assert legacy.exists() and "killed packvit run" in err
     finally:

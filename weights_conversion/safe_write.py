@@ -9,8 +9,8 @@ in only once it is complete: on Linux with one ``renameat2(RENAME_EXCHANGE)``, s
 instant the whole old output or the whole new one; elsewhere by renaming the old output aside,
 the new one in, and only then removing the old (a run killed between the two renames leaves DST
 absent and the old output aside, and the next run puts it back). An exception, Ctrl-C, SIGTERM or
-SIGHUP removes the temporary folder; a SIGKILL or a power cut leaves it, and the next write to the
-same DST removes it. Signals that arrive during the swap are held until it is done.
+SIGHUP removes the temporary folder; a SIGKILL or a power cut leaves it, and the next write into
+the same parent folder removes it. Signals that arrive during the swap are held until it is done.
 
 DST is refused, whatever ``overwrite`` says, when it equals or contains a source, is the working
 directory or one of its parents, is a file or a symbolic link, or is a non-empty folder packvit did
@@ -151,11 +151,12 @@ def _alive(pid: int) -> bool:
 
 
 def clean_stale(target: Path) -> None:
-    """Remove the temporary folders that killed runs left beside ``target``; put back an old output a
-    run killed mid-swap had moved aside. Folders of live runs, or of other hosts, are only reported."""
+    """Remove the temporary folders killed runs left beside ``target`` (for any DST in that folder),
+    and put back an old output that a run killed mid-swap had moved aside. Folders of live runs, or
+    of other hosts, are only reported."""
     if not target.name or not target.parent.is_dir():
         return
-    pattern = re.compile(rf"\.{re.escape(target.name)}\.packvit-(tmp|old)-([A-Za-z0-9]+)-(\d+)-[0-9a-f]+")
+    pattern = re.compile(r"\.(.+)\.packvit-(tmp|old)-([A-Za-z0-9]+)-(\d+)-[0-9a-f]{8}")
     legacy = f".{target.name}.tmp-"  # packvit <= 0.1.0's mkdtemp prefix: no owner recorded
     for entry in sorted(target.parent.iterdir()):
         m = pattern.fullmatch(entry.name)
@@ -164,13 +165,15 @@ def clean_stale(target: Path) -> None:
                 note(f"{entry} looks like a temporary folder left by a killed packvit run; remove it if no packvit "
                      "is writing there")
             continue
-        kind, host, pid = m.group(1), m.group(2), int(m.group(3))
+        owner = target.parent / m.group(1)
+        kind, host, pid = m.group(2), m.group(3), int(m.group(4))
         if host != _host() or _alive(pid):
-            note(f"leaving {entry}: it belongs to a packvit run still writing {target} (pid {pid} on {host})")
+            if owner == target:
+                note(f"leaving {entry}: it belongs to a packvit run still writing {target} (pid {pid} on {host})")
             continue
-        if kind == "old" and not (target.exists() or target.is_symlink()):
-            _rename(entry, target, replace=False)
-            note(f"put back {target}: a packvit run was killed while replacing it")
+        if kind == "old" and not (owner.exists() or owner.is_symlink()):
+            _rename(entry, owner, replace=False)
+            note(f"put back {owner}: a packvit run was killed while replacing it")
         else:
             shutil.rmtree(entry, ignore_errors=True)
             note(f"removed {entry}, left by a killed packvit run")
