@@ -39,8 +39,15 @@ def require_transformers(what: str) -> None:
 
 
 def _transformers():
+    from .safe_write import _signals
+
     require_transformers("this")
-    import transformers
+    # A Ctrl-C inside an extension's import can surface as "TypeError: expected a message argument":
+    # hold it for the import (a second or two), then raise it plainly.
+    with _signals("hold") as received:
+        import transformers
+    if received:
+        raise KeyboardInterrupt
 
     transformers.utils.logging.disable_progress_bar()  # the callers print their own output
     return transformers
