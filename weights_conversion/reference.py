@@ -39,7 +39,9 @@ def require_transformers(what: str) -> None:
 
 
 def _transformers():
-    from .safe_write import _signals
+    import signal
+
+    from .safe_write import Interrupted, _signals
 
     require_transformers("this")
     # A Ctrl-C inside an extension's import can surface as "TypeError: expected a message argument":
@@ -47,7 +49,7 @@ def _transformers():
     with _signals("hold") as received:
         import transformers
     if received:
-        raise KeyboardInterrupt
+        raise KeyboardInterrupt if received[0] == signal.SIGINT else Interrupted(received[0])
 
     transformers.utils.logging.disable_progress_bar()  # the callers print their own output
     return transformers
