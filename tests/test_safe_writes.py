@@ -105,6 +105,14 @@ def test_export_hf_replaces_only_its_own_output(src, tmp_path, capsys):
     assert sorted(f.name for f in dst.iterdir()) == [safe_write.MANIFEST, "config.json", "model.safetensors"]
 
 
+def test_dst_under_a_file_is_refused_before_reading(src, tmp_path, monkeypatch, capsys):
+    import weights_conversion
+
+    monkeypatch.setattr(weights_conversion, "load_tensors", lambda *a, **k: pytest.fail("read before DST was checked"))
+    assert main(["convert", str(src), str(src.parent / "notes.txt" / "pv"), "--no-progress"]) == 1
+    assert "which is a file" in capsys.readouterr().err
+
+
 def test_symlinked_dst_is_refused(src, tmp_path, capsys):
     real = tmp_path / "real"
     real.mkdir()

@@ -111,6 +111,13 @@ def check_destination(dst: str | os.PathLike, *, sources: Iterable = (), overwri
         if s == target or target in s.parents:
             what = "is the source" if s == target else "contains the source"
             raise UnsafeDestinationError(f"DST {str(dst)!r} {what} {str(src)!r}: write the output to another folder")
+    ancestor = target.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UnsafeDestinationError(f"DST {str(dst)!r} lies under {str(ancestor)!r}, which is a file")
+    if not os.access(ancestor, os.W_OK | os.X_OK):  # found now, not after reading gigabytes
+        raise PermissionError(errno.EACCES, f"cannot write DST {str(dst)!r}: no write permission in", str(ancestor))
     if target.exists() or target.is_symlink():
         if not target.is_dir():
             raise UnsafeDestinationError(f"DST {str(dst)!r} is a file, not a folder")
