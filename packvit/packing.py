@@ -16,7 +16,11 @@ Inside a model each frame's segment is ``[prefix_1..prefix_P, patch_1..patch_hw]
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import os
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
@@ -25,8 +29,65 @@ import torch
 Grid = tuple[tuple[int, int, int], ...]
 
 
+# Every per-grid table cache shares one byte budget: a few huge grids must not pin gigabytes (host or
+# device) for the life of the process. PACKVIT_TABLE_CACHE_BYTES sets it; set_cache_limit changes it.
+_LOCK = threading.RLock()
+_RECENT: OrderedDict = OrderedDict()  # (cache, key) -> bytes, least recently used first, over all caches
+_STATE = {"bytes": 0, "limit": int(os.environ.get("PACKVIT_TABLE_CACHE_BYTES", 512 * 2**20))}
+# int32 cu_seqlens and FlashAttention's int32 offsets bound a packed batch's tokens.
+MAX_TOKENS = 2**31 - 1
+
+
+def _nbytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v) for v in value)
+    if dataclasses.is_dataclass(value):
+        return sum(_nbytes(getattr(value, f.name)) for f in dataclasses.fields(value))
+    return 0
+
+
+def _evict(store: OrderedDict, key) -> None:
+    _, n = store.pop(key)
+    del _RECENT[(id(store), key)]
+    _STATE["bytes"] -= n
+
+
+def cache_bytes() -> int:
+    """Bytes of tensors (on any device) held by packvit's per-grid table caches."""
+    return _STATE["bytes"]
+
+
+def set_cache_limit(nbytes: int) -> None:
+    """Bound the per-grid table caches to ``nbytes`` in all (0 disables caching); evicts at once."""
+    if not isinstance(nbytes, int) or nbytes < 0:
+        raise ValueError(f"nbytes must be a non-negative integer, got {nbytes!r}")
+    with _LOCK:
+        _STATE["limit"] = nbytes
+        _shrink()
+
+
+def clear_caches() -> None:
+    """Drop every cached metadata and position table (memory back to the allocator)."""
+    with _LOCK:
+        for store_id, key in list(_RECENT):
+            _evict(_STORES[store_id], key)
+
+
+_STORES: dict[int, OrderedDict] = {}
+
+
+def _shrink() -> None:
+    while _STATE["bytes"] > _STATE["limit"] and _RECENT:
+        store_id, key = next(iter(_RECENT))
+        _evict(_STORES[store_id], key)
+
+
 def table_cache(maxsize: int):
-    """``functools.lru_cache`` for per-grid tables (metadata, token positions, position tables).
+    """A least-recently-used cache for per-grid tables (metadata, token positions, position tables):
+    at most ``maxsize`` entries per function, and all caches together within the byte budget
+    (``set_cache_limit``; a table larger than the budget is returned, not kept).
 
     The tables are built outside inference mode and without autograd: a table first built under
     ``torch.inference_mode()`` would otherwise be an inference tensor, and a later training step
@@ -34,12 +95,37 @@ def table_cache(maxsize: int):
     """
 
     def wrap(fn):
-        @functools.lru_cache(maxsize=maxsize)
+        store: OrderedDict = OrderedDict()  # key -> (table, bytes)
+        _STORES[id(store)] = store
+
         @functools.wraps(fn)
         def build(*args):
+            with _LOCK:
+                if args in store:
+                    store.move_to_end(args)
+                    _RECENT.move_to_end((id(store), args))
+                    return store[args][0]
             with torch.inference_mode(False), torch.no_grad():
-                return fn(*args)
+                value = fn(*args)
+            n = _nbytes(value)
+            with _LOCK:
+                if args in store:  # another thread built it meanwhile
+                    return store[args][0]
+                if n <= _STATE["limit"]:
+                    store[args] = (value, n)
+                    _RECENT[(id(store), args)] = n
+                    _STATE["bytes"] += n
+                    while len(store) > maxsize:
+                        _evict(store, next(iter(store)))
+                    _shrink()
+            return value
 
+        def cache_clear():
+            with _LOCK:
+                for key in list(store):
+                    _evict(store, key)
+
+        build.cache_clear = cache_clear
         return build
 
     return wrap
@@ -56,6 +142,8 @@ def grid_to_tuple(grid_thw: torch.Tensor | Sequence[Sequence[int]]) -> Grid:
             raise TypeError(f"grid_thw must hold integers, got dtype {grid_thw.dtype}")
         if grid_thw.dim() != 2 or grid_thw.shape[1] != 3:
             raise ValueError(f"grid_thw must have shape [num_images, 3] (t, h, w), got {list(grid_thw.shape)}")
+        if grid_thw.device.type == "meta":
+            raise ValueError("grid_thw is on the meta device, which holds no values: pass it as a CPU tensor or a list")
         rows = grid_thw.tolist()
     elif isinstance(grid_thw, (list, tuple)):
         rows = [list(r) if isinstance(r, (list, tuple)) else r for r in grid_thw]
@@ -65,10 +153,25 @@ def grid_to_tuple(grid_thw: torch.Tensor | Sequence[Sequence[int]]) -> Grid:
             raise TypeError("grid_thw must hold integers")
     else:
         raise TypeError(f"grid_thw must be an integer tensor or a list of (t, h, w), got {type(grid_thw).__name__}")
+    total = 0
     for i, (t, h, w) in enumerate(rows):
         if t <= 0 or h <= 0 or w <= 0:
             raise ValueError(f"grid_thw[{i}] = ({t}, {h}, {w}): frames, height and width must all be positive")
+        total += t * h * w  # Python ints: no overflow, so a huge grid is caught here, not by an allocation
+        if total > MAX_TOKENS:
+            raise ValueError(
+                f"grid_thw describes {'at least ' if i < len(rows) - 1 else ''}{total} patches (up to grid_thw[{i}] "
+                f"= ({t}, {h}, {w})); a packed batch holds at most {MAX_TOKENS} (int32 offsets)"
+            )
     return tuple((int(t), int(h), int(w)) for t, h, w in rows)
+
+
+def check_packed(hidden_states: torch.Tensor, grid_thw, patch_dim: int) -> Grid:
+    """``grid_to_tuple`` and ``check_inputs`` in one: rows, patch size and grid checked against each
+    other from the grid's integers alone, before any table is built for it."""
+    grid = grid_to_tuple(grid_thw)
+    check_inputs(hidden_states, sum(t * h * w for t, h, w in grid), patch_dim)
+    return grid
 
 
 @dataclass(frozen=True, eq=False)
@@ -181,6 +284,9 @@ def build_meta(grid: Grid, num_prefix: int, device: torch.device) -> PackedMeta:
     """Metadata for a validated grid (see ``grid_to_tuple``); cached per (grid, prefix, device)."""
     frame_hw = tuple((h, w) for t, h, w in grid for _ in range(t))
     seqlens = tuple(num_prefix + h * w for h, w in frame_hw)
+    if sum(seqlens) > MAX_TOKENS:
+        raise ValueError(f"grid_thw with {num_prefix} prefix tokens per frame gives {sum(seqlens)} tokens; "
+                         f"a packed batch holds at most {MAX_TOKENS} (int32 offsets)")
     frame, within = _layout(frame_hw, num_prefix)
     patch_index = prefix_index = None
     if num_prefix:

@@ -29,7 +29,6 @@ PIL; rounding recovers ``k / 255`` exactly).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -128,22 +127,29 @@ class PreprocessConfig:
         transformers' processors to reproduce (``"auto"``: the one transformers would pick here).
         ``overrides`` replace fields.
         """
+        from weights_conversion.checkpoint_io import read_json_object
+        from weights_conversion.native import describe_native
+
         path = Path(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} has no config.json: give a checkpoint folder")
-        cfg = json.loads((path / "config.json").read_text())
-        model_type = cfg.get("model_type")
+        cfg = read_json_object(path / "config.json")
+        native = describe_native(cfg)  # a folder written by packvit convert: family and fields, no model_type
+        if native is not None:
+            model_type, vision = native
+        else:
+            model_type = cfg.get("model_type")
+            vision = cfg.get("vision_config", cfg)  # the dual-tower SigLIP2 nests the vision config
         if model_type not in _FAMILY_DEFAULTS:
             raise ValueError(f"config.json model_type {model_type!r} is not one of {sorted(_FAMILY_DEFAULTS)}")
         default_mode, mean, std, resample = _FAMILY_DEFAULTS[model_type]
-        vision = cfg.get("vision_config", cfg)  # the dual-tower SigLIP2 nests the vision config
         kw: dict[str, Any] = dict(
             patch_size=int(vision["patch_size"]), mode=mode or default_mode, image_mean=mean, image_std=std,
             resample=resample, backend=backend, rescale_first=model_type in _RESCALE_FIRST,
         )
         pp = path / "preprocessor_config.json"
         if pp.is_file():
-            kw.update(_from_processor_json(json.loads(pp.read_text())))
+            kw.update(_from_processor_json(read_json_object(pp)))
             if mode is None and "max_num_patches" in kw:
                 kw["mode"] = "naflex"
         kw.update(overrides)

@@ -138,14 +138,22 @@ def test_convert_verify_prints_parity(family, hf_checkpoints, tmp_path, capsys):
     assert "OK: cosine min" in out
 
 
-def test_convert_refuses_existing_destination_unless_overwrite(hf_checkpoints, tmp_path):
+def test_convert_refuses_existing_destination_unless_overwrite(hf_checkpoints, tmp_path, capsys):
+    """A folder packvit wrote is replaced only with --overwrite; a folder it did not write never is (issue 16)."""
     _, src = hf_checkpoints["dinov3"]
     (tmp_path / "pv").mkdir()
     (tmp_path / "pv" / "keep.txt").write_text("mine")
-    assert main(["convert", str(src), str(tmp_path / "pv"), "--no-progress"]) == 1
-    assert (tmp_path / "pv" / "keep.txt").read_text() == "mine"
-    assert main(["convert", str(src), str(tmp_path / "pv"), "--no-progress", "--overwrite"]) == 0
-    assert not (tmp_path / "pv" / "keep.txt").exists() and (tmp_path / "pv" / "config.json").exists()
+    for extra in ([], ["--overwrite"]):
+        assert main(["convert", str(src), str(tmp_path / "pv"), "--no-progress", *extra]) == 1
+        assert "packvit did not write" in capsys.readouterr().err
+        assert [f.name for f in tmp_path.iterdir()] == ["pv"] and (tmp_path / "pv" / "keep.txt").read_text() == "mine"
+        assert [f.name for f in (tmp_path / "pv").iterdir()] == ["keep.txt"]
+    (tmp_path / "pv" / "keep.txt").unlink()  # an empty folder holds nothing to lose
+    assert main(["convert", str(src), str(tmp_path / "pv"), "--no-progress"]) == 0
+    assert main(["convert", str(src), str(tmp_path / "pv"), "--no-progress", "--dtype", "bf16"]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["convert", str(src), str(tmp_path / "pv"), "--no-progress", "--dtype", "bf16", "--overwrite"]) == 0
+    assert load_model(tmp_path / "pv").dtype == torch.bfloat16 and [f.name for f in tmp_path.iterdir()] == ["pv"]
 
 
 @pytest.mark.parametrize("exc", [RuntimeError("disk full"), KeyboardInterrupt()])
@@ -256,3 +264,87 @@ def test_align_image_dir_must_hold_images(hf_checkpoints, tmp_path, capsys):
     _, src = hf_checkpoints["dinov3"]
     assert main(["align", "--ckpt", str(src), "--use_real_images", "--image_dir", str(tmp_path)]) == 1
     assert "--image_dir" in capsys.readouterr().err
+
+
+# -- issue 16 items 12, 13, 15: optional features, bench on a CPU machine, progress, interrupts -----
+
+
+def test_bench_without_cuda(monkeypatch, capsys):
+    import packvit.bench
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(packvit.bench, "main", lambda argv: calls.append(argv) or 0)
+    assert main(["bench", "--model", "dinov3"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no CUDA device" in err and "packvit bench --tiny --device cpu" in err
+    assert main(["bench", "--tiny"]) == 0 and calls == [["--tiny", "--device", "cpu"]]
+    assert main(["bench", "--tiny", "--device", "cpu"]) == 0 and calls[-1] == ["--tiny", "--device", "cpu"]
+
+
+def test_bench_render_plot_needs_matplotlib(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    (tmp_path / "r.jsonl").write_text("")
+    assert main(["bench", "render", str(tmp_path / "r.jsonl"), "--plot", str(tmp_path / "p.png")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "matplotlib" in err and "pip install" in err
+
+
+def test_missing_transformers_is_one_line_naming_the_extra(hf_checkpoints, tmp_path, monkeypatch, capsys):
+    """convert --verify (checked before anything is read or written) and the demo, after a plain install."""
+    _, src = hf_checkpoints["dinov3"]
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    assert main(["convert", str(src), str(tmp_path / "pv"), "--no-progress", "--verify"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "packvit[demo]" in err and not (tmp_path / "pv").exists()
+    assert main(["demo", "--family", "dinov3"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "packvit demo: error:" in err and "packvit[demo]" in err
+
+
+def test_no_empty_progress_bar_before_a_failing_run(tmp_path, capsys):
+    assert main(["convert", str(tmp_path / "nope"), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "read" not in err.split("error:")[0] and "0.00" not in err
+
+
+def test_export_hf_shows_read_progress(hf_checkpoints, tmp_path, capsys):
+    _, src = hf_checkpoints["siglip2"]
+    assert main(["export-hf", str(src), str(tmp_path / "hf")]) == 0
+    assert "read" in capsys.readouterr().err
+
+
+def test_align_help_is_plain_text(capsys):
+    assert main(["align", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "``" not in out and "when --ckpt is a hub id" in out and "SRC" not in out
+
+
+def test_ctrl_c_during_imports_is_an_interrupt(monkeypatch, capsys):
+    """A Ctrl-C while the command's modules import is held until they are done, then exits 130
+    (raised inside an extension's import it could surface as 'TypeError: expected a message argument')."""
+    import signal
+
+    import packvit.cli as cli
+
+    real_build = cli.build_parser
+
+    def build_with_ctrl_c():
+        os.kill(os.getpid(), signal.SIGINT)  # arrives "during the imports"
+        return real_build()
+
+    monkeypatch.setattr(cli, "build_parser", build_with_ctrl_c)
+    assert main(["convert", "--help"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_load_model_progress(hf_checkpoints, capsys):
+    _, src = hf_checkpoints["aimv2"]
+    load_model(src, progress=True)
+    assert "read" in capsys.readouterr().err
+    load_model(src)
+    assert capsys.readouterr().err == ""

@@ -15,18 +15,21 @@ from typing import Any
 
 import torch
 
-from .checkpoint_io import CheckpointError, atomic_directory, load_tensors, read_config, resolve, weight_files
+from .checkpoint_io import (
+    CheckpointError, load_tensors, read_config, read_json_object, resolve, save_tensors, weight_files, write_text,
+)
 from .families import aimv2, dinov3, siglip2
 from .keymap import ConversionError, ConversionReport, check_dtypes, check_shapes, from_hf, to_hf
-from .native import config_from_native, is_native, rename_legacy
+from .native import PREPROCESSOR, config_from_native, is_native, rename_legacy
+from .safe_write import UnsafeDestinationError, atomic_directory
 from .original import convert_original, detect_layout
 
 FAMILIES: dict[str, ModuleType] = {"aimv2": aimv2, "dinov3": dinov3, "siglip2": siglip2}
 
 __all__ = [
-    "FAMILIES", "CheckpointError", "ConversionError", "ConversionReport", "detect_family",
+    "FAMILIES", "CheckpointError", "ConversionError", "UnsafeDestinationError", "ConversionReport", "detect_family",
     "convert_state_dict", "load_model", "export_hf", "model_family", "Checkpoint", "read_checkpoint", "cast_state",
-    "build_model",
+    "build_model", "config_of",
 ]
 
 
@@ -38,6 +41,17 @@ def detect_family(config: dict) -> str:
             return name
     known = sorted(t for f in FAMILIES.values() for t in f.MODEL_TYPES)
     raise CheckpointError(f"unknown checkpoint layout: config.json model_type is {model_type!r}; packvit reads {known}")
+
+
+def config_of(path: str | os.PathLike, *, strict_config: bool = True) -> tuple[str, Any]:
+    """(family, packvit config) of a checkpoint folder, from its ``config.json`` alone (no weights):
+    a transformers config or packvit's own. Fields that depend on the weights (a pooling head's
+    presence) are as the config says, not as the tensors do."""
+    d = read_config(Path(path).expanduser())
+    if is_native(d):
+        return config_from_native(d, FAMILIES)
+    family = detect_family(d)
+    return family, FAMILIES[family].config_from_hf(d, strict=strict_config)
 
 
 def model_family(model: torch.nn.Module) -> str:
@@ -92,6 +106,7 @@ class Checkpoint:
     hf_config: dict | None  # the transformers config.json, for the "hf" layout
     source_tensors: int
     source_bytes: int
+    preprocessor: dict | None = None  # the source's preprocessor_config.json, carried into what is written
 
 
 def _source_config(path: Path, config: str | os.PathLike | None) -> dict | None:
@@ -102,16 +117,32 @@ def _source_config(path: Path, config: str | os.PathLike | None) -> dict | None:
             f = f / "config.json"
         if not f.is_file():
             raise CheckpointError(f"config {str(config)!r} does not exist: expected a config.json file or its folder")
-        return read_config(f.parent) if f.name == "config.json" else _read_json(f)
+        return read_json_object(f)
     directory = path if path.is_dir() else path.parent
     return read_config(directory) if (directory / "config.json").is_file() else None
 
 
-def _read_json(f: Path) -> dict:
-    try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{f} is not valid JSON: {e}") from e
+def _source_preprocessor(path: Path, config: str | os.PathLike | None) -> dict | None:
+    """The ``preprocessor_config.json`` beside the weights, else beside ``config``; None if there is none."""
+    places = [path if path.is_dir() else path.parent]
+    if config is not None:
+        c = Path(config).expanduser()
+        places.append(c if c.is_dir() else c.parent)
+    for d in places:
+        if (d / PREPROCESSOR).is_file():
+            return read_json_object(d / PREPROCESSOR)
+    return None
+
+
+def check_finite(tensors: dict[str, torch.Tensor], where: Path) -> None:
+    """NaN or Inf in a weight is a broken checkpoint: refuse it, naming the first such tensor."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(
+                f"{where}: tensor {name!r} holds {bad} NaN/Inf value{'s' if bad > 1 else ''}; the checkpoint is "
+                "broken or was saved mid-divergence. Pass allow_nonfinite=True (--allow-nonfinite) to read it anyway"
+            )
 
 
 def read_checkpoint(
@@ -125,6 +156,7 @@ def read_checkpoint(
     preset: str | None = None,
     num_heads: int | None = None,
     progress: Any = None,
+    allow_nonfinite: bool = False,
 ) -> Checkpoint:
     """Read any checkpoint packvit understands and convert it to packvit tensors.
 
@@ -133,11 +165,14 @@ def read_checkpoint(
     (facebookresearch/dinov3, Apple ml-aim), recognised by their tensor names, configured by
     ``preset`` / ``num_heads`` and the shapes; otherwise a transformers checkpoint, whose
     ``config.json`` sits beside the weights or is given as ``config``. ``progress`` is a tqdm bar
-    (its total is set to the bytes to read) or a callable taking a byte count.
+    (its total is set to the bytes to read) or a callable taking a byte count. Weights holding NaN
+    or Inf are refused unless ``allow_nonfinite``.
     """
     path = resolve(src, revision)
     cfg_json = _source_config(path, config)
+    preprocessor = _source_preprocessor(path, config)
     files = weight_files(path, allow_pickle=allow_pickle)
+    _check_config_first(cfg_json, files, family, strict_config)
     source_bytes = sum(f.stat().st_size for f in files)
     if progress is not None and hasattr(progress, "reset"):  # a tqdm bar: now we know its total
         progress.reset(total=source_bytes)
@@ -162,7 +197,36 @@ def read_checkpoint(
         layout, hf_config = "hf", cfg_json
     if family is not None and family != fam_name:
         raise CheckpointError(f"expected a {family} checkpoint, but {path} holds a {fam_name} model")
-    return Checkpoint(fam_name, cfg, sd, report, layout, path, hf_config, len(tensors), source_bytes)
+    if not allow_nonfinite:  # the converted tensors: a NaN in a dropped text tower is not the vision tower's
+        check_finite(sd, path)
+    return Checkpoint(fam_name, cfg, sd, report, layout, path, hf_config, len(tensors), source_bytes, preprocessor)
+
+
+def _check_config_first(cfg_json: dict | None, files: list[Path], family: str | None, strict: bool) -> None:
+    """Parse ``config.json`` before reading gigabytes of weights: a typo in it must not cost the read.
+
+    The tensor names come from the safetensors headers alone; pickles cannot be listed without
+    unpickling them, so their config is checked after the read, as before."""
+    if cfg_json is None or any(f.suffix != ".safetensors" for f in files):
+        return
+    if is_native(cfg_json):
+        config_from_native(cfg_json, FAMILIES)
+        return
+    from safetensors import safe_open
+
+    names: set[str] = set()
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as fh:
+                names.update(fh.keys())
+        except Exception:
+            return  # unreadable: load_tensors says why, naming the file
+    if detect_layout(names) is None:  # a transformers layout: the file must describe the model
+        name = detect_family(cfg_json)
+        if family is not None and family != name:
+            raise CheckpointError(f"expected a {family} checkpoint, but config.json describes a {name} model")
+        fam = FAMILIES[name]
+        fam.config_from_hf(cfg_json, present_keys=_norm_keys(fam, names), strict=strict)
 
 
 def cast_state(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
@@ -188,12 +252,24 @@ def load_model(
     config: str | os.PathLike | None = None,
     preset: str | None = None,
     num_heads: int | None = None,
+    allow_nonfinite: bool = False,
+    progress: bool = False,
 ):
-    """Load a checkpoint (HF, packvit-native or original layout; local or hub id) as a packvit model in eval mode."""
-    ckpt = read_checkpoint(
-        src, revision=revision, config=config, family=family, strict_config=strict_config,
-        allow_pickle=allow_pickle, preset=preset, num_heads=num_heads,
-    )
+    """Load a checkpoint (HF, packvit-native or original layout; local or hub id) as a packvit model in eval mode.
+
+    ``progress=True`` shows a tqdm bar of the bytes read (worth it for a DINOv3 7B).
+    """
+    from .convert import ByteBar
+
+    bar = ByteBar("read", progress)
+    try:
+        ckpt = read_checkpoint(
+            src, revision=revision, config=config, family=family, strict_config=strict_config,
+            allow_pickle=allow_pickle, preset=preset, num_heads=num_heads, allow_nonfinite=allow_nonfinite,
+            progress=bar if progress else None,
+        )
+    finally:
+        bar.close()
     model = build_model(ckpt.family, ckpt.config, cast_state(ckpt.state, dtype), attn_backend="sdpa")
     model.to(device=device)
     model.set_attention_backend(attn_backend)
@@ -214,13 +290,20 @@ def hf_state_dict(model) -> tuple[dict, dict[str, torch.Tensor]]:
     return fam.config_to_hf(cfg), to_hf(fam.keymap(cfg), sd, cfg, cfg.num_layers)
 
 
-def export_hf(model, dst: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` that transformers' ``from_pretrained`` loads."""
-    from safetensors.torch import save_file
+def export_hf(
+    model, dst: str | os.PathLike, *, overwrite: bool = False, preprocessor: dict | None = None, sources=(),
+) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` that transformers' ``from_pretrained`` loads,
+    and ``preprocessor_config.json`` when given one (``Checkpoint.preprocessor``).
 
+    Written through ``safe_write.atomic_directory``: ``dst`` is replaced only once the new folder is
+    complete, and only if packvit wrote it (``overwrite``); ``sources`` are paths ``dst`` must not contain.
+    """
     config, sd = hf_state_dict(model)
     config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
-    with atomic_directory(dst, overwrite=overwrite) as tmp:
-        save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    with atomic_directory(dst, sources=sources, overwrite=overwrite, command="export-hf") as tmp:
+        save_tensors(sd, tmp / "model.safetensors")
+        if preprocessor is not None:
+            write_text(tmp / PREPROCESSOR, json.dumps(preprocessor, indent=2) + "\n")
+        write_text(tmp / "config.json", json.dumps(config, indent=2) + "\n")
     return Path(dst)

@@ -5,11 +5,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Callable, Iterator
+from pathlib import Path, PurePosixPath
+from typing import Callable
 
 import torch
 
@@ -52,10 +49,28 @@ def read_config(directory: Path) -> dict:
     f = directory / "config.json"
     if not f.is_file():
         raise CheckpointError(f"{directory} has no config.json: packvit needs it to know the architecture")
+    return read_json_object(f)
+
+
+def read_json_object(f: Path) -> dict:
+    """A JSON file that must hold one object (``config.json``, an index, ``preprocessor_config.json``)."""
     try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as e:
+        value = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{f} is not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{f} holds a JSON {type(value).__name__}, expected an object {{...}}")
+    return value
+
+
+def _shard_path(folder: Path, name, index: Path) -> Path:
+    """A shard named by an index, which must lie inside the checkpoint folder (no absolute path, no '..')."""
+    if not isinstance(name, str) or not name:
+        raise CheckpointError(f"{index} names a shard {name!r}: expected a file name")
+    rel = PurePosixPath(name)
+    if rel.is_absolute() or ".." in rel.parts or "\\" in name:
+        raise CheckpointError(f"{index} names the shard {name!r}, outside the checkpoint folder {folder}; refusing to read it")
+    return folder / rel
 
 
 def weight_files(path: Path, allow_pickle: bool = False) -> list[Path]:
@@ -63,12 +78,10 @@ def weight_files(path: Path, allow_pickle: bool = False) -> list[Path]:
     if path.is_file():
         files = [path]
     elif (path / INDEX).is_file():
-        try:
-            index = json.loads((path / INDEX).read_text())
-            names = sorted(set(index["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError) as e:
-            raise CheckpointError(f"{path / INDEX} is not a valid safetensors index: {e}") from e
-        files = [path / n for n in names]
+        index = read_json_object(path / INDEX)
+        if not isinstance(index.get("weight_map"), dict):
+            raise CheckpointError(f"{path / INDEX} is not a valid safetensors index: it has no weight_map object")
+        files = sorted({_shard_path(path, n, path / INDEX) for n in index["weight_map"].values()})
         missing = [str(f.name) for f in files if not f.is_file()]
         if missing:
             raise CheckpointError(f"{path / INDEX} names shards that are missing: {missing}")
@@ -156,22 +169,19 @@ def parse_size(text: str | int) -> int:
     return size
 
 
-@contextmanager
-def atomic_directory(dst: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Write into a temporary sibling directory and rename it to ``dst`` only on success.
+def save_tensors(tensors: dict[str, torch.Tensor], f: Path) -> None:
+    """``safetensors.torch.save_file``, with a full disk or a failed write as one clear ``OSError``."""
+    from safetensors import SafetensorError
+    from safetensors import torch as st
 
-    A failure or Ctrl-C leaves no partial ``dst`` behind.
-    """
-    dst = Path(dst)
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} exists; choose another destination or overwrite it explicitly")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     try:
-        yield tmp
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        st.save_file({k: v.contiguous() for k, v in tensors.items()}, str(f), metadata={"format": "pt"})
+    except (OSError, SafetensorError) as e:
+        raise OSError(f"could not write {f.name} into {f.parent}: {e}") from e
+
+
+def write_text(f: Path, text: str) -> None:
+    try:
+        f.write_text(text)
+    except OSError as e:
+        raise OSError(f"could not write {f.name} into {f.parent}: {e.strerror or e}") from e

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from . import Checkpoint, build_model, cast_state, read_checkpoint
-from .checkpoint_io import atomic_directory, parse_size
+from .checkpoint_io import parse_size
 from .native import write_native
+from .safe_write import atomic_directory, prepare_destination
 
 
 @dataclass
@@ -60,51 +62,80 @@ def convert_checkpoint(
     dtype: torch.dtype | None = None,
     max_shard_size: str | int = "5GB",
     allow_pickle: bool = False,
+    allow_nonfinite: bool = False,
     preset: str | None = None,
     num_heads: int | None = None,
     strict_config: bool = True,
     overwrite: bool = False,
     progress: bool = False,
+    check: Callable[["ConvertResult"], None] | None = None,
 ) -> ConvertResult:
     """Convert any checkpoint ``load_model`` reads into a packvit-native folder at ``dst``.
 
-    Everything is read and checked (names, shapes, dtypes, by building the model) before a byte is
-    written; the output goes to a temporary sibling folder renamed to ``dst`` at the end, so an
-    error or Ctrl-C leaves nothing at ``dst``. ``progress`` shows tqdm bars weighted by bytes.
+    DST is checked first (``safe_write.check_destination``: never a source, the working directory,
+    or a folder packvit did not write), then everything is read and checked (names, shapes, dtypes,
+    finite values, by building the model) before a byte is written. The output is written to a
+    temporary folder beside ``dst``; ``check(result)`` (``--verify``) runs on it there, with
+    ``result.dst`` naming that folder, and may raise to abandon it. Only then is it swapped in for
+    ``dst``, the old output kept until the new one is complete. ``progress`` shows tqdm bars in bytes.
     """
     max_bytes = parse_size(max_shard_size)
-    dst = Path(dst)
-    if dst.exists() and not overwrite:  # fail before reading gigabytes
-        raise FileExistsError(f"destination {dst} exists; choose another one or pass overwrite=True (--overwrite)")
-    read_bar = _bar("read", progress)
+    sources = [src, config]
+    prepare_destination(dst, sources=sources, overwrite=overwrite)  # fail before reading gigabytes
+    read_bar = ByteBar("read", progress)
     try:
         ckpt = read_checkpoint(
             src, revision=revision, config=config, strict_config=strict_config, allow_pickle=allow_pickle,
-            preset=preset, num_heads=num_heads, progress=read_bar,
+            allow_nonfinite=allow_nonfinite, preset=preset, num_heads=num_heads, progress=read_bar,
         )
     finally:
-        if read_bar is not None:
-            read_bar.close()
+        read_bar.close()
     state = cast_state(ckpt.state, dtype)
     model = build_model(ckpt.family, ckpt.config, state, attn_backend="sdpa")  # strict: shapes, dtypes, names
     num_params = sum(p.numel() for p in model.parameters())
+    del model
     total = sum(t.numel() * t.element_size() for t in state.values())
-    write_bar = _bar("write", progress, total)
-    try:
-        with atomic_directory(dst, overwrite=overwrite) as tmp:
-            files = write_native(
-                tmp, ckpt.family, ckpt.config, state, max_shard_bytes=max_bytes,
-                progress=None if write_bar is None else write_bar.update,
-            )
-            files = [dst / f.name for f in files]
-    finally:
-        if write_bar is not None:
-            write_bar.close()
     dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
-    return ConvertResult(
-        dst=dst, checkpoint=ckpt, dtype=dtypes.pop() if len(dtypes) == 1 else None, num_params=num_params,
-        files=files, output_bytes=sum(f.stat().st_size for f in files),
-    )
+    write_bar = ByteBar("write", progress)
+    try:
+        with atomic_directory(dst, sources=sources, overwrite=overwrite, command="convert") as tmp:
+            write_bar.reset(total)
+            files = write_native(
+                tmp, ckpt.family, ckpt.config, state, max_shard_bytes=max_bytes, progress=write_bar.update,
+                preprocessor=ckpt.preprocessor,
+            )
+            result = ConvertResult(
+                dst=tmp, checkpoint=ckpt, dtype=dtypes.pop() if len(dtypes) == 1 else None, num_params=num_params,
+                files=files, output_bytes=sum(f.stat().st_size for f in files),
+            )
+            write_bar.close()
+            if check is not None:
+                check(result)
+    finally:
+        write_bar.close()
+    return replace(result, dst=Path(dst), files=[Path(dst) / f.name for f in files])
+
+
+class ByteBar:
+    """A tqdm bar in bytes that appears only once there is something to count (no empty bar before
+    a run that fails early); with ``enabled`` False, a no-op."""
+
+    def __init__(self, desc: str, enabled: bool):
+        self.desc, self.enabled, self.bar = desc, enabled, None
+
+    def reset(self, total: int) -> None:
+        if self.enabled and self.bar is None:
+            self.bar = _bar(self.desc, True, total)
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        self.enabled = False
 
 
 def _bar(desc: str, enabled: bool, total: int | None = None):

@@ -1,7 +1,14 @@
-"""Reading a Hugging Face ``config.json`` into a packvit config dataclass, strictly."""
+"""Reading a Hugging Face ``config.json`` into a packvit config dataclass, strictly.
+
+A field the file lacks takes transformers' default for that model type, read from transformers'
+own config class (what ``from_pretrained`` would build), never packvit's preset; without
+transformers installed, a missing field is an error naming it. Every value is type-checked.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import warnings
 
 # Fields every transformers config may carry (generation defaults, labels, bookkeeping of
@@ -24,8 +31,51 @@ GENERIC_FIELDS = frozenset(
 )
 
 
-def parse_fields(d: dict, fields: dict[str, str], ignored: set[str], *, family: str, strict: bool = True) -> dict:
-    """Map HF field names to dataclass fields; an unknown field is an error (a warning if not strict)."""
+@functools.lru_cache(maxsize=8)
+def transformers_defaults(model_type: str) -> object | None:
+    """A default instance of transformers' config class for ``model_type``; None without transformers."""
+    try:
+        from transformers import CONFIG_MAPPING
+    except ImportError:
+        return None
+    try:
+        cls = CONFIG_MAPPING[model_type]
+    except KeyError:
+        return None  # a transformers too old to know the model: the fields must then be given
+    return cls()
+
+
+_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def check_types(cls, values: dict, where: str, names: dict[str, str] | None = None) -> None:
+    """Every value has its dataclass field's type (``int``, ``float``, ``bool``, ``str``, ``X | None``):
+    a ``"64"`` or ``true`` where a number belongs is a broken file, not something to coerce."""
+    names = names or {}
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        v = values[f.name]
+        spec = str(f.type).replace(" ", "").split("|")
+        if v is None and "None" in spec:
+            continue
+        ok = any(isinstance(v, t) and not (isinstance(v, bool) and s != "bool") for s in spec for t in _TYPES.get(s, ()))
+        if not ok:
+            want = " or ".join("null" if s == "None" else s for s in spec)
+            raise ValueError(f"{where}: field {names.get(f.name, f.name)} must be {want}, got {v!r}")
+
+
+def parse_fields(
+    d: dict, fields: dict[str, str], ignored: set[str], *, family: str, strict: bool = True,
+    model_type: str | None = None, config_class=None,
+) -> dict:
+    """Map HF field names to dataclass fields; an unknown field is an error (a warning if not strict).
+
+    With ``model_type``, fields ``d`` lacks take transformers' defaults for it (or are an error when
+    transformers is not installed); with ``config_class``, every value is type-checked.
+    """
+    if not isinstance(d, dict):
+        raise ValueError(f"{family} config.json: expected an object of fields, got a {type(d).__name__}")
     unknown = sorted(set(d) - set(fields) - set(ignored) - GENERIC_FIELDS)
     if unknown:
         msg = (
@@ -35,13 +85,32 @@ def parse_fields(d: dict, fields: dict[str, str], ignored: set[str], *, family: 
         if strict:
             raise ValueError(msg)
         warnings.warn(msg, stacklevel=3)
-    kw = {}
+    nullable = set()
+    if config_class is not None:
+        nullable = {f.name for f in dataclasses.fields(config_class) if "None" in str(f.type)}
+    kw, missing = {}, []
     for hf_name, name in fields.items():
-        if hf_name in d and d[hf_name] is not None:
+        if hf_name in d and (d[hf_name] is not None or name in nullable):
             v = d[hf_name]
             if isinstance(v, (list, tuple)):  # patch_size may be written [p, p]
-                if len(set(v)) != 1:
+                if len(set(map(repr, v))) != 1:
                     raise ValueError(f"{family} config.json: non-square {hf_name}={v} is not supported")
                 v = v[0]
             kw[name] = v
+        else:
+            missing.append(hf_name)
+    if missing and model_type is not None:
+        defaults = transformers_defaults(model_type)
+        lacking = [m for m in missing if defaults is None or not hasattr(defaults, m)]
+        if lacking:
+            raise ValueError(
+                f"{family} config.json lacks {lacking}; packvit takes a missing field from transformers' "
+                f"{model_type!r} defaults, and {'transformers is not installed' if defaults is None else 'transformers has none'}"
+                ": add the field to config.json (or install transformers)"
+            )
+        for m in missing:
+            v = getattr(defaults, m)
+            kw[fields[m]] = v[0] if isinstance(v, (list, tuple)) else v
+    if config_class is not None:
+        check_types(config_class, kw, f"{family} config.json", {v: k for k, v in fields.items()})
     return kw

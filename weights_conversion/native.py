@@ -17,14 +17,32 @@ from typing import Callable
 
 import torch
 
-from .checkpoint_io import INDEX, SINGLE, CheckpointError
+from .checkpoint_io import INDEX, SINGLE, CheckpointError, save_tensors, write_text
+from .hfconfig import check_types
 
 FORMAT = "packvit"
 FORMAT_VERSION = 1
 
 
-def is_native(config: dict) -> bool:
-    return config.get("format") == FORMAT
+PREPROCESSOR = "preprocessor_config.json"  # carried from the source, so the resize recipe survives
+
+
+def is_native(config) -> bool:
+    return isinstance(config, dict) and config.get("format") == FORMAT
+
+
+def describe_native(config) -> tuple[str, dict] | None:
+    """(transformers model_type, the model's config fields) of a packvit ``config.json``; None for any
+    other file. For readers that need only the family and patch size, such as the image processor."""
+    if not is_native(config):
+        return None
+    from . import FAMILIES
+
+    family, fields = config.get("family"), config.get("config")
+    if family not in FAMILIES or not isinstance(fields, dict):
+        raise CheckpointError(f"packvit config.json names family {family!r} with config {type(fields).__name__}; "
+                              f"expected one of {sorted(FAMILIES)} and an object of fields")
+    return FAMILIES[family].MODEL_TYPES[0], fields
 
 
 def config_to_native(family: str, cfg, dtype: torch.dtype) -> dict:
@@ -59,6 +77,14 @@ def config_from_native(config: dict, families: dict) -> tuple[str, object]:
     if unknown:
         # Written by a newer packvit, or edited by hand: a field we do not know may change the model.
         raise CheckpointError(f"packvit config.json has {family} fields this packvit does not know: {unknown}")
+    missing = sorted(known - set(fields))
+    if missing:
+        # packvit writes every field; a default filled in here would be a guess at the model.
+        raise CheckpointError(f"packvit config.json lacks the {family} fields {missing}; refusing to guess them")
+    try:
+        check_types(cls, fields, "packvit config.json")
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
     return family, cls(**fields)
 
 
@@ -99,26 +125,29 @@ def write_native(
     *,
     max_shard_bytes: int,
     progress: Callable[[int], None] | None = None,
+    preprocessor: dict | None = None,
 ) -> list[Path]:
-    """Write tensors and config.json into an existing (temporary) directory; returns the files written."""
-    from safetensors.torch import save_file
-
+    """Write tensors, config.json (and the source's ``preprocessor_config.json``) into an existing
+    (temporary) directory; returns the files written."""
     dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
     shards = plan_shards(state, max_shard_bytes)
     names = [SINGLE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     written = []
     for fname, keys in zip(names, shards):
-        part = {k: state[k].contiguous() for k in keys}
-        save_file(part, str(directory / fname), metadata={"format": "pt"})
+        part = {k: state[k] for k in keys}
+        save_tensors(part, directory / fname)
         written.append(directory / fname)
         if progress is not None:
             progress(sum(t.numel() * t.element_size() for t in part.values()))
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in state.values())
         index = {"metadata": {"total_size": total}, "weight_map": {k: f for f, ks in zip(names, shards) for k in ks}}
-        (directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        write_text(directory / INDEX, json.dumps(index, indent=2) + "\n")
         written.append(directory / INDEX)
-    (directory / "config.json").write_text(json.dumps(config_to_native(family, cfg, dtype), indent=2) + "\n")
+    if preprocessor is not None:
+        write_text(directory / PREPROCESSOR, json.dumps(preprocessor, indent=2) + "\n")
+        written.append(directory / PREPROCESSOR)
+    write_text(directory / "config.json", json.dumps(config_to_native(family, cfg, dtype), indent=2) + "\n")
     written.append(directory / "config.json")
     return written

@@ -27,8 +27,29 @@ _FULL_CLASSES = {"siglip2": "Siglip2Model", "aimv2": "Aimv2Model"}
 _FAMILY_CLASSES = {"siglip2": "Siglip2VisionModel", "dinov3": "DINOv3ViTModel", "aimv2": "Aimv2VisionModel"}
 
 
+def require_transformers(what: str) -> None:
+    """An ImportError naming what to install, where transformers is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        raise ModuleNotFoundError(
+            f"{what} compares against transformers, which is not installed: pip install 'packvit[demo]' "
+            "(or pip install transformers)", name="transformers",
+        )
+
+
 def _transformers():
-    import transformers
+    import signal
+
+    from .safe_write import Interrupted, _signals
+
+    require_transformers("this")
+    # A Ctrl-C inside an extension's import can surface as "TypeError: expected a message argument":
+    # hold it for the import (a second or two), then raise it plainly.
+    with _signals("hold") as received:
+        import transformers
+    if received:
+        raise KeyboardInterrupt if received[0] == signal.SIGINT else Interrupted(received[0])
 
     transformers.utils.logging.disable_progress_bar()  # the callers print their own output
     return transformers

@@ -36,11 +36,11 @@ def size_arg(text: str) -> tuple[int, int]:
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "align", help="compare packvit with transformers per resolution and on a mixed batch",
-        description=__doc__.split("\n\n")[0] + " " + __doc__.split("\n\n")[1].replace("``", ""),
+        description=(__doc__.split("\n\n")[0] + " " + __doc__.split("\n\n")[1]).replace("``", "").replace("\n", " "),
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--ckpt", required=True, help="checkpoint: hub id, folder or weights file (any layout packvit reads)")
-    add_source_args(p)
+    add_source_args(p, name="--ckpt")
     p.add_argument("--device", default="cpu", help="device for both models (default cpu)")
     p.add_argument("--dtype", type=dtype_arg, default=torch.float32, help="dtype for both models (default float32)")
     p.add_argument("--batch_size", "--batch-size", type=positive_int, default=2, help="images per resolution (default 2)")

@@ -75,7 +75,9 @@ def config_from_hf(d: dict, present_keys: set[str] | None = None, strict: bool =
             "this AIMv2 checkpoint is a fixed-resolution one (is_native is false): packvit supports the "
             "native-resolution checkpoints (apple/aimv2-*-native), whose position table is built per size"
         )
-    kw = parse_fields(d, _FIELDS, _IGNORED, family="AIMv2", strict=strict)
+    kw = parse_fields(
+        d, _FIELDS, _IGNORED, family="AIMv2", strict=strict, model_type="aimv2_vision_model", config_class=AIMv2Config,
+    )
     if present_keys is not None:
         # transformers' use_head defaults to True; the vision-only checkpoints have no head weights.
         kw["use_head"] = any(k.endswith("head.cls_token") for k in present_keys)

@@ -88,7 +88,9 @@ _IGNORED = {
 
 
 def config_from_hf(d: dict, present_keys: set[str] | None = None, strict: bool = True) -> DINOv3Config:
-    return DINOv3Config(**parse_fields(d, _FIELDS, _IGNORED, family="DINOv3", strict=strict))
+    return DINOv3Config(**parse_fields(
+        d, _FIELDS, _IGNORED, family="DINOv3", strict=strict, model_type="dinov3_vit", config_class=DINOv3Config,
+    ))
 
 
 def config_to_hf(cfg: DINOv3Config) -> dict:

@@ -69,7 +69,9 @@ _IGNORED = {"attention_dropout"}
 def config_from_hf(d: dict, present_keys: set[str] | None = None, strict: bool = True) -> Siglip2Config:
     if d.get("model_type") == "siglip2":  # the dual-tower model: the vision tower's config is nested
         d = d.get("vision_config") or {}
-    kw = parse_fields(d, _FIELDS, _IGNORED, family="SigLIP2", strict=strict)
+    kw = parse_fields(
+        d, _FIELDS, _IGNORED, family="SigLIP2", strict=strict, model_type="siglip2_vision_model", config_class=Siglip2Config,
+    )
     if present_keys is not None:
         kw["use_head"] = any(k.endswith("head.probe") for k in present_keys)
     return Siglip2Config(**kw)
