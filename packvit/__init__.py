@@ -10,7 +10,10 @@ from .attention import BACKENDS, available_backends, resolve_backend, varlen_att
 from .models import (
     AIMv2, AIMv2Config, DINOv3, DINOv3Config, PackedBatch, PackedViT, PackedVisionOutput, Siglip2, Siglip2Config,
 )
-from .packing import PackedMeta, build_meta, convert_to_packing_format, grid_to_tuple, patchify, split_by_image, unpatchify
+from .packing import (
+    PackedMeta, build_meta, cache_bytes, clear_caches, convert_to_packing_format, grid_to_tuple, patchify,
+    set_cache_limit, split_by_image, unpatchify,
+)
 from .seed import AIMv2Packing, DINOv3ViTPacking, Siglip2NaflexPacking
 
 __version__ = "0.1.0"
@@ -45,5 +48,5 @@ __all__ = [
     "AIMv2", "AIMv2Config", "DINOv3", "DINOv3Config", "Siglip2", "Siglip2Config", "PackedViT", "PackedVisionOutput", "PackedBatch",
     "AIMv2Packing", "DINOv3ViTPacking", "Siglip2NaflexPacking", "from_pretrained", "BACKENDS", "available_backends",
     "resolve_backend", "varlen_attention", "PackedMeta", "build_meta", "convert_to_packing_format", "grid_to_tuple",
-    "patchify", "unpatchify", "split_by_image",
+    "patchify", "unpatchify", "split_by_image", "cache_bytes", "clear_caches", "set_cache_limit",
 ]

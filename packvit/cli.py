@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 EXTRAS = {
     "transformers": "pip install 'packvit[demo]' (or pip install transformers)",
     "PIL": "pip install pillow",
-    "matplotlib": "pip install matplotlib",
+    "matplotlib": "pip install 'packvit[bench]'",
     "tqdm": "pip install tqdm",
     "huggingface_hub": "pip install huggingface_hub",
 }

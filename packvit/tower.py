@@ -22,7 +22,6 @@ Two preprocessing modes, named by the tower string LLaVA's builder sees:
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -416,15 +415,10 @@ def _fixed_size(processor: ImageProcessor) -> int:
 
 def _config_only(path: str):
     """The packvit config of a checkpoint, without loading weights (LLaVA's ``delay_load``)."""
-    from weights_conversion import FAMILIES, detect_family
-    from weights_conversion.checkpoint_io import read_config, resolve
-    from weights_conversion.native import config_from_native, is_native
+    from weights_conversion import config_of
+    from weights_conversion.checkpoint_io import resolve
 
-    d = read_config(Path(resolve(path)))
-    if is_native(d):
-        return config_from_native(d, FAMILIES)[1]
-    fam = FAMILIES[detect_family(d)]
-    return fam.config_from_hf(d.get("vision_config", d) if "vision_config" in d else d, strict=False)
+    return config_of(resolve(path), strict_config=False)[1]
 
 
 def _grid(grid_thw) -> tuple[tuple[int, int, int], ...]:

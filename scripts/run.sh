@@ -66,6 +66,25 @@ if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]] || ! "$VPY" -c "import packvi
     echo "$want" > "$stamp"
 fi
 
+# The tests compare packvit's torchvision preprocessing backend with transformers' torchvision
+# processors. Where torchvision is not installed, the tests get the release matching torch in a
+# folder only the test command puts on the path: beside a CPU torch wheel, PyPI's torchvision
+# cannot load its compiled ops (tests/torchvision_shim.py bridges that for the tests), and the
+# demo must not import it. Without it those comparisons skip.
+overlay=$VENV/torchvision-for-tests
+if [[ $cmd == test ]] && ! "$VPY" -c "import torchvision" >/dev/null 2>&1; then
+    if [[ ! -f $overlay/.installed ]]; then
+        tv=$("$VPY" -W ignore -c "import torch; m = int(torch.__version__.split('.')[1]); print(f'0.{m + 15}.*')")
+        say "installing torchvision $tv for the tests into $overlay"
+        if "$VPY" -m pip install -q --no-deps --target "$overlay" "torchvision==$tv" >/dev/null 2>&1; then
+            touch "$overlay/.installed"
+        else
+            say "no torchvision $tv could be installed: the torchvision comparisons will skip"
+        fi
+    fi
+    [[ -f $overlay/.installed ]] && export PYTHONPATH=$overlay${PYTHONPATH:+:$PYTHONPATH}
+fi
+
 say "torch $("$VPY" -W ignore -c 'import torch; print(torch.__version__, "cuda" if torch.cuda.is_available() else "cpu")')"
 case $cmd in
     demo) say "running the demo"; exec "$VPY" -m packvit.demo "$@" ;;

@@ -91,8 +91,6 @@ def test_cached_tables_are_reused():
         set_cache_limit(-1)
 
 
-@pytest.mark.xfail(strict=True, reason="needs PackedViT.forward to call packing.check_packed before prepare "
-                   "(packvit/models/base.py, owned by the lead); remove this mark with that change")
 def test_model_checks_rows_before_tables(dinov3):
     clear_caches()
     start = time.perf_counter()

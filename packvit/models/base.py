@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 from ..attention import resolve_backend
 from ..fused_ops import resolve_fused
 from ..layers import Attention, Block, GatedMlp, RMSNorm
-from ..packing import PackedMeta, build_meta, check_inputs, grid_to_tuple, split_prefix
+from ..packing import PackedMeta, build_meta, check_inputs, check_packed, grid_to_tuple, split_prefix
 
 
 @dataclass(frozen=True, eq=False)
@@ -255,6 +255,8 @@ class PackedViT(nn.Module):
         Returns the final-normed patch tokens (Tp, D) in input order, or, with ``return_dict`` or
         ``output_layers``, a ``PackedVisionOutput``. An empty batch (N = 0) returns empty outputs.
         """
+        if not isinstance(grid_thw, PackedBatch):  # rows against the grid before any table is built
+            grid_thw = check_packed(hidden_states, grid_thw, self.patch_dim)
         batch = self.prepare(grid_thw, getattr(hidden_states, "device", None))
         check_inputs(hidden_states, batch.num_patches, self.patch_dim)
         want = self._layer_indices(output_layers)
