@@ -147,7 +147,7 @@ def top_kernels(fn, n: int = 3, k: int = 12) -> tuple[float, list[tuple[str, flo
 
 
 def run_sweep(args, record):
-    """Tile shapes of the norm kernels, by kernel time (forward, forward + backward)."""
+    """Tile shapes of the norm kernels and of the RoPE kernel, by kernel time (forward, forward + backward)."""
     from packvit import triton_kernels as K
 
     cases = {k: v for k, v in op_cases(args.tokens).items() if "Norm" in k}
@@ -159,6 +159,16 @@ def run_sweep(args, record):
                 record(dict(part="sweep", op=name, mode="fwd+bwd" if train else "fwd", tile_elems=elems, warps=warps,
                             gpu_ms=gpu_ms(_step(impls["triton"], inputs, train))))
     K._TILE_ELEMS, K._NORM_WARPS = 4096, 8
+    # The RoPE kernel's tile (elements of each half-tile) and warps; the defaults restored after.
+    default = K._ROPE_TILE_ELEMS, K._ROPE_WARPS
+    (name, (ref, impls, make)), = ((k, v) for k, v in op_cases(args.tokens).items() if "RoPE" in k)
+    inputs = make()
+    for elems, warps in [(1024, 4), (2048, 4), (4096, 4), (4096, 8), (8192, 8)]:
+        K._ROPE_TILE_ELEMS, K._ROPE_WARPS = elems, warps
+        for train in (False, True):
+            record(dict(part="sweep", op=name, mode="fwd+bwd" if train else "fwd", tile_elems=elems, warps=warps,
+                        gpu_ms=gpu_ms(_step(impls["triton"], inputs, train))))
+    K._ROPE_TILE_ELEMS, K._ROPE_WARPS = default
 
 
 def run_profile(args, record):
