@@ -2,6 +2,7 @@
 
     python benchmarks/fused_ab.py --out results.jsonl                 # ops, then the three families
     python benchmarks/fused_ab.py --part models --family aimv2 --compile
+    python benchmarks/fused_ab.py --part ops rope --ops-match RoPE --compile   # the fused RoPE alone, then in DINOv3
 
 Ops: at the suite's ``mixed32`` token count (23,103), the reference ops run eagerly (what packvit ran
 before) against the fused kernel, forward and forward + backward, median of CUDA-event timings.
@@ -9,6 +10,8 @@ Models: each family at its published size (random weights, bf16, the best attent
 on ``mixed32``, with the fused kernels off (today's eager path) and on (the new default), forward
 and training step (forward + backward to parameter gradients), beside the matmul + attention bound
 of packvit.bench.bound. The two outputs are compared (per-patch cosine) before anything is timed.
+``--part rope``: the same for DINOv3 with every fused kernel on but the RoPE (``auto-norope``) against
+all on (``auto``), and off, so that the fused RoPE's share of the model's time is read directly.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from packvit.bench.bound import bound_ms
 from packvit.bench.models import DEFAULT_PRESETS
 from packvit.bench.timing import measure
 from packvit.bench.workloads import get
+from packvit.layers import Attention, apply_rope
 
 DEV = torch.device("cuda")
 BF16 = torch.bfloat16
@@ -51,6 +55,25 @@ def op_cases(T: int):
         return lambda: [t(T, D), t(T, D), t(D, grad=gamma, scale=0.1, shift=1), t(D, scale=0.1, shift=1), t(D, scale=0.1)]
 
     liger = fused_ops._liger_ok()
+
+    def rope_inputs(H, Dh):
+        # qkv (T, 3, H, Dh) as the matmul writes it; DINOv3-like tables, a few prefix rows unrotated.
+        def make():
+            ang = torch.rand(T, Dh // 2, device=DEV) * 6.3
+            keep = (torch.arange(T, device=DEV) % 97 < 5)[:, None]
+            cos = torch.where(keep, 1.0, ang.cos().tile(2)).to(BF16)
+            sin = torch.where(keep, 0.0, ang.sin().tile(2)).to(BF16)
+            return [t(T, 3, H, Dh), cos, sin]
+        return make
+
+    def rope_ref(qkv, cos, sin):
+        q, k, _ = qkv.unbind(1)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+    def rope_fused(qkv, cos, sin):
+        q, k, _ = qkv.unbind(1)
+        return fused_ops.rope_qk(q, k, cos, sin)
+
     fc1 = lambda: [t(T, 1024), t(4096, 1024, scale=0.02), t(4096, scale=0.02)]  # noqa: E731
     return {
         "add+LayerNorm D1152 (SigLIP2)": (
@@ -70,6 +93,7 @@ def op_cases(T: int):
              **({"liger": lambda x, w: fused_ops.rmsnorm(x, w, 1e-5)} if liger else {})},
             lambda: [t(T, 1024), t(1024, shift=1)]),
         "SwiGLU 2x2816 (AIMv2)": (_swiglu_ref, {"triton": fused_ops.swiglu}, lambda: [t(T, 2 * 2816)]),
+        "RoPE q,k from qkv H16 Dh64 (DINOv3-L)": (rope_ref, {"triton": rope_fused}, rope_inputs(16, 64)),
         "x + gamma*m D1024 (DINOv3 ls2)": (
             lambda x, m, g: x + m * g, {"addcmul": lambda x, m, g: torch.addcmul(x, m, g)},
             lambda: [t(T, 1024), t(T, 1024), t(1024, scale=0.1, shift=1)]),
@@ -123,7 +147,7 @@ def top_kernels(fn, n: int = 3, k: int = 12) -> tuple[float, list[tuple[str, flo
 
 
 def run_sweep(args, record):
-    """Tile shapes of the norm kernels, by kernel time (forward, forward + backward)."""
+    """Tile shapes of the norm kernels and of the RoPE kernel, by kernel time (forward, forward + backward)."""
     from packvit import triton_kernels as K
 
     cases = {k: v for k, v in op_cases(args.tokens).items() if "Norm" in k}
@@ -135,6 +159,16 @@ def run_sweep(args, record):
                 record(dict(part="sweep", op=name, mode="fwd+bwd" if train else "fwd", tile_elems=elems, warps=warps,
                             gpu_ms=gpu_ms(_step(impls["triton"], inputs, train))))
     K._TILE_ELEMS, K._NORM_WARPS = 4096, 8
+    # The RoPE kernel's tile (elements of each half-tile) and warps; the defaults restored after.
+    default = K._ROPE_TILE_ELEMS, K._ROPE_WARPS
+    (name, (ref, impls, make)), = ((k, v) for k, v in op_cases(args.tokens).items() if "RoPE" in k)
+    inputs = make()
+    for elems, warps in [(1024, 4), (2048, 4), (4096, 4), (4096, 8), (8192, 8)]:
+        K._ROPE_TILE_ELEMS, K._ROPE_WARPS = elems, warps
+        for train in (False, True):
+            record(dict(part="sweep", op=name, mode="fwd+bwd" if train else "fwd", tile_elems=elems, warps=warps,
+                        gpu_ms=gpu_ms(_step(impls["triton"], inputs, train))))
+    K._ROPE_TILE_ELEMS, K._ROPE_WARPS = default
 
 
 def run_profile(args, record):
@@ -172,6 +206,8 @@ def run_profile(args, record):
 def run_ops(args, record):
     print(f"\n== ops at T={args.tokens} ==", flush=True)
     for name, (ref, impls, make) in op_cases(args.tokens).items():
+        if args.ops_match and args.ops_match not in name:
+            continue
         inputs = make()
         for train in (False, True):
             ref_ms = measure(_step(ref, inputs, train), DEV, args.warmup, args.iters)["ms"]
@@ -207,8 +243,17 @@ def _build(family):
     return m.to(DEV, BF16).eval()
 
 
-def run_models(args, record):
-    for family in args.family:
+def _set_fused(model, fused: str) -> None:
+    """"off", "auto", or "auto-norope": every fused kernel but the RoPE (its A/B inside the model)."""
+    model.set_fused_kernels("auto" if fused == "auto-norope" else fused)
+    if fused == "auto-norope":
+        for m in model.modules():
+            if isinstance(m, Attention):
+                m.fused_rope = None
+
+
+def run_models(args, record, variants=None, families=None):
+    for family in families or args.family:
         model = _build(family)
         backend = model.attn_backend
         wl = get(args.workload, model.config.patch_size)
@@ -225,9 +270,10 @@ def run_models(args, record):
         cos = F.cosine_similarity(outs["off"], outs["auto"], dim=-1)
         del outs
         bounds = {m: bound_ms(model, wl, backend, m == "train", DEV, BF16, args.warmup, args.iters) for m in ("infer", "train")}
-        variants = [("eager", "off"), ("eager", "auto")] + ([("compiled", "auto")] if args.compile else [])
+        if variants is None:
+            variants = [("eager", "off"), ("eager", "auto")] + ([("compiled", "auto")] if args.compile else [])
         for how, fused in variants:
-            model.set_fused_kernels(fused)
+            _set_fused(model, fused)
             if how == "compiled":
                 model.compile_blocks()
             for mode in ("infer", "train"):
@@ -247,6 +293,7 @@ def run_models(args, record):
                 r = measure(fn, DEV, args.warmup + (5 if how == "compiled" else 0), args.iters)
                 record(dict(part="model", family=family, workload=wl.name, tokens=wl.num_patches, backend=backend,
                             how=how, fused=fused, fused_kernels={k: v for k, v in model.fused_kernels.items() if v},
+                            fused_rope=any(m.fused_rope for m in model.modules() if isinstance(m, Attention)),
                             mode=mode, bound_ms=bounds[mode], x_bound=r["ms"] / bounds[mode],
                             cos_min_off_vs_fused=cos.min().item(), wall_s=time.perf_counter() - t0, **r))
                 model.zero_grad(set_to_none=True)
@@ -283,7 +330,8 @@ def table(rows):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", nargs="+", default=["ops", "models"], choices=("ops", "sweep", "models", "profile"))
+    p.add_argument("--part", nargs="+", default=["ops", "models"], choices=("ops", "sweep", "models", "rope", "profile"))
+    p.add_argument("--ops-match", help="--part ops: only the ops whose name contains this (e.g. RoPE)")
     p.add_argument("--family", nargs="+", default=["siglip2", "dinov3", "aimv2"])
     p.add_argument("--workload", default="mixed32")
     p.add_argument("--tokens", type=int, default=T_MIXED32)
@@ -310,6 +358,10 @@ def main(argv=None):
         run_sweep(args, record)
     if "models" in args.part:
         run_models(args, record)
+    if "rope" in args.part:
+        v = [("eager", "off"), ("eager", "auto-norope"), ("eager", "auto")]
+        v += [("compiled", "auto-norope"), ("compiled", "auto")] if args.compile else []
+        run_models(args, record, variants=v, families=["dinov3"])
     if "profile" in args.part:
         run_profile(args, record)
     print("\n" + table(rows))

@@ -7,6 +7,7 @@ over a (T, D) or (T, hidden) activation in device memory. The fused path does ea
     add_rmsnorm     s = x + a, y = RMSNorm(s)              packvit's or Liger-Kernel (AIMv2)
     rmsnorm         y = RMSNorm(x)                         packvit's or Liger-Kernel (AIMv2 norm1, final, patch)
     swiglu          silu(gate) * up of fc1's [gate | up]   packvit's Triton kernel   (AIMv2)
+    rope            RoPE of q and k, read from qkv         packvit's Triton kernel   (DINOv3)
 
 Both RMSNorms normalise in fp32, cast back, then scale, which is AIMv2's order (``layers.RMSNorm``;
 Liger's "llama" casting mode). Why packvit has kernels of its own: ``triton_kernels``.
@@ -29,7 +30,7 @@ import torch
 
 FUSED_CHOICES = ("auto", "on", "off")
 _HALF = (torch.float16, torch.bfloat16)
-OPS = ("add_layernorm", "add_rmsnorm", "rmsnorm", "swiglu")
+OPS = ("add_layernorm", "add_rmsnorm", "rmsnorm", "swiglu", "rope")
 # AIMv2's RMSNorm, in order of preference: packvit's kernel's backward measured 1.7-2.4x faster than
 # Liger-Kernel's on the H200, the forwards tie (benchmarks/fused_ab.py, RESULTS.md); Liger's stays
 # as the alternative.
@@ -70,7 +71,7 @@ def resolve_fused(
     if torch.device(device).type != "cuda" or dtype not in _HALF:
         return out
     if _triton_ok():
-        out["add_layernorm"] = out["swiglu"] = "triton"
+        out["add_layernorm"] = out["swiglu"] = out["rope"] = "triton"
     for impl in RMSNORM_IMPLS:
         if {"triton": _triton_ok, "liger": _liger_ok}[impl]():
             out["add_rmsnorm"] = out["rmsnorm"] = impl
@@ -418,3 +419,72 @@ def swiglu(h: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return _swiglu_op(h)
     return _SwiGLUFn.apply(h)
+
+
+# --- RoPE on q and k ----------------------------------------------------------------------------------
+#
+# q and k go in as the strided views of the (T, 3, H, Dh) qkv output and come out rotated and
+# contiguous; their gradients come back as two contiguous (T, H, Dh), which ``unbind``'s backward
+# stacks with v's into the qkv gradient as on the reference path. cos and sin get no gradient.
+
+
+def _check_rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> None:
+    if cos.requires_grad or sin.requires_grad:
+        raise ValueError("rope_qk: cos and sin must not require grad (the fused RoPE has no gradient for the "
+                         "position tables); use layers.apply_rope for trainable tables")
+
+
+@torch.library.custom_op("packvit::rope_qk", mutates_args=(), device_types="cuda")
+def _rope_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _kernels().rope_qk(q, k, cos, sin)
+
+
+@_rope_op.register_fake
+def _(q, k, cos, sin):
+    return q.new_empty(q.shape), k.new_empty(k.shape)  # contiguous, whatever the inputs' strides
+
+
+@torch.library.custom_op("packvit::rope_qk_backward", mutates_args=(), device_types="cuda")
+def _rope_bwd_op(dq: torch.Tensor, dk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _kernels().rope_qk(dq, dk, cos, sin, backward=True)
+
+
+@_rope_bwd_op.register_fake
+def _(dq, dk, cos, sin):
+    return dq.new_empty(dq.shape), dk.new_empty(dk.shape)
+
+
+def _rope_grads(cos, sin, dq, dk, bwd):
+    # An output that reached no loss comes back as None: its gradient is zero.
+    dq = dq if dq is not None else torch.zeros_like(dk)
+    dk = dk if dk is not None else torch.zeros_like(dq)
+    return (*bwd(dq, dk, cos, sin), None, None)
+
+
+def _rope_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[2], inputs[3])
+
+
+_rope_op.register_autograd(
+    lambda ctx, dq, dk: _rope_grads(*ctx.saved_tensors, dq, dk, _rope_bwd_op), setup_context=_rope_setup
+)
+
+
+class _RopeFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _kernels().rope_qk(q, k, cos, sin)
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        return _rope_grads(*ctx.saved_tensors, dq, dk, functools.partial(_kernels().rope_qk, backward=True))
+
+
+def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k (T, H, Dh) (strided views of the qkv output are read in place), cos, sin (T, Dh) ->
+    ``layers.apply_rope`` of each, contiguous (T, H, Dh), in one kernel each way."""
+    _check_rope_tables(cos, sin)
+    if torch.compiler.is_compiling():
+        return _rope_op(q, k, cos, sin)
+    return _RopeFn.apply(q, k, cos, sin)

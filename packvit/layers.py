@@ -187,6 +187,7 @@ class Attention(nn.Module):
             self.register_parameter(name, nn.Parameter(torch.zeros(dim)) if on else None)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.backend = "sdpa"  # set by the model (``PackedViT.set_attention_backend``)
+        self.fused_rope: str | None = None  # the fused RoPE of q and k, set by the model (``fused_ops``)
 
     def qkv_bias(self) -> torch.Tensor | None:
         parts = (self.q_bias, self.k_bias, self.v_bias)
@@ -202,12 +203,21 @@ class Attention(nn.Module):
         qkv = F.linear(x, self.qkv.weight, self.qkv_bias()).view(T, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(1)  # (T, H, Dh) each
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            cos, sin = rope  # (T, Dh) each
+            if self.fused_rope and fused_ops.runs_fused(q, k, cos, sin) and not (cos.requires_grad or sin.requires_grad):
+                # One kernel reads q and k where the matmul wrote them and writes both rotated,
+                # contiguous; the lines below are a strided pass and a cat for each.
+                q, k = fused_ops.rope_qk(q, k, cos, sin)
+            else:
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         o = varlen_attention(
             q, k, v, meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen, meta.max_seqlen,
             backend=self.backend, seqlens_q=meta.seqlens_cpu, seqlens_k=meta.seqlens_cpu,
         )  # (T, H, Dh)
         return self.proj(o.reshape(T, D))
+
+    def extra_repr(self) -> str:
+        return f"fused_rope={self.fused_rope}" if self.fused_rope else ""
 
 
 class Block(nn.Module):

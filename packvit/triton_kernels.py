@@ -1,4 +1,5 @@
-"""packvit's own Triton kernels for the elementwise work between a block's matmuls (CUDA, fp16/bf16).
+"""packvit's own Triton kernels for the elementwise work between a block's matmuls (CUDA, fp16/bf16):
+residual add + norm, SwiGLU, and RoPE on q and k (why not a library's RoPE: at its section).
 
 Written here, not taken from a kept library, because none fits (checked 2026-12-03):
   * residual add + LayerNorm, with DINOv3's LayerScale folded in, forward and backward: Liger-Kernel's
@@ -257,3 +258,99 @@ def swiglu_bwd(do: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     if M:
         _swiglu_bwd_kernel[_swiglu_grid(M, N)](do, h, dh, M, N, BLOCK_M=_SWIGLU_BLOCK_M, BLOCK_N=_SWIGLU_BLOCK_N, num_warps=4)
     return dh
+
+
+# --- RoPE on q and k ---------------------------------------------------------------------------------
+#
+# out = x * cos + rotate_half(x) * sin for q and k of the fused qkv output, with rotate_half(x) =
+# cat(-x2, x1) (``layers.apply_rope``): per half, out1 = x1*c1 - x2*s1, out2 = x2*c2 + x1*s2. The
+# kernel reads q and k by stride where the qkv matmul wrote them ((T, 3, H, Dh): the views
+# ``qkv.unbind(1)`` gives, rows of 3*D elements) and writes each rotated into a contiguous (T, H, Dh),
+# what the attention kernels take; the unfused path spends one strided elementwise pass and a cat per
+# tensor on it (6.6 + 3.7 ms a DINOv3-L forward at 23k tokens on the H200).
+#
+# Not a kept library's kernel (checked 2026-12-03):
+#   * Liger-Kernel's ``rope_forward`` takes q, k as (B, H, T, Dh), transposes them to (B, T, H, Dh)
+#     and calls ``.contiguous()``, which for the strided qkv views is a full copy before its in-place
+#     rotation (two passes where one does); it also reads only the first half of cos/sin.
+#   * quack-kernels' ``apply_rotary_emb_qkv_`` fits the layout (in place on (1, T, 3, H, Dh) with
+#     cos[:, :Dh/2] as a per-token table) but is CuTe-DSL code: it needs nvidia-cutlass-dsl, which
+#     reaches the GPU machine only inside the fa4 bundle, cannot run under CI's Triton interpreter,
+#     and its in-place op leaves q and k strided for attention. Same reasons as for the norms above.
+#
+# The backward is the adjoint (RoPE is a rotation): dx1 = g1*c1 + g2*s2, dx2 = g2*c2 - g1*s1, i.e.
+# the forward with (s1, s2) -> (-s2, -s1); with DINOv3's twice-tiled angles (c1 = c2, s1 = s2) that is
+# the same rotation with -sin. cos/sin get no gradient (position tables, never trained).
+
+
+@triton.jit
+def _rope_one(X, O, sx_t, sx_h, so_t, so_h, t, h, cols, mask, c1, c2, s1, s2, HALF: tl.constexpr):
+    # One tensor's tile: x (BLOCK_R rows of (token t, head h), Dh) -> o, in fp32, one rounding.
+    x_off = t[:, None] * sx_t + h[:, None] * sx_h + cols[None, :]
+    x1 = tl.load(X + x_off, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(X + x_off + HALF, mask=mask, other=0.0).to(tl.float32)
+    o_off = t[:, None] * so_t + h[:, None] * so_h + cols[None, :]
+    tl.store(O + o_off, (x1 * c1 - x2 * s1).to(O.dtype.element_ty), mask=mask)
+    tl.store(O + o_off + HALF, (x2 * c2 + x1 * s2).to(O.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rope_kernel(
+    Q, K, QO, KO, C, S, M, NH, sq_t, sq_h, sk_t, sk_h, sqo_t, sqo_h, sko_t, sko_h, sc_t, ss_t,
+    HALF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr,
+):
+    # A program takes BLOCK_R of the T * NH (token, head) rows, row r = t * NH + h, of q and of k.
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    live = rows < M
+    mask = live[:, None] & (cols < HALF)[None, :]
+    t = (rows // NH).to(tl.int64)
+    h = (rows % NH).to(tl.int64)
+    c_off = t[:, None] * sc_t + cols[None, :]
+    s_off = t[:, None] * ss_t + cols[None, :]
+    # Rows past the end read cos=sin=0 and are not stored. The tables are (T, Dh), so the H rows of a
+    # token read the same cos/sin from cache.
+    c1 = tl.load(C + c_off, mask=mask, other=0.0).to(tl.float32)
+    c2 = tl.load(C + c_off + HALF, mask=mask, other=0.0).to(tl.float32)
+    s1 = tl.load(S + s_off, mask=mask, other=0.0).to(tl.float32)
+    s2 = tl.load(S + s_off + HALF, mask=mask, other=0.0).to(tl.float32)
+    if BACKWARD:
+        s1, s2 = -s2, -s1
+    _rope_one(Q, QO, sq_t, sq_h, sqo_t, sqo_h, t, h, cols, mask, c1, c2, s1, s2, HALF)
+    _rope_one(K, KO, sk_t, sk_h, sko_t, sko_h, t, h, cols, mask, c1, c2, s1, s2, HALF)
+
+
+# 2048 elements of each half-tile (64 rows at Dh 64), 4 warps: an elementwise pass at the bytes' time
+# needs no more; not swept on the H200 yet (benchmarks/fused_ab.py --part ops times it).
+_ROPE_TILE_ELEMS, _ROPE_WARPS = 2048, 4
+
+
+def _unit_last(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def rope_qk(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k (T, H, Dh), any strides with a unit last one (the views of the (T, 3, H, Dh) qkv output),
+    cos, sin (T, Dh) -> rotated q, k, each a new contiguous (T, H, Dh). ``backward``: the adjoint,
+    for incoming gradients dq, dk in place of q, k."""
+    if q.dim() != 3 or q.shape != k.shape:
+        raise ValueError(f"q and k must be (T, H, Dh) of one shape, got {tuple(q.shape)} and {tuple(k.shape)}")
+    T, NH, Dh = q.shape
+    if Dh % 2 or cos.shape != (T, Dh) or sin.shape != (T, Dh):
+        raise ValueError(f"cos and sin must be (T, Dh) = {(T, Dh)} with Dh even, got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    q, k, cos, sin = _unit_last(q), _unit_last(k), _unit_last(cos), _unit_last(sin)
+    qo = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    ko = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    M = T * NH
+    if M:
+        half = Dh // 2
+        block_d = triton.next_power_of_2(half)
+        block_r = max(1, _ROPE_TILE_ELEMS // block_d)
+        _rope_kernel[(triton.cdiv(M, block_r),)](
+            q, k, qo, ko, cos, sin, M, NH, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1), cos.stride(0), sin.stride(0),
+            HALF=half, BLOCK_R=block_r, BLOCK_D=block_d, BACKWARD=backward, num_warps=_ROPE_WARPS,
+        )
+    return qo, ko

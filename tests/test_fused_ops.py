@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from conftest import ROOT
 from packvit import fused_ops
-from packvit.layers import Block, GatedMlp, RMSNorm
+from packvit.layers import Attention, Block, GatedMlp, RMSNorm
 from packvit.models.aimv2 import AIMv2, AIMv2Config
 from packvit.models.dinov3 import DINOv3, DINOv3Config
 
@@ -38,7 +38,8 @@ def test_resolution_rules(monkeypatch):
     monkeypatch.setattr(fused_ops, "_triton_ok", lambda: True)
     monkeypatch.setattr(fused_ops, "_liger_ok", lambda: True)
     on = fused_ops.resolve_fused("auto", "cuda", torch.bfloat16, "fa4")
-    assert on == {"add_layernorm": "triton", "add_rmsnorm": "triton", "rmsnorm": "triton", "swiglu": "triton"}
+    assert on == {"add_layernorm": "triton", "add_rmsnorm": "triton", "rmsnorm": "triton", "swiglu": "triton",
+                  "rope": "triton"}
     assert set(fused_ops.resolve_fused("auto", "cuda", torch.bfloat16, "sdpa").values()) == {None}  # the reference
     assert fused_ops.resolve_fused("on", "cuda", torch.bfloat16, "sdpa") == on
     assert set(fused_ops.resolve_fused("on", "cuda", torch.float32, "fa4").values()) == {None}
@@ -65,15 +66,18 @@ def test_model_hands_the_choice_to_its_modules(monkeypatch):
     assert all(r.fused == "triton" for r in m.modules() if isinstance(r, RMSNorm))
     assert all(g.fused == "triton" for g in m.modules() if isinstance(g, GatedMlp))
     assert "fused_add_norm=triton" in repr(m) and "add_rmsnorm=triton" in repr(m)
+    # AIMv2 has no RoPE: no fused RoPE is chosen or shown.
+    assert m.fused_kernels["rope"] is None and all(a.fused_rope is None for a in m.modules() if isinstance(a, Attention))
     d = DINOv3(DINOv3Config(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=96, num_register_tokens=1))
     d.set_fused_kernels("on")
-    assert all(b.fused_add_norm == "triton" for b in d.blocks)
+    assert all(b.fused_add_norm == "triton" and b.attn.fused_rope == "triton" for b in d.blocks)
+    assert "fused_rope=triton" in repr(d)
     # On CPU tensors the modules still run the reference ops, whatever they were told.
     x = torch.randn(7, 64)
     blk: Block = d.blocks[0]
     assert not blk._fuses(x, x)
     d.set_fused_kernels("off")
-    assert all(b.fused_add_norm is None for b in d.blocks)
+    assert all(b.fused_add_norm is None and b.attn.fused_rope is None for b in d.blocks)
 
 
 # --- the kernels, under Triton's interpreter ------------------------------------------------------------
@@ -146,6 +150,40 @@ close(o, o_ref, "swiglu", 1e-6)
 (dh,) = torch.autograd.grad((o * do.float()).sum(), [hs])
 close(dh, dh_ref, "swiglu grad", 1e-6)
 
+# RoPE of q and k read in place from (T, 3, H, Dh) qkv, against layers.apply_rope in float64: odd T,
+# DINOv3's head dim and twice-tiled angles, prefix and trailing rows with cos=1, sin=0 (kept exactly),
+# and a table with unequal halves and a head dim whose half is no power of two (masked columns).
+from packvit.layers import apply_rope
+
+for T, H, Dh, tiled in [(37, 4, 64, True), (13, 16, 64, True), (9, 3, 12, False)]:
+    qkv = torch.randn(T, 3, H, Dh, dtype=torch.float64, requires_grad=True)
+    if tiled:
+        ang = torch.rand(T, Dh // 2, dtype=torch.float64) * 6.3
+        cos, sin = ang.cos().repeat(1, 2), ang.sin().repeat(1, 2)
+    else:
+        cos, sin = (torch.rand(T, Dh, dtype=torch.float64) * 6.3).cos(), (torch.rand(T, Dh, dtype=torch.float64) * 6.3).sin()
+    cos[:3], sin[:3] = 1.0, 0.0
+    cos[-1], sin[-1] = 1.0, 0.0
+    q, k, v = qkv.unbind(1)
+    qr, kr = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    gq, gk = torch.randn_like(qr), torch.randn_like(kr)
+    (dref,) = torch.autograd.grad((qr * gq).sum() + (kr * gk).sum() + v.sum(), [qkv])
+    x = qkv.detach().float().requires_grad_()
+    q32, k32, v32 = x.unbind(1)
+    qo, ko = fused_ops.rope_qk(q32, k32, cos.float(), sin.float())
+    assert qo.shape == ko.shape == (T, H, Dh) and qo.is_contiguous() and ko.is_contiguous()
+    close(qo, qr, f"rope q T={T} H={H} Dh={Dh}", 1e-6); close(ko, kr, f"rope k T={T} H={H} Dh={Dh}", 1e-6)
+    assert torch.equal(qo[:3], q32[:3]) and torch.equal(ko[-1], k32[-1]), "cos=1, sin=0 rows must pass unchanged"
+    (d,) = torch.autograd.grad((qo * gq.float()).sum() + (ko * gk.float()).sum() + v32.sum(), [x])
+    close(d, dref, f"rope dqkv T={T} H={H} Dh={Dh}", 1e-6)
+    (dk_only,) = torch.autograd.grad(fused_ops.rope_qk(q32, k32, cos.float(), sin.float())[1].sum(), [x])  # dq is None
+    close(dk_only, torch.autograd.grad(apply_rope(k, cos, sin).sum(), [qkv])[0], "rope grad through k alone", 1e-6)
+try:
+    fused_ops.rope_qk(q32, k32, cos.float().requires_grad_(), sin.float())
+    raise AssertionError("rope_qk accepted a cos that requires grad")
+except ValueError:
+    pass
+
 # Whole models on their fused route (LayerScale folded, addcmul, SwiGLU, RMSNorm, checkpointed MLP),
 # forced on CPU fp32 tensors, against the reference route: the wiring, not the precision.
 import copy
@@ -168,6 +206,7 @@ for ref in (DINOv3(DINOv3Config(hidden_size=64, num_layers=2, num_heads=4, inter
             mod.fused = "triton"
     for b in fused.blocks:
         b.fused_add_norm = "triton"
+        b.attn.fused_rope = "triton" if ref.uses_rope else None
     px = torch.randn(int((grid[:, 0] * grid[:, 1] * grid[:, 2]).sum()), ref.patch_dim)
     for ckpt in (False, "mlp"):
         outs = []
@@ -190,4 +229,44 @@ def test_triton_kernels_under_the_interpreter():
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     r = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
+
+
+_ROPE_COMPILED = """
+import torch
+from packvit import fused_ops, triton_kernels as K
+from packvit.layers import apply_rope
+
+# The ops are registered for CUDA only; here they get the same kernels on the CPU (interpreted), so
+# that the custom op, its fake and its autograd formula are traced as on the GPU.
+torch.library.register_kernel("packvit::rope_qk", "cpu", lambda q, k, c, s: K.rope_qk(q, k, c, s))
+torch.library.register_kernel("packvit::rope_qk_backward", "cpu", lambda q, k, c, s: K.rope_qk(q, k, c, s, backward=True))
+
+def loss(rope):
+    def f(qkv, cos, sin, w):
+        q, k, v = qkv.unbind(1)  # strided (T, H, Dh) views, as Attention.forward passes them
+        q, k = rope(q, k, cos, sin)
+        return ((q * w).square() + k * w).sum() + v.sum()
+    return f
+
+T, H, Dh = 11, 4, 64
+qkv = torch.randn(T, 3, H, Dh, requires_grad=True)
+ang = torch.rand(T, Dh // 2) * 6.3
+cos, sin = ang.cos().repeat(1, 2), ang.sin().repeat(1, 2)
+w = torch.randn(T, H, Dh)
+compiled = torch.compile(loss(fused_ops.rope_qk), fullgraph=True, backend="aot_eager", dynamic=True)  # a graph break raises
+(got,) = torch.autograd.grad(compiled(qkv, cos, sin, w), [qkv])
+(ref,) = torch.autograd.grad(loss(lambda q, k, c, s: (apply_rope(q, c, s), apply_rope(k, c, s)))(qkv, cos, sin, w), [qkv])
+assert (got - ref).abs().max() < 1e-5, (got - ref).abs().max()
+torch.library.opcheck(fused_ops._rope_op, (qkv.detach()[:, 0], qkv.detach()[:, 1], cos, sin))
+torch.library.opcheck(fused_ops._rope_bwd_op, (w, w.flip(0), cos, sin))
+print("ok")
+"""
+
+
+def test_rope_op_compiles_in_one_graph_under_the_interpreter():
+    """The fused RoPE as a custom op (fake, autograd formula) under ``torch.compile(fullgraph=True)``."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", _ROPE_COMPILED], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "ok" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]

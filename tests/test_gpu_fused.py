@@ -1,8 +1,9 @@
 """The default CUDA path against the fp32 reference, on a GPU (skipped without CUDA):
 
 * every fused elementwise op (``packvit.fused_ops``), forward and gradients, at every width the
-  presets use (D 1024, 1152; SwiGLU hidden 2816 and DINOv3's gated 5120, 8192), next to the MLPs
-  that stay unfused (erf-GELU 4096, cuBLASLt gelu-tanh 4304);
+  presets use (D 1024, 1152; SwiGLU hidden 2816 and DINOv3's gated 5120, 8192; RoPE of q and k at
+  DINOv3's head dim 64), next to the MLPs that stay unfused (erf-GELU 4096, cuBLASLt gelu-tanh 4304);
+* a DINOv3-L block with the fused RoPE on and off, each against the fp32 block;
 * every attention backend that runs here (``fa4``, ``flash_attn``, ``torch``) against the fp32
   ``sdpa`` reference, forward and gradients, at the presets' head dims (64, 72, 128);
 * each family's whole model as ``from_pretrained`` would run it (bf16, fused kernels, best
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 
 from packvit import fused_ops
 from packvit.attention import available_backends, varlen_attention
-from packvit.layers import Block, GatedMlp, Mlp, RMSNorm
+from packvit.layers import Block, GatedMlp, Mlp, RMSNorm, apply_rope
 
 pytestmark = [
     pytest.mark.gpu,
@@ -147,6 +148,73 @@ def test_swiglu(H):
     compare(three_ways(fused_ops.swiglu, ref, lambda: [rand(T, 2 * H, scale=2)]), ["h"], f"swiglu H={H}")
 
 
+T_MIXED32 = 23103  # the suite's mixed32 token count
+
+
+@needs_triton
+@pytest.mark.parametrize("heads", [16, 4])
+def test_rope_qk(heads):
+    """The fused RoPE at 23k tokens, reading q and k from the (T, 3, H, Dh) qkv output as
+    ``Attention.forward`` does, with DINOv3's tables (angles tiled twice, prefix rows cos=1, sin=0)."""
+    from packvit.models.dinov3 import rope_from_coords
+
+    torch.manual_seed(heads)
+    Tn, Dh = T_MIXED32, 64
+    coords = torch.rand(Tn, 2, device=DEV) * 2 - 1
+    is_patch = (torch.arange(Tn, device=DEV) % 97 >= 5)[:, None]  # a prefix of 5 rows every 97
+    cos32, sin32 = rope_from_coords(coords, is_patch, Dh, 100.0, torch.float32)
+
+    def tables(qkv):
+        return cos32.to(qkv.dtype), sin32.to(qkv.dtype)  # bf16 tables for bf16 q, k, as DINOv3.embed casts
+
+    def fused(qkv):
+        q, k, _ = qkv.unbind(1)
+        return fused_ops.rope_qk(q, k, *tables(qkv))
+
+    def ref(qkv):
+        q, k, _ = qkv.unbind(1)
+        return apply_rope(q, *tables(qkv)), apply_rope(k, *tables(qkv))
+
+    make = lambda: [rand(Tn, 3, heads, Dh, scale=2)]  # noqa: E731
+    results = three_ways(fused, ref, make)
+    compare(results, ["qkv"], f"rope H={heads}")
+    (q_out, k_out), _ = results[0]
+    assert q_out.is_contiguous() and k_out.is_contiguous()
+    # Rows that must not rotate come out as they went in, bit for bit.
+    qkv = make()[0].detach().to(BF16)
+    q_out, k_out = fused(qkv)
+    keep = ~is_patch[:, 0]
+    assert torch.equal(q_out[keep], qkv[keep, 0]) and torch.equal(k_out[keep], qkv[keep, 1])
+
+
+@needs_triton
+def test_dinov3_block_with_and_without_fused_rope():
+    """A DINOv3-L block in bf16 on the default path with the fused RoPE on and off, each against the
+    same block in fp32 on the reference path: output, dx and the qkv weight's gradient."""
+    from packvit.packing import build_meta
+
+    ref = _model("dinov3").to(DEV).eval()
+    model = copy.deepcopy(ref).to(DEV, BF16).eval()
+    if model.fused_kernels["rope"] is None:
+        pytest.skip("fused RoPE unavailable here")
+    meta = build_meta(GRID, model.num_prefix, torch.device(DEV))
+    g = torch.Generator(device=DEV).manual_seed(0)
+    x = torch.randn(meta.num_tokens, model.hidden_size, device=DEV, generator=g)
+    dy = torch.randn(meta.num_tokens, model.hidden_size, device=DEV, generator=g)
+    outs = {}
+    for name, m, rope_on in (("fused", model, True), ("unfused", model, False), ("fp32", ref, False)):
+        blk: Block = m.blocks[0]
+        blk.attn.fused_rope = "triton" if rope_on else None
+        rope = tuple(t.to(m.dtype) for t in m.position_tables(meta)[:2])
+        xi = x.to(m.dtype).requires_grad_()
+        y = blk(xi, meta, rope)
+        gx, gw = torch.autograd.grad(y, [xi, blk.attn.qkv.weight], dy.to(y.dtype))
+        outs[name] = (y.detach(), gx, gw)
+    model.blocks[0].attn.fused_rope = model.fused_kernels["rope"]
+    for i, what in enumerate(["output", "dx", "dqkv_weight"]):
+        assert_as_good_as_bf16(outs["fused"][i], outs["unfused"][i], outs["fp32"][i], f"dinov3 block {what}")
+
+
 @pytest.mark.parametrize("D, H, act, gated", [(1024, 2816, "silu", True), (1024, 4096, "gelu", False),
                                               (1152, 4304, "gelu_pytorch_tanh", False)])
 def test_mlp_modules(D, H, act, gated):
@@ -219,7 +287,7 @@ def test_whole_model_default_path_against_fp32(family):
     assert ref.attn_backend == "sdpa" and set(ref.fused_kernels.values()) == {None}
     model = copy.deepcopy(ref).to(DEV, BF16)  # what from_pretrained(...).to("cuda", bf16) holds
     assert model.attn_backend != "sdpa", "no fused attention backend here"
-    want = {"siglip2": ["add_layernorm"], "dinov3": ["add_layernorm"], "aimv2": ["add_rmsnorm", "rmsnorm", "swiglu"]}
+    want = {"siglip2": ["add_layernorm"], "dinov3": ["add_layernorm", "rope"], "aimv2": ["add_rmsnorm", "rmsnorm", "swiglu"]}
     missing = [op for op in want[family] if model.fused_kernels[op] is None]
     if missing:
         pytest.skip(f"fused kernels {missing} unavailable here (library missing)")
@@ -253,6 +321,7 @@ def test_fused_block_compiles_in_one_graph(family):
     blk: Block = model.blocks[0]
     if not blk.fused_add_norm:
         pytest.skip("no fused kernels here")
+    assert (blk.attn.fused_rope is not None) == (family == "dinov3")  # so DINOv3's graph holds the RoPE op
     from packvit.packing import build_meta
 
     meta = build_meta(((1, 20, 31), (1, 9, 13)), model.num_prefix, torch.device(DEV))

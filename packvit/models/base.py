@@ -79,6 +79,7 @@ class PackedViT(nn.Module):
     num_prefix: int = 0
     blocks: nn.ModuleList
     truncated: bool = False  # see ``truncate``
+    uses_rope: bool = False  # whether the blocks get RoPE tables (DINOv3): only then is a fused RoPE chosen
 
     def __init__(self, attn_backend: str = "auto"):
         super().__init__()
@@ -143,11 +144,13 @@ class PackedViT(nn.Module):
         return resolved
 
     def set_fused_kernels(self, name: str = "auto", dtype: torch.dtype | None = None) -> dict[str, str | None]:
-        """Choose the fused elementwise kernels (add + norm, SwiGLU) for this model's device and
+        """Choose the fused elementwise kernels (add + norm, SwiGLU, RoPE) for this model's device and
         compute dtype: ``"auto"`` (every one that runs here, unless attention is the ``sdpa``
         reference), ``"on"`` (also with ``sdpa``) or ``"off"`` (the reference ops). Called by
         ``set_attention_backend`` and on ``.to()``; returns op -> implementation or None."""
         fused = resolve_fused(name, self.device, dtype or self.attn_compute_dtype or self.dtype, self.attn_backend)
+        if not self.uses_rope:
+            fused["rope"] = None
         self.fused_kernels_request, self.fused_kernels = name, fused
         for m in self.modules():
             if isinstance(m, Block):
@@ -156,6 +159,8 @@ class PackedViT(nn.Module):
                 m.fused = fused["rmsnorm"]
             elif isinstance(m, GatedMlp):
                 m.fused = fused["swiglu"] if m.act_name == "silu" else None
+            elif isinstance(m, Attention):
+                m.fused_rope = fused["rope"]
         return fused
 
     def extra_repr(self) -> str:

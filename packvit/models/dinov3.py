@@ -133,6 +133,8 @@ class DINOv3(PackedViT):
     (``config.pos_embed_*``). Off by default so that a tower fine-tuned in train mode (LLaVA) sees
     the same positions as at inference; HF applies it whenever its model is in train mode."""
 
+    uses_rope = True
+
     def __init__(self, config: DINOv3Config, attn_backend: str = "auto"):
         super().__init__(attn_backend)
         self.rope_augmentation = False
