@@ -120,17 +120,21 @@ class PreprocessConfig:
     def from_pretrained(
         cls, path: str | os.PathLike, *, mode: str | None = None, backend: str = "auto", **overrides
     ) -> "PreprocessConfig":
-        """Read ``config.json`` (family, patch size) and ``preprocessor_config.json`` (if present) in ``path``.
+        """Read ``config.json`` (family, patch size) and ``preprocessor_config.json`` (if present) in
+        ``path``: a checkpoint folder (transformers' or ``packvit convert``'s) or a hub id, read
+        through the Hugging Face cache as ``packvit.from_pretrained`` reads it.
 
         The mode is ``naflex`` for SigLIP2; AIMv2 and DINOv3 default to ``native`` (packvit's point),
         ``mode="fixed"`` gives their checkpoint's fixed-size recipe. ``backend`` picks which of
         transformers' processors to reproduce (``"auto"``: the one transformers would pick here).
         ``overrides`` replace fields.
         """
-        from weights_conversion.checkpoint_io import read_json_object
+        from weights_conversion.checkpoint_io import read_json_object, resolve
         from weights_conversion.native import describe_native
 
-        path = Path(path)
+        path = Path(path).expanduser()
+        if not path.exists():
+            path = resolve(path)  # a hub id
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} has no config.json: give a checkpoint folder")
         cfg = read_json_object(path / "config.json")
@@ -513,9 +517,13 @@ class ImageProcessor:
         return out, grid_thw
 
     def preprocess(self, images, return_tensors: str | None = "pt", **kwargs) -> dict[str, torch.Tensor]:
-        """The LLaVA / Hugging Face spelling: ``{"pixel_values": (Tp, p*p*C), "grid_thw": (N, 3)}``."""
+        """The LLaVA / Hugging Face spelling: ``{"pixel_values": (Tp, p*p*C), "grid_thw": (N, 3)}``.
+
+        ``pixel_values`` is a ``PackedPixels``: ``["pixel_values"][i]`` is image i with its grid."""
+        from .packed_pixels import PackedPixels
+
         if return_tensors not in (None, "pt"):
             raise ValueError(f"return_tensors must be 'pt' (packvit returns torch tensors), got {return_tensors!r}")
         hidden_states, grid_thw = self(images, **kwargs)
-        return {"pixel_values": hidden_states, "grid_thw": grid_thw}
+        return {"pixel_values": PackedPixels(hidden_states, grid_thw), "grid_thw": grid_thw}
 
