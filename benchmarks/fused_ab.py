@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from packvit import fused_ops
 from packvit.bench.bound import bound_ms
 from packvit.bench.models import DEFAULT_PRESETS
-from packvit.bench.timing import measure
+from packvit.bench.timing import measure, model_step
 from packvit.bench.workloads import get
 from packvit.layers import Attention, apply_rope
 
@@ -182,18 +182,7 @@ def run_profile(args, record):
         for fused in ("off", "auto"):
             model.set_fused_kernels(fused)
             for mode in ("infer", "train"):
-                if mode == "infer":
-                    model.eval()
-
-                    def fn():
-                        with torch.inference_mode():
-                            model(px, grid)
-                else:
-                    model.train()
-
-                    def fn():
-                        model.zero_grad(set_to_none=True)
-                        model(px, grid).float().square().mean().backward()
+                fn = model_step(model, px, grid, mode)
                 wall = measure(fn, DEV, 3, 10)["ms"]
                 total, top = top_kernels(fn)
                 record(dict(part="profile", family=family, backend=model.attn_backend, fused=fused, mode=mode,
@@ -277,18 +266,7 @@ def run_models(args, record, variants=None, families=None):
             if how == "compiled":
                 model.compile_blocks()
             for mode in ("infer", "train"):
-                if mode == "infer":
-                    model.eval()
-
-                    def fn():
-                        with torch.inference_mode():
-                            model(px, grid)
-                else:
-                    model.train()
-
-                    def fn():
-                        model.zero_grad(set_to_none=True)
-                        model(px, grid).float().square().mean().backward()
+                fn = model_step(model, px, grid, mode)
                 t0 = time.perf_counter()
                 r = measure(fn, DEV, args.warmup + (5 if how == "compiled" else 0), args.iters)
                 record(dict(part="model", family=family, workload=wl.name, tokens=wl.num_patches, backend=backend,

@@ -14,7 +14,7 @@ import torch
 from .bound import bound_ms
 from .hf_baselines import HFRunner
 from .models import DEFAULT_PRESETS, build_pair, forward_flops
-from .timing import measure
+from .timing import measure, model_step
 from .workloads import Workload, get
 
 MATMUL_CEILING = 798.0  # TFLOP/s, bf16 dense matmul measured on the H100 (BENCHMARKS.md)
@@ -166,18 +166,7 @@ def run(opt: Options, emit=print) -> list[dict]:
                         if mode not in opt.modes:
                             continue
                         pv.gradient_checkpointing = ckpt
-                        if mode == "infer":
-                            pv.eval()
-
-                            def fn():
-                                with torch.inference_mode():
-                                    pv(patches, grid)
-                        else:
-                            pv.train()
-
-                            def fn():
-                                pv.zero_grad(set_to_none=True)
-                                pv(patches, grid).float().square().mean().backward()
+                        fn = model_step(pv, patches, grid, mode)
                         try:
                             t = measure(fn, device, opt.warmup + (5 if compiled == "compile" else 0), opt.iters)
                         except Exception as e:

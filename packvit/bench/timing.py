@@ -58,3 +58,21 @@ def measure(fn: Callable[[], object], device: torch.device, warmup: int, iters: 
         ms=statistics.median(ms), p10=_quantile(ms, 0.1), p90=_quantile(ms, 0.9), iters=iters,
         peak_gib=peak, resident_gib=resident,
     )
+
+
+def model_step(model, px, grid, mode: str):
+    """One forward (``"infer"``, under inference_mode) or training step (forward + backward to the
+    parameters' gradients of a mean-square loss) of ``model`` on the batch, with the mode set."""
+    if mode == "infer":
+        model.eval()
+
+        def step():
+            with torch.inference_mode():
+                model(px, grid)
+    else:
+        model.train()
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            model(px, grid).float().square().mean().backward()
+    return step
