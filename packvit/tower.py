@@ -22,6 +22,7 @@ Two preprocessing modes, named by the tower string LLaVA's builder sees:
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Any, Sequence
 
 import torch
@@ -34,19 +35,21 @@ from .preprocess import ImageProcessor
 from .zero3 import mark_initialized
 
 SELECT_FEATURES = ("patch", "cls_patch")
-PREFIXES = {"packvit:": "native", "packvit-fixed:": "fixed"}
+# The name's prefix -> preprocessing mode: None is the checkpoint's own recipe (SigLIP2 NaFlex,
+# AIMv2 / DINOv3 native resolution), "fixed" LLaVA's fixed-size one.
+PREFIXES = {"packvit:": None, "packvit-fixed:": "fixed"}
 
 
 class FixedSizeOnly(AttributeError):
     """An attribute that only a fixed-size tower has (``hasattr`` is False, the message says why)."""
 
 
-def parse_tower_name(name: str) -> tuple[str, str | None]:
-    """``packvit:<ckpt>`` / ``packvit-fixed:<ckpt>`` / ``<ckpt>`` -> (checkpoint, mode or None)."""
+def parse_tower_name(name: str) -> tuple[str, str | None, bool]:
+    """``packvit:<ckpt>`` / ``packvit-fixed:<ckpt>`` / ``<ckpt>`` -> (checkpoint, mode or None, prefixed)."""
     for prefix, mode in PREFIXES.items():
         if name.startswith(prefix):
-            return name[len(prefix):], mode
-    return name, None
+            return name[len(prefix):], mode, True
+    return name, None, False
 
 
 def _device_from_map(device_map: Any) -> torch.device | str | None:
@@ -125,7 +128,7 @@ class PackedVisionTower(nn.Module):
     def __init__(self, vision_tower: str | os.PathLike, args: Any = None, delay_load: bool = False, **load_kwargs):
         super().__init__()
         self.is_loaded = False
-        name, mode = parse_tower_name(os.fspath(vision_tower))
+        name, mode, _ = parse_tower_name(os.fspath(vision_tower))
         self.vision_tower_name = name
         self.select_layer = int(getattr(args, "mm_vision_select_layer", -2))
         self.select_feature = getattr(args, "mm_vision_select_feature", "patch")
@@ -167,11 +170,10 @@ class PackedVisionTower(nn.Module):
         path = resolve(self.vision_tower_name)
         model = from_pretrained(path, **load_kwargs)
         fixed = self.preprocess_mode == "fixed"
-        core = ImageProcessor.from_pretrained(path, mode=None if fixed else _core_mode(self.preprocess_mode))
+        core = ImageProcessor.from_pretrained(path, mode=None if fixed else self.preprocess_mode)
         size = _fixed_size(core)
         if fixed:  # the checkpoint's own fixed recipe, or S x S when it has none
-            core = ImageProcessor.from_pretrained(
-                path, mode="fixed", **({} if core.config.size else {"size": {"height": size, "width": size}}))
+            core = ImageProcessor(replace(core.config, mode="fixed", size=core.config.size or {"height": size, "width": size}))
         self.image_processor = LlavaImageProcessor(core, "fixed" if fixed else "native", size)
         if self.select_feature == "cls_patch" and model.num_prefix == 0:
             raise ValueError(
@@ -395,10 +397,6 @@ class PackedVisionTower(nn.Module):
                 "LLaVA's fixed-size paths (anyres crops), or use packvit.integrations.llava, which handles "
                 "native-resolution images with their grids."
             )
-
-
-def _core_mode(mode: str | None) -> str | None:
-    return None if mode in (None, "native") else mode
 
 
 def _fixed_size(processor: ImageProcessor) -> int:

@@ -42,7 +42,7 @@ FIXED_ONLY_ASPECT_RATIOS = ("anyres", "highres", "crop_split")
 
 
 def is_packvit_tower_name(name: Any) -> bool:
-    return isinstance(name, str) and parse_tower_name(name)[1] is not None
+    return isinstance(name, str) and parse_tower_name(name)[2]
 
 
 def build_vision_tower(vision_tower_cfg: Any, **kwargs) -> PackedVisionTower:
