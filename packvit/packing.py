@@ -416,6 +416,14 @@ def unpatchify(
     return out
 
 
+def frame_grid(grid_thw: torch.Tensor) -> torch.Tensor:
+    """(N, 3) grid -> (F, 3) with one (1, h, w) row per frame: the same packed rows, each frame
+    its own entry (attention segments are per frame anyway)."""
+    frames = grid_thw.repeat_interleave(grid_thw[:, 0], dim=0)
+    frames[:, 0] = 1
+    return frames
+
+
 def split_by_image(packed: torch.Tensor, grid_thw: torch.Tensor | Sequence[Sequence[int]]) -> list[torch.Tensor]:
     """(Tp, D) packed patch features -> one (t*h*w, D) tensor per image (views, no copy)."""
     grid = grid_to_tuple(grid_thw)

@@ -30,7 +30,7 @@ from torch import nn
 
 from .models.base import PackedBatch
 from .packed_pixels import PackedPixels
-from .packing import grid_to_tuple, patchify, split_by_image, unpatchify
+from .packing import frame_grid, grid_to_tuple, patchify, split_by_image, unpatchify
 from .preprocess import ImageProcessor
 from .zero3 import mark_initialized
 
@@ -99,9 +99,7 @@ class LlavaImageProcessor:
             raise ValueError(f"return_tensors must be 'pt' (packvit returns torch tensors), got {return_tensors!r}")
         hidden_states, grid_thw = self.processor(images, **kwargs)
         if self.mode == "fixed":  # one size: (B, C, S, S) frames, which LLaVA's fixed-size paths expect
-            frame_grid = grid_thw.repeat_interleave(grid_thw[:, 0], dim=0)
-            frame_grid[:, 0] = 1
-            frames = unpatchify(hidden_states, frame_grid, self.patch_size, self.config.num_channels)  # (C, S, S) each
+            frames = unpatchify(hidden_states, frame_grid(grid_thw), self.patch_size, self.config.num_channels)  # (C, S, S) each
             return {"pixel_values": torch.stack(frames)}
         return {"pixel_values": PackedPixels(hidden_states, grid_thw), "grid_thw": grid_thw}
 

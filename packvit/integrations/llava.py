@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..packed_pixels import PackedPixels
-from ..packing import patchify
+from ..packing import frame_grid, patchify
 from ..tower import PackedVisionTower, parse_tower_name
 
 _PATCHED = "_packvit_original"
@@ -118,9 +118,7 @@ def _frames(entry: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, torch.T
         if entry.dim() not in (3, 4):
             raise ValueError(f"an image must be PackedPixels or a normalised [C, H, W] / [F, C, H, W] tensor, got {list(entry.shape)}")
         x, grid = patchify(list(entry.unbind(0)) if entry.dim() == 4 else [entry], patch_size)
-    frames = grid.repeat_interleave(grid[:, 0], dim=0)
-    frames[:, 0] = 1
-    return x, frames
+    return x, frame_grid(grid)
 
 
 def encode_images(model, images, modalities: Sequence[str] | str = ("image",)) -> list[torch.Tensor]:
