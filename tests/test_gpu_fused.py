@@ -271,9 +271,9 @@ def _model(family: str):
     from weights_conversion import FAMILIES
 
     fam = FAMILIES[family]
-    cfg = fam.CONFIG_CLASS.from_name(DEFAULT_PRESETS[family])
+    cfg = fam.config_class.from_name(DEFAULT_PRESETS[family])
     torch.manual_seed(0)
-    m = fam.MODEL_CLASS(cfg)
+    m = fam.model_class(cfg)
     with torch.no_grad():  # spread the constant-initialised norms, biases and scales
         for name, p in m.named_parameters():
             if p.dim() == 1:
