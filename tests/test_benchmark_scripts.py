@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import ROOT, run_python, torchrun
+from helpers import ROOT, run_python, torchrun
 
 BENCH = ROOT / "benchmarks"
 

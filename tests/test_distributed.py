@@ -61,7 +61,7 @@ def _worker(ckpt: str, mode: str, out: str) -> None:
 
 
 def _run(ckpt, mode, out):
-    from conftest import torchrun  # not at the top: torchrun's workers run this file as a script
+    from helpers import torchrun  # not at the top: torchrun's workers run this file as a script
 
     torchrun(__file__, str(ckpt), mode, str(out), timeout=180)
     return torch.load(out)

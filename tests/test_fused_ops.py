@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT
+from helpers import ROOT
 from packvit import fused_ops
 from packvit.layers import Attention, Block, GatedMlp, RMSNorm
 from packvit.models.aimv2 import AIMv2, AIMv2Config

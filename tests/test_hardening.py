@@ -7,7 +7,7 @@ import pathlib
 
 import pytest
 import torch
-from conftest import PATCH, tiny_hf_model
+from helpers import PATCH, tiny_hf_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file

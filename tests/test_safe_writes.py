@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, tiny_hf_model
+from helpers import ROOT, tiny_hf_model
 
 from packvit.cli import main
 from weights_conversion import load_model, safe_write

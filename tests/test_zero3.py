@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import FAMILIES, ROOT, torchrun
+from helpers import FAMILIES, ROOT, torchrun
 
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
 
