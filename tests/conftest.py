@@ -13,8 +13,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 
 import pytest
+import torch
 from helpers import FAMILIES, tiny_hf_model
 from torchvision_shim import import_torchvision
+from weights_conversion import FAMILIES as REGISTRY
 from weights_conversion import load_model
 
 import_torchvision()  # before transformers imports it: beside a CPU-only torch it needs a shim
@@ -33,5 +35,24 @@ def hf_checkpoints(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_models():
+    """family -> a tiny packvit model (2 blocks, width 64, the family's patch size) with its own random
+    initialisation, built from the registry alone: for the tests that need a model, not transformers."""
+    size = dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=96)
+    return {name: fam.model_class(fam.config_class(**size), attn_backend="sdpa").eval()
+            for name, fam in REGISTRY.items()}
+
+
+@pytest.fixture(scope="session")
 def packvit_models(hf_checkpoints):
     return {f: load_model(d, attn_backend="sdpa") for f, (_, d) in hf_checkpoints.items()}
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test marked ``gpu`` needs a CUDA device: without one it is skipped, whatever file it is in."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

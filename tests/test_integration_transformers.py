@@ -208,7 +208,7 @@ def test_llava_onevision(hf_checkpoints, family, frozen):
     config = transformers.LlavaOnevisionConfig(
         vision_config=t.config, text_config=tiny_text_config(), image_token_index=IMAGE_TOKEN,
         video_token_index=IMAGE_TOKEN + 1, image_grid_pinpoints=[[side, side], [side, 2 * side]],
-        vision_feature_layer=[-2, -1] if family == "aimv2" else -2,
+        vision_feature_layer=[-2, -1] if frozen else -2,  # both forms, for every family
         # "default" drops the first row: DINOv3's CLS (prefix_tokens="cls"); the others have none to drop
         vision_feature_select_strategy="default" if has_cls else "full",
     )
@@ -404,6 +404,7 @@ def test_qwen2_vl_with_packvit_visual(hf_checkpoints, family, kind, no_processor
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_readme_transformers_section_runs(hf_checkpoints, monkeypatch, capsys, no_processor_class_check):
     """The README's "Use with transformers" snippets, run as written on tiny checkpoints: the hub
     ids are replaced by the tiny SigLIP2 checkpoint, a tiny Qwen2.5 text config and a tiny Qwen2-VL

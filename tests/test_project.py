@@ -166,3 +166,29 @@ def test_no_function_local_imports_between_packvit_and_weights_conversion():
         if name.split(".")[0] in ("packvit", "weights_conversion")
     ]
     assert not offenders, offenders
+
+
+# Python that hides transformers (as if not installed), then runs pytest on the given test files.
+_WITHOUT_TRANSFORMERS = """
+import importlib.abc, sys
+
+class Hide(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "transformers":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, Hide())
+import pytest
+sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", *sys.argv[1:]]))
+"""
+
+
+def test_core_tests_run_without_transformers():
+    """Only the tests that compare against transformers need it: the core's tests run (none skipped)
+    with transformers hidden, as on an install without it."""
+    files = ["tests/test_packing.py", "tests/test_packing_limits.py", "tests/test_position_tables.py",
+             "tests/test_attention.py", "tests/test_batching.py"]
+    r = subprocess.run([sys.executable, "-c", _WITHOUT_TRANSFORMERS, *files], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    summary = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else r.stderr[-2000:]
+    assert r.returncode == 0 and " passed" in summary and "skipped" not in summary, summary

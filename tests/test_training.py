@@ -211,6 +211,7 @@ def _compile_counters():
     return counters["stats"]["unique_graphs"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("select_feature", ["patch", "cls_patch"])
 def test_compile_fullgraph_tower(select_feature, hf_checkpoints):
     """The whole DINOv3 tower (the richest path: prefix tokens, RoPE) under fullgraph=True, so no
@@ -241,6 +242,7 @@ def test_compile_fullgraph_tower(select_feature, hf_checkpoints):
     torch._dynamo.reset()
 
 
+@pytest.mark.slow
 def test_compile_fullgraph_training_step():
     """Forward and backward of a compiled model on batches of different grids: gradients equal eager."""
     from packvit import DINOv3, DINOv3Config
