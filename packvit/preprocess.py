@@ -81,7 +81,7 @@ class PreprocessConfig:
     size: dict = field(default_factory=dict)  # fixed: {"height", "width"} or {"shortest_edge"}
     crop_size: dict | None = None  # fixed: centre crop after a shortest_edge resize
     backend: str = "auto"  # "pil" | "torchvision"; "auto" is resolved on construction
-    rescale_first: bool = False  # torchvision backend: rescale to float, then resize (DINOv3)
+    rescale_first: bool = False  # torchvision backend: rescale to float, then resize (DINOv3's processor)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -168,8 +168,9 @@ def _from_processor_json(d: dict) -> dict:
         out["size"] = {k: v for k, v in d["size"].items() if v is not None}
     if d.get("do_center_crop") and isinstance(d.get("crop_size"), dict):
         out["crop_size"] = dict(d["crop_size"])
-    if str(d.get("image_processor_type", "")).startswith("DINOv3"):
-        out["rescale_first"] = True
+    kind = str(d.get("image_processor_type", ""))
+    if any(kind.startswith(f.hf_processor) and f.preprocess.rescale_first for f in FAMILIES.values()):
+        out["rescale_first"] = True  # the family's torchvision processor rescales before resizing
     return out
 
 

@@ -170,11 +170,8 @@ def test_native_mode_is_the_fixed_recipe_at_each_images_size(family, images, hf_
     refs = []
     for im, (_, h, w) in zip(imgs, grid.tolist()):
         size = {"height": h * patch, "width": w * patch}
-        if family == "aimv2":
-            hf = transformers.CLIPImageProcessor(size=size, do_center_crop=False, image_mean=list(mean),
-                                                 image_std=list(std))
-        else:
-            hf = transformers.DINOv3ViTImageProcessor(size=size)
+        hf = getattr(transformers, fam.hf_processor)(size=size, do_center_crop=False, image_mean=list(mean),
+                                                     image_std=list(std))
         refs.append(packvit.patchify(hf.preprocess([im], return_tensors="pt")["pixel_values"], patch)[0])
     _assert_identical(x, torch.cat(refs), f"{family} native torchvision")
 

@@ -58,6 +58,7 @@ class Family:
     hf_model_types: tuple[str, ...]  # config.json model_types read; the first is the vision model's, written on export
     hf_class: str  # transformers class of the vision model (``from_pretrained`` of the first model type)
     hf_wrappers: Mapping[str, str]  # model_type of an image-text checkpoint -> its class; vision tower at .vision_model
+    hf_processor: str  # transformers image processor class (``image_processor_type``, without "Fast")
     tiny_hf_fields: Mapping[str, Any]  # the family's own fields of a tiny transformers config (tests, demo)
 
     # conversion

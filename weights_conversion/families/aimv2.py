@@ -97,6 +97,7 @@ FAMILY = Family(
     name="aimv2", model_class=AIMv2, config_class=AIMv2Config, presets=PRESETS,
     default_preset="aimv2-large-patch14-native", patch_size=14,
     hf_model_types=("aimv2_vision_model", "aimv2"), hf_class=HF_CLASS, hf_wrappers={"aimv2": "Aimv2Model"},
+    hf_processor="CLIPImageProcessor",
     tiny_hf_fields={"patch_size": 14, "is_native": True},
     keymap=keymap, config_from_hf=config_from_hf, config_to_hf=config_to_hf, original=original.FORMAT,
     preprocess=PreprocessDefaults("native", CLIP_MEAN, CLIP_STD, Image.BICUBIC),

@@ -104,7 +104,7 @@ def config_to_hf(cfg: DINOv3Config) -> dict:
 FAMILY = Family(
     name="dinov3", model_class=DINOv3, config_class=DINOv3Config, presets=PRESETS,
     default_preset="dinov3-vitl16-pretrain-lvd1689m", patch_size=16,
-    hf_model_types=("dinov3_vit",), hf_class=HF_CLASS, hf_wrappers={},
+    hf_model_types=("dinov3_vit",), hf_class=HF_CLASS, hf_wrappers={}, hf_processor="DINOv3ViTImageProcessor",
     tiny_hf_fields={"patch_size": 16, "num_register_tokens": 4},
     keymap=keymap, config_from_hf=config_from_hf, config_to_hf=config_to_hf, original=original.FORMAT,
     # DINOv3's torchvision processor rescales to float before resizing (its _preprocess override).

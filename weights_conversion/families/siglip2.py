@@ -106,6 +106,7 @@ FAMILY = Family(
     name="siglip2", model_class=Siglip2, config_class=Siglip2Config, presets=PRESETS,
     default_preset="siglip2-so400m-patch16-naflex", patch_size=16,
     hf_model_types=("siglip2_vision_model", "siglip2"), hf_class=HF_CLASS, hf_wrappers={"siglip2": "Siglip2Model"},
+    hf_processor="Siglip2ImageProcessor",
     tiny_hf_fields={"patch_size": 16, "num_patches": 256},
     keymap=keymap, config_from_hf=config_from_hf, config_to_hf=config_to_hf, original=None,
     preprocess=PreprocessDefaults("naflex", (0.5,) * 3, (0.5,) * 3, Image.BILINEAR),
