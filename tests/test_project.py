@@ -192,3 +192,15 @@ def test_core_tests_run_without_transformers():
                        text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     summary = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else r.stderr[-2000:]
     assert r.returncode == 0 and " passed" in summary and "skipped" not in summary, summary
+
+
+def test_public_names_resolve():
+    """packvit's and weights_conversion's ``__all__`` are their public names (README uses them); each resolves."""
+    import packvit
+    import weights_conversion
+
+    for module in (packvit, weights_conversion):
+        missing = [n for n in module.__all__ if not hasattr(module, n)]
+        assert not missing, f"{module.__name__}.__all__ names {missing}, which it does not define"
+    assert {"load_model", "export_hf", "FAMILIES", "Family"} <= set(weights_conversion.__all__)
+    assert {"from_pretrained", "AIMv2Packing", "DINOv3ViTPacking", "Siglip2NaflexPacking"} <= set(packvit.__all__)
