@@ -1,4 +1,4 @@
-"""A/B timings behind packvit's kernel choices (issue 7), on the GPU:
+"""A/B timings behind packvit's kernel choices (attention backward, MLP epilogues, fused norms), on the GPU:
 
 1. ``attention``: the varlen attention kernels on the suite's segment mixes, per model's heads and
    head dim: PyTorch's FA2 kernel, and FA4's forward with FA4's backward or with PyTorch's FA2

@@ -224,7 +224,7 @@ def _build(family):
 
     fam = FAMILIES[family]
     torch.manual_seed(0)
-    m = fam.MODEL_CLASS(fam.CONFIG_CLASS.from_name(DEFAULT_PRESETS[family]))
+    m = fam.model_class(fam.config_class.from_name(DEFAULT_PRESETS[family]))
     with torch.no_grad():
         for p in m.parameters():
             if p.dim() == 1:

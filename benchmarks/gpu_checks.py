@@ -1,4 +1,4 @@
-"""GPU correctness checks that are not timings (issue 7):
+"""GPU correctness checks that are not timings (the fused attention backends and the real-size models):
 
 1. every fused attention backend against the fp32 per-segment reference, forward and backward,
    at head dims 64, 72 (SigLIP2), 80, 96 and 128, on 32 mixed-length segments; FA4's forward with

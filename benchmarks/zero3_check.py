@@ -366,8 +366,8 @@ def make_tiny(root: Path) -> list[str]:
     """The tests' tiny random transformers checkpoints, one folder per family (rank 0 writes them)."""
     import torch.distributed as dist
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from conftest import FAMILIES, tiny_hf_model
+    from weights_conversion import FAMILIES
+    from weights_conversion.reference import tiny_hf_model
 
     if dist.get_rank() == 0:
         for family in FAMILIES:

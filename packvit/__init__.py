@@ -1,11 +1,17 @@
-"""packvit: packed Vision Transformers (AIMv2, DINOv3, SigLIP2) for mixed-resolution batches."""
+"""packvit: packed Vision Transformers (AIMv2, DINOv3, SigLIP2) for mixed-resolution batches.
+
+Layers, bottom up: the core (attention, layers, models, packing) is imported here; the checkpoint
+converter ``weights_conversion`` builds on the core; the loading entry points (``from_pretrained``,
+the ``*Packing`` classes) build on the converter. So this module imports the core alone, and
+names the loading entry points, imported on first use: ``import weights_conversion`` then runs
+this file to its end without ever coming back into the converter half-built.
+"""
 
 from __future__ import annotations
 
-import os
+import importlib
 
-import torch
-
+from ._version import __version__
 from .attention import BACKENDS, available_backends, resolve_backend, varlen_attention
 from .models import (
     AIMv2, AIMv2Config, DINOv3, DINOv3Config, PackedBatch, PackedViT, PackedVisionOutput, Siglip2, Siglip2Config,
@@ -14,39 +20,28 @@ from .packing import (
     PackedMeta, build_meta, cache_bytes, clear_caches, convert_to_packing_format, grid_to_tuple, patchify,
     set_cache_limit, split_by_image, unpatchify,
 )
-from .seed import AIMv2Packing, DINOv3ViTPacking, Siglip2NaflexPacking
+# name -> the module defining it; these modules import weights_conversion (see the docstring).
+_LOADERS = {
+    "from_pretrained": "packvit.pretrained", "AIMv2Packing": "packvit.seed", "DINOv3ViTPacking": "packvit.seed",
+    "Siglip2NaflexPacking": "packvit.seed",
+}
 
-__version__ = "0.1.0"
+
+def __getattr__(name: str):
+    if name in _LOADERS:
+        value = getattr(importlib.import_module(_LOADERS[name]), name)
+        globals()[name] = value  # found directly from now on
+        return value
+    raise AttributeError(f"module 'packvit' has no attribute {name!r}")
 
 
-def from_pretrained(
-    path_or_id: str | os.PathLike,
-    *,
-    revision: str | None = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-    attn_backend: str = "auto",
-    **kwargs,
-) -> PackedViT:
-    """Load a Hugging Face checkpoint (local folder or hub id); the family comes from config.json.
-
-    Under DeepSpeed ZeRO-3 (an open ``deepspeed.zero.Init``, or transformers' stage-3 config) the
-    model is built partitioned and filled module by module (``packvit.zero3``)."""
-    from weights_conversion import load_model
-
-    from .zero3 import zero3_enabled
-
-    if zero3_enabled():
-        from .zero3 import from_pretrained as zero3_from_pretrained
-
-        return zero3_from_pretrained(path_or_id, revision=revision, device=device, dtype=dtype,
-                                     attn_backend=attn_backend, **kwargs)
-    return load_model(path_or_id, revision=revision, device=device, dtype=dtype, attn_backend=attn_backend, **kwargs)
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LOADERS))
 
 
 __all__ = [
     "AIMv2", "AIMv2Config", "DINOv3", "DINOv3Config", "Siglip2", "Siglip2Config", "PackedViT", "PackedVisionOutput", "PackedBatch",
     "AIMv2Packing", "DINOv3ViTPacking", "Siglip2NaflexPacking", "from_pretrained", "BACKENDS", "available_backends",
-    "resolve_backend", "varlen_attention", "PackedMeta", "build_meta", "convert_to_packing_format", "grid_to_tuple",
+    "__version__", "resolve_backend", "varlen_attention", "PackedMeta", "build_meta", "convert_to_packing_format", "grid_to_tuple",
     "patchify", "unpatchify", "split_by_image", "cache_bytes", "clear_caches", "set_cache_limit",
 ]

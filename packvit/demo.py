@@ -14,16 +14,16 @@ from pathlib import Path
 
 import torch
 
+from PIL import Image
+
 import packvit
-from weights_conversion.reference import load_reference, tiny_checkpoint
+from weights_conversion import FAMILIES, model_family
+from weights_conversion.checkpoint_io import resolve
+from weights_conversion.reference import load_reference, run_twin, tiny_checkpoint
+
+from .preprocess import pil_to_tensor
 
 ASSETS = Path(__file__).with_name("assets")
-PATCH = {"siglip2": 16, "dinov3": 16, "aimv2": 14}
-MEAN_STD = {
-    "siglip2": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    "dinov3": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "aimv2": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
-}
 # (asset, long side in pixels); the astronaut is square, so it is cropped to a 3:4 portrait first.
 IMAGES = [("coffee.jpg", 224), ("chelsea.jpg", 160), ("astronaut.jpg", 96)]
 VIDEO = ("chelsea.jpg", 128)  # two frames, the second shifted by a few pixels
@@ -31,42 +31,31 @@ VIDEO = ("chelsea.jpg", 128)  # two frames, the second shifted by a few pixels
 
 def load_image(name: str, long_side: int, patch: int) -> torch.Tensor:
     """(3, H, W) float in [0, 1], both sides multiples of ``patch``, aspect ratio roughly kept."""
-    from PIL import Image
-
     img = Image.open(ASSETS / name).convert("RGB")
     w, h = img.size
     if w == h:  # make it non-square: centre crop to a 3:4 portrait
         img, w = img.crop(((w - w * 3 // 4) // 2, 0, (w - w * 3 // 4) // 2 + w * 3 // 4, h)), w * 3 // 4
     scale = long_side / max(w, h)
     size = [max(patch, round(s * scale / patch) * patch) for s in (w, h)]
-    img = img.resize(tuple(size), Image.BICUBIC)
-    return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size[1], size[0], 3).permute(2, 0, 1) / 255
+    return pil_to_tensor(img.resize(tuple(size), Image.BICUBIC))
 
 
 def build_batch(family: str, patch: int) -> list[torch.Tensor]:
-    mean, std = (torch.tensor(v).view(3, 1, 1) for v in MEAN_STD[family])
     images = [load_image(n, s, patch) for n, s in IMAGES]
     frame = load_image(*VIDEO, patch)
     images.append(torch.stack([frame, torch.roll(frame, shifts=(3, 5), dims=(1, 2))]))  # (t=2, C, H, W)
-    return [(x - mean) / std for x in images]
+    return [FAMILIES[family].preprocess.normalise(x) for x in images]
 
 
 @torch.inference_mode()
 def parity(family: str, hf, images: list[torch.Tensor], outputs: list[torch.Tensor], patch: int, device: str) -> None:
     """Run transformers frame by frame and compare its patch tokens to packvit's."""
-    prefix = 1 + hf.config.num_register_tokens if family == "dinov3" else 0
     worst_diff, worst_cos = 0.0, 1.0
     for img, out in zip(images, outputs):
         frames = img.unbind(0) if img.dim() == 4 else [img]
         h, w = frames[0].shape[1] // patch, frames[0].shape[2] // patch
         for f, ours in zip(frames, out.float().split(h * w)):
-            f = f[None].to(device)
-            if family == "siglip2":
-                ref = hf(pixel_values=packvit.convert_to_packing_format(f, patch)[None],
-                         pixel_attention_mask=torch.ones(1, h * w, dtype=torch.long, device=device),
-                         spatial_shapes=torch.tensor([[h, w]], device=device)).last_hidden_state[0]
-            else:
-                ref = hf(pixel_values=f).last_hidden_state[0, prefix:]
+            ref = run_twin(family, hf, [f.to(device)]).patch_tokens[0]
             worst_diff = max(worst_diff, (ours - ref).abs().max().item())
             worst_cos = min(worst_cos, torch.nn.functional.cosine_similarity(ours, ref, dim=-1).min().item())
     print(f"parity vs transformers: max abs diff {worst_diff:.2e}, min cosine {worst_cos:.6f}")
@@ -75,7 +64,7 @@ def parity(family: str, hf, images: list[torch.Tensor], outputs: list[torch.Tens
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="packvit demo", description=__doc__.splitlines()[0])
     ap.add_argument("--ckpt", help="checkpoint folder or hub id (default: a tiny random checkpoint)")
-    ap.add_argument("--family", choices=sorted(PATCH), default="siglip2", help="family of the tiny checkpoint")
+    ap.add_argument("--family", choices=sorted(FAMILIES), default="siglip2", help="family of the tiny checkpoint")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     ap.add_argument("--backend", default="auto", choices=("auto",) + packvit.BACKENDS)
@@ -87,16 +76,12 @@ def main(argv: list[str] | None = None) -> int:
             path = tiny_checkpoint(args.family, Path(tmp))
             print(f"generated a tiny random-weight {args.family} checkpoint (transformers) in {path}")
         else:
-            from weights_conversion.checkpoint_io import resolve
-
             path = resolve(args.ckpt)
             path = path if path.is_dir() else path.parent
 
         t0 = time.perf_counter()
         model = packvit.from_pretrained(path, device=args.device, dtype=getattr(torch, args.dtype),
                                         attn_backend=args.backend)
-        from weights_conversion import model_family
-
         family, patch = model_family(model), model.config.patch_size
         print(f"converted {family} checkpoint in {time.perf_counter() - t0:.2f} s "
               f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, {model.dtype}, {model.device})")

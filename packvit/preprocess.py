@@ -39,29 +39,22 @@ import numpy as np
 import torch
 from PIL import Image
 
+from weights_conversion.checkpoint_io import read_json_object, resolve
+from weights_conversion.families import FAMILIES
+from weights_conversion.families.aimv2 import CLIP_MEAN as OPENAI_CLIP_MEAN
+from weights_conversion.families.aimv2 import CLIP_STD as OPENAI_CLIP_STD
+from weights_conversion.families.dinov3 import IMAGENET_MEAN, IMAGENET_STD
+from weights_conversion.native import describe_native
+
 from . import preprocess_torchvision as tv
+from .packed_pixels import PackedPixels
 
 ImageLike = Union[Image.Image, np.ndarray, torch.Tensor, str, os.PathLike]
 # One entry of a batch: an image, or a video given as a list of frames (or a (t, C, H, W) tensor).
 Sample = Union[ImageLike, Sequence[ImageLike]]
 
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 MODES = ("naflex", "native", "fixed")
 BACKENDS = ("auto", "pil", "torchvision")
-# DINOv3's torchvision processor rescales to float before resizing (its _preprocess override).
-_RESCALE_FIRST = {"dinov3_vit"}
-
-# model_type in config.json -> (mode, mean, std, resample) used when no preprocessor_config.json exists.
-_FAMILY_DEFAULTS = {
-    "siglip2": ("naflex", (0.5,) * 3, (0.5,) * 3, Image.BILINEAR),
-    "siglip2_vision_model": ("naflex", (0.5,) * 3, (0.5,) * 3, Image.BILINEAR),
-    "dinov3_vit": ("native", IMAGENET_MEAN, IMAGENET_STD, Image.BILINEAR),
-    "aimv2": ("native", OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Image.BICUBIC),
-    "aimv2_vision_model": ("native", OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Image.BICUBIC),
-}
 
 
 @dataclass(frozen=True)
@@ -88,7 +81,7 @@ class PreprocessConfig:
     size: dict = field(default_factory=dict)  # fixed: {"height", "width"} or {"shortest_edge"}
     crop_size: dict | None = None  # fixed: centre crop after a shortest_edge resize
     backend: str = "auto"  # "pil" | "torchvision"; "auto" is resolved on construction
-    rescale_first: bool = False  # torchvision backend: rescale to float, then resize (DINOv3)
+    rescale_first: bool = False  # torchvision backend: rescale to float, then resize (DINOv3's processor)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -129,9 +122,6 @@ class PreprocessConfig:
         transformers' processors to reproduce (``"auto"``: the one transformers would pick here).
         ``overrides`` replace fields.
         """
-        from weights_conversion.checkpoint_io import read_json_object, resolve
-        from weights_conversion.native import describe_native
-
         path = Path(path).expanduser()
         if not path.exists():
             path = resolve(path)  # a hub id
@@ -140,16 +130,18 @@ class PreprocessConfig:
         cfg = read_json_object(path / "config.json")
         native = describe_native(cfg)  # a folder written by packvit convert: family and fields, no model_type
         if native is not None:
-            model_type, vision = native
+            family, vision = native
         else:
             model_type = cfg.get("model_type")
+            family = next((f.name for f in FAMILIES.values() if model_type in f.hf_model_types), None)
+            if family is None:
+                known = sorted(t for f in FAMILIES.values() for t in f.hf_model_types)
+                raise ValueError(f"config.json model_type {model_type!r} is not one of {known}")
             vision = cfg.get("vision_config", cfg)  # the dual-tower SigLIP2 nests the vision config
-        if model_type not in _FAMILY_DEFAULTS:
-            raise ValueError(f"config.json model_type {model_type!r} is not one of {sorted(_FAMILY_DEFAULTS)}")
-        default_mode, mean, std, resample = _FAMILY_DEFAULTS[model_type]
+        d = FAMILIES[family].preprocess
         kw: dict[str, Any] = dict(
-            patch_size=int(vision["patch_size"]), mode=mode or default_mode, image_mean=mean, image_std=std,
-            resample=resample, backend=backend, rescale_first=model_type in _RESCALE_FIRST,
+            patch_size=int(vision["patch_size"]), mode=mode or d.mode, image_mean=d.image_mean, image_std=d.image_std,
+            resample=d.resample, backend=backend, rescale_first=d.rescale_first,
         )
         pp = path / "preprocessor_config.json"
         if pp.is_file():
@@ -176,8 +168,9 @@ def _from_processor_json(d: dict) -> dict:
         out["size"] = {k: v for k, v in d["size"].items() if v is not None}
     if d.get("do_center_crop") and isinstance(d.get("crop_size"), dict):
         out["crop_size"] = dict(d["crop_size"])
-    if str(d.get("image_processor_type", "")).startswith("DINOv3"):
-        out["rescale_first"] = True
+    kind = str(d.get("image_processor_type", ""))
+    if any(kind.startswith(f.hf_processor) and f.preprocess.rescale_first for f in FAMILIES.values()):
+        out["rescale_first"] = True  # the family's torchvision processor rescales before resizing
     return out
 
 
@@ -230,6 +223,12 @@ def _shortest_edge_size(height: int, width: int, shortest: int) -> tuple[int, in
 # ---------------------------------------------------------------------------------------------
 # Decoding inputs to 8-bit HWC
 # ---------------------------------------------------------------------------------------------
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB PIL image -> (3, H, W) float32 in [0, 1] (no resize, no normalisation)."""
+    w, h = image.size
+    return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(h, w, 3).permute(2, 0, 1) / 255
 
 
 def _to_pil(image: ImageLike, where: str, convert_rgb: bool) -> Image.Image:
@@ -520,8 +519,6 @@ class ImageProcessor:
         """The LLaVA / Hugging Face spelling: ``{"pixel_values": (Tp, p*p*C), "grid_thw": (N, 3)}``.
 
         ``pixel_values`` is a ``PackedPixels``: ``["pixel_values"][i]`` is image i with its grid."""
-        from .packed_pixels import PackedPixels
-
         if return_tensors not in (None, "pt"):
             raise ValueError(f"return_tensors must be 'pt' (packvit returns torch tensors), got {return_tensors!r}")
         hidden_states, grid_thw = self(images, **kwargs)

@@ -1,9 +1,11 @@
-"""The seed document's entry points: ``Cls(ckpt=..., device=...)`` then ``model(hidden_states, grid_thw)``."""
+"""The first entry points packvit offered (kept for code written against them): ``Cls(ckpt=..., device=...)`` then ``model(hidden_states, grid_thw)``."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from weights_conversion import load_model
 
 from .models.base import PackedViT
 
@@ -20,8 +22,6 @@ class _SeedPacking(nn.Module):
         revision: str | None = None,
     ):
         super().__init__()
-        from weights_conversion import load_model
-
         self.model: PackedViT = load_model(
             ckpt, revision=revision, family=self.family, device=device, dtype=dtype, attn_backend=attn_backend
         )

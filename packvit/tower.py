@@ -28,11 +28,15 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from weights_conversion import config_of, export_hf, load_model
+from weights_conversion.checkpoint_io import resolve
+
 from .models.base import PackedBatch
 from .packed_pixels import PackedPixels
 from .packing import frame_grid, grid_to_tuple, patchify, split_by_image, unpatchify
 from .preprocess import ImageProcessor
-from .zero3 import mark_initialized
+from .pretrained import from_pretrained
+from .zero3 import full_state_dict, mark_initialized
 
 SELECT_FEATURES = ("patch", "cls_patch")
 # The name's prefix -> preprocessing mode: None is the checkpoint's own recipe (SigLIP2 NaFlex,
@@ -154,9 +158,6 @@ class PackedVisionTower(nn.Module):
             self._load(device_map, **kwargs)
 
     def _load(self, device_map: Any = None, **kwargs) -> None:
-        from . import from_pretrained
-        from weights_conversion.checkpoint_io import resolve
-
         dtype = kwargs.pop("torch_dtype", None) or kwargs.pop("dtype", None)
         if kwargs:
             raise TypeError(f"load_model got unsupported arguments {sorted(kwargs)}; it takes device_map and torch_dtype")
@@ -284,11 +285,6 @@ class PackedVisionTower(nn.Module):
         from its source checkpoint, unchanged; ``kwargs`` go to ``weights_conversion.export_hf``.
         Under ZeRO-3 every rank calls it (gathering is collective) and rank 0 writes; the others
         return None."""
-        from weights_conversion import export_hf, load_model
-        from weights_conversion.checkpoint_io import resolve
-
-        from .zero3 import full_state_dict
-
         tuned = full_state_dict(self.vision_tower)  # whole CPU tensors, partitioned or not
         if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
             return None
@@ -411,9 +407,6 @@ def _fixed_size(processor: ImageProcessor) -> int:
 
 def _config_only(path: str):
     """The packvit config of a checkpoint, without loading weights (LLaVA's ``delay_load``)."""
-    from weights_conversion import config_of
-    from weights_conversion.checkpoint_io import resolve
-
     return config_of(resolve(path), strict_config=False)[1]
 
 

@@ -45,6 +45,10 @@ from typing import Any
 import torch
 from torch import nn
 
+import weights_conversion
+from weights_conversion import FAMILIES, cast_state, load_model, read_checkpoint
+from weights_conversion.keymap import check_dtypes, check_shapes
+
 # transformers keeps its ZeRO-3 switch here (4.33+ and 5.x); ``transformers.deepspeed`` before.
 _HF_DEEPSPEED_MODULES = ("transformers.integrations.deepspeed", "transformers.deepspeed")
 
@@ -124,12 +128,9 @@ def build_model(
     ``ds_config`` / ``dtype`` make the ``zero.Init`` when none is open (default: transformers'
     DeepSpeed config, and the dtype it implies); an open one is used as it is.
     """
-    from weights_conversion import FAMILIES
-    from weights_conversion.keymap import check_dtypes, check_shapes
-
     fam = FAMILIES[family]
     with _init_context(ds_config, dtype):
-        model = fam.MODEL_CLASS(cfg, attn_backend="sdpa")
+        model = fam.model_class(cfg, attn_backend="sdpa")
     tensors = dict(model.named_parameters())
     tensors.update(model.named_buffers())  # buffers are not partitioned
     check_shapes({k: _full_shape(v) for k, v in tensors.items()}, state_dict)
@@ -224,8 +225,6 @@ def from_pretrained(
     is given; otherwise exactly ``packvit.from_pretrained``. Under ZeRO-3 ``device`` is not used:
     DeepSpeed puts each rank's partition on its own accelerator (or offload device). ``kwargs`` are
     ``weights_conversion.read_checkpoint``'s (family, config, strict_config, ...)."""
-    from weights_conversion import cast_state, load_model, read_checkpoint
-
     if ds_config is None and not zero3_enabled():
         return load_model(path_or_id, revision=revision, device=device, dtype=dtype, attn_backend=attn_backend,
                           **kwargs)
@@ -250,8 +249,7 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def export_hf(model: nn.Module, dst: str | os.PathLike, **kwargs):
     """``weights_conversion.export_hf`` of a (possibly partitioned) model: every rank must call it
     (the gather is collective); rank 0 writes and returns the folder, the others return None."""
-    from weights_conversion import export_hf as write
-
+    write = weights_conversion.export_hf
     params = [p for p in model.parameters() if hasattr(p, "ds_id")]
     if not params:
         return write(model, dst, **kwargs)

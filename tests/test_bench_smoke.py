@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 from packvit.bench import main
@@ -17,6 +18,7 @@ from packvit.bench.workloads import get
 ARGS = ["--tiny", "--device", "cpu", "--dtype", "float32", "--warmup", "1", "--iters", "2", "--compile", "eager"]
 
 
+@pytest.mark.slow
 def test_suite_runs_checks_and_renders(tmp_path):
     out = tmp_path / "rows.jsonl"
     assert main(ARGS + ["--model", "siglip2", "dinov3", "--out", str(out)]) == 0
@@ -80,6 +82,7 @@ def test_flops_formula():
     assert forward_flops(model, Workload("w", ((2, 3, 4),), "")) == 2 * (2 * p * s + 2 * 4 * s * s * 32)
 
 
+@pytest.mark.slow
 def test_checkpointing_variants_compiled(tmp_path):
     # --checkpointing adds MLP-only and whole-block checkpointing; compiled blocks take both.
     out = tmp_path / "rows.jsonl"

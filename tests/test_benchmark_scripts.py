@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import ROOT, run_python, torchrun
+import pytest
+from helpers import ROOT, run_python, torchrun
 
 BENCH = ROOT / "benchmarks"
 
@@ -15,6 +16,7 @@ def _rows(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_fsdp2_equality_two_ranks(tmp_path):
     out = tmp_path / "eq.jsonl"
     torchrun(BENCH / "fsdp2_equality.py", "--device", "cpu", "--tiny", "--dtype", "fp32", "--max-tokens", "150",
@@ -27,6 +29,7 @@ def test_fsdp2_equality_two_ranks(tmp_path):
         assert len(r["tokens_per_rank"]) == 2 and r["tokens_per_rank"][0] != r["tokens_per_rank"][1]
 
 
+@pytest.mark.slow
 def test_tokens_per_s_two_ranks_and_one_process(tmp_path):
     out = tmp_path / "tok.jsonl"
     common = ["--device", "cpu", "--tiny", "--steps", "2", "--warmup", "1", "--max-tokens", "200", "--out", str(out)]
@@ -37,6 +40,7 @@ def test_tokens_per_s_two_ranks_and_one_process(tmp_path):
     assert all(r["tokens_per_s_per_gpu"] > 0 and r["step_ms"] >= r["host_ms_rank0"] > 0 for r in rows)
 
 
+@pytest.mark.slow
 def test_tower_checks_script():
     out = run_python([BENCH / "gpu_tower_checks.py", "--device", "cpu", "--tiny", "--no-compile",
                       "--preset", "aimv2-large-patch14-native", "--max-tokens", "400", "--reps", "1"])

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILIES, PATCH, assert_hf_export_exact, random_images
+from helpers import FAMILIES, PATCH, assert_hf_export_exact, random_images
 from safetensors.torch import load_file
 
 import packvit

@@ -6,11 +6,13 @@ import json
 
 import pytest
 import torch
-from conftest import FAMILIES, PATCH, assert_hf_export_exact, random_images, tiny_hf_config, tiny_hf_model, transformers
+from helpers import FAMILIES, PATCH, assert_hf_export_exact, random_images, randomize_, tiny_hf_config, tiny_hf_model
 from safetensors.torch import load_file, save_file
 
 import packvit
 from weights_conversion import CheckpointError, ConversionError, export_hf, load_model
+
+transformers = pytest.importorskip("transformers")
 
 
 def _encode(model, family, seed=0):
@@ -48,8 +50,6 @@ def test_siglip2_dual_tower_checkpoint(tmp_path, prefixed):
     vcfg = tiny_hf_config("siglip2").to_dict()
     tcfg = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, vocab_size=64,
                 bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    from conftest import randomize_
-
     full = randomize_(transformers.Siglip2Model(transformers.Siglip2Config(text_config=tcfg, vision_config=vcfg))).eval()
     full.save_pretrained(tmp_path)
     model = load_model(tmp_path, attn_backend="sdpa")
@@ -112,7 +112,7 @@ def test_unexpected_tensor_is_an_error(hf_checkpoints, tmp_path):
 
 def test_wrong_shape_is_an_error(hf_checkpoints, tmp_path):
     _, src = hf_checkpoints["dinov3"]
-    d = _copy_ckpt(src, tmp_path / "c", edit_config=lambda c: {**c, "intermediate_size": 96})
+    d = _copy_ckpt(src, tmp_path / "c", edit_config=lambda c: {**c, "intermediate_size": c["intermediate_size"] + 32})
     with pytest.raises(ConversionError, match="wrong shape.*mlp.fc1"):
         load_model(d)
 

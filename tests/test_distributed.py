@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 
+import pytest
 import torch
 
 # Two ranks, packed batches of different sizes, one of them holding a video.
@@ -61,7 +62,7 @@ def _worker(ckpt: str, mode: str, out: str) -> None:
 
 
 def _run(ckpt, mode, out):
-    from conftest import torchrun  # not at the top: torchrun's workers run this file as a script
+    from helpers import torchrun  # not at the top: torchrun's workers run this file as a script
 
     torchrun(__file__, str(ckpt), mode, str(out), timeout=180)
     return torch.load(out)
@@ -80,6 +81,7 @@ def _reference(ckpt):
     return loss.item(), {n: p.grad for n, p in model.named_parameters()}
 
 
+@pytest.mark.slow
 def test_fsdp2_and_ddp_match_single_process(hf_checkpoints, tmp_path):
     _, ckpt = hf_checkpoints["dinov3"]
     ref_loss, ref_grads = _reference(ckpt)

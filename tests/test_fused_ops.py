@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT
+from helpers import ROOT
 from packvit import fused_ops
 from packvit.layers import Attention, Block, GatedMlp, RMSNorm
 from packvit.models.aimv2 import AIMv2, AIMv2Config
@@ -225,6 +225,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_triton_kernels_under_the_interpreter():
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
@@ -264,6 +265,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_rope_op_compiles_in_one_graph_under_the_interpreter():
     """The fused RoPE as a custom op (fake, autograd formula) under ``torch.compile(fullgraph=True)``."""
     pytest.importorskip("triton")

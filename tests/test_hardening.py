@@ -7,7 +7,7 @@ import pathlib
 
 import pytest
 import torch
-from conftest import PATCH, tiny_hf_model
+from helpers import PATCH, tiny_hf_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
@@ -224,7 +224,7 @@ def load_model_from_hf(hf, family):
     return build_model(fam, cfg, sd, attn_backend="sdpa").eval()
 
 
-@pytest.mark.parametrize("grid", list(EXTREME))
+@pytest.mark.parametrize("grid", [pytest.param(g, marks=pytest.mark.slow) if g == "256x256" else g for g in EXTREME])
 @pytest.mark.parametrize("family", ["dinov3", "siglip2", "aimv2"])
 def test_extreme_grids_finite_on_cpu_fp32(family, grid, narrow_models):
     model = narrow_models[family]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PATCH, hf_reference, random_images
+from helpers import PATCH, hf_reference, random_images
 from PIL import Image
 
 import packvit
@@ -87,7 +87,7 @@ def test_bchw_batch_is_b_images(family, hf_checkpoints):
     out = tower(images)
     assert out.shape == (3, 12, tower.hidden_size)
     P = tower.vision_tower.num_prefix
-    ref = [r[3][-1][0, P:] for r in hf_reference(family, hf, list(images), p, output_hidden_states=True)]
+    ref = [r[3][-1][0, P:] for r in hf_reference(family, hf, list(images), output_hidden_states=True)]
     assert (out - torch.stack(ref)).abs().max().item() <= 1e-4
     with pytest.raises(ValueError, match="unsupported arguments.*output_hidden_states"):
         tower(images, output_hidden_states=True)

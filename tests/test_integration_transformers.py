@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAMILIES, PATCH, hf_reference, random_images
+from helpers import FAMILIES, PATCH, hf_reference, random_images, tiny_hf_config
+
+from weights_conversion import FAMILIES as REGISTRY
 
 transformers = pytest.importorskip("transformers")
 from packvit.integrations.transformers import (  # noqa: E402
@@ -51,7 +53,7 @@ def test_tower_matches_transformers(hf_checkpoints, family):
     hf, _ = hf_checkpoints[family]
     t, p = tower(hf_checkpoints, family), PATCH[family]
     images = torch.stack(random_images([(1, 3, 2), (1, 3, 2)], p, seed=1))  # (B, C, H, W)
-    ref = hf_reference(family, hf, list(images), p, output_hidden_states=True)  # per image
+    ref = hf_reference(family, hf, list(images), output_hidden_states=True)  # per image
     with torch.no_grad():
         out = t(images, output_hidden_states=True)
     L = hf.config.num_hidden_layers
@@ -98,7 +100,7 @@ def test_tower_packed_and_padded_inputs(hf_checkpoints, family):
     # antialias kernel, wrong for one column (tests/test_siglip2_resize.py); the parity suite covers it.)
     grid = [(1, 2, 3), (1, 4, 2), (2, 2, 2)]
     images = random_images(grid, p, seed=2)
-    ref = hf_reference(family, hf, images, p, output_hidden_states=True)  # per frame
+    ref = hf_reference(family, hf, images, output_hidden_states=True)  # per frame
     hidden_states, grid_thw = packvit.patchify(images, p)
     with torch.no_grad():
         out = t(hidden_states, grid_thw=grid_thw, output_hidden_states=-2)
@@ -107,7 +109,8 @@ def test_tower_packed_and_padded_inputs(hf_checkpoints, family):
     assert max_diff(out.last_hidden_state, torch.cat(rows)) <= TOL
     assert max_diff(out.hidden_states[-2], torch.cat([f[3][-2][0, f[1].shape[0]:] for f in ref])) <= TOL
     assert max_diff(out.pooler_output, torch.cat([f[2] for f in ref])) <= TOL
-    if family == "dinov3":
+    assert (out.prefix_tokens is not None) == (ref[0][1].shape[0] > 0)  # DINOv3's CLS and registers
+    if out.prefix_tokens is not None:
         assert max_diff(out.prefix_tokens, torch.stack([f[1] for f in ref])) <= TOL
 
     stills = [img for img in images if img.dim() == 3]
@@ -200,14 +203,14 @@ def _prompt(n_image_tokens: list[int]) -> torch.Tensor:
 def test_llava_onevision(hf_checkpoints, family, frozen):
     p = PATCH[family]
     side = 4 * p
-    dinov3 = family == "dinov3"
-    t = tower(hf_checkpoints, family, image_size=side, prefix_tokens="cls" if dinov3 else "all")
+    has_cls = REGISTRY[family].num_prefix_tokens(tiny_hf_config(family)) > 0  # DINOv3
+    t = tower(hf_checkpoints, family, image_size=side, prefix_tokens="cls" if has_cls else "all")
     config = transformers.LlavaOnevisionConfig(
         vision_config=t.config, text_config=tiny_text_config(), image_token_index=IMAGE_TOKEN,
         video_token_index=IMAGE_TOKEN + 1, image_grid_pinpoints=[[side, side], [side, 2 * side]],
-        vision_feature_layer=[-2, -1] if family == "aimv2" else -2,
+        vision_feature_layer=[-2, -1] if frozen else -2,  # both forms, for every family
         # "default" drops the first row: DINOv3's CLS (prefix_tokens="cls"); the others have none to drop
-        vision_feature_select_strategy="default" if dinov3 else "full",
+        vision_feature_select_strategy="default" if has_cls else "full",
     )
     torch.manual_seed(0)
     model = transformers.LlavaOnevisionForConditionalGeneration(config)
@@ -401,6 +404,7 @@ def test_qwen2_vl_with_packvit_visual(hf_checkpoints, family, kind, no_processor
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_readme_transformers_section_runs(hf_checkpoints, monkeypatch, capsys, no_processor_class_check):
     """The README's "Use with transformers" snippets, run as written on tiny checkpoints: the hub
     ids are replaced by the tiny SigLIP2 checkpoint, a tiny Qwen2.5 text config and a tiny Qwen2-VL

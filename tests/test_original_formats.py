@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import PATCH, random_images, tiny_hf_model
+from helpers import PATCH, random_images, tiny_hf_model
 from safetensors.torch import save_file
 
 import packvit

@@ -67,14 +67,14 @@ def test_patchify_unpatchify_round_trip_mixed_and_video():
         ("1,2,2", TypeError, "grid_thw must be"),
     ],
 )
-def test_bad_grid(grid, exc, match, packvit_models):
-    model = packvit_models["siglip2"]
+def test_bad_grid(grid, exc, match, tiny_models):
+    model = tiny_models["siglip2"]
     with pytest.raises(exc, match=match):
         model(torch.randn(4, 768), grid)
 
 
-def test_row_count_and_patch_dim_errors(packvit_models):
-    model = packvit_models["dinov3"]
+def test_row_count_and_patch_dim_errors(tiny_models):
+    model = tiny_models["dinov3"]
     g = torch.tensor([[1, 2, 3], [2, 2, 2]])  # 6 + 8 = 14 patches
     with pytest.raises(ValueError, match="hidden_states has 13 rows but grid_thw describes 14 patches"):
         model(torch.randn(13, 768), g)
@@ -86,8 +86,8 @@ def test_row_count_and_patch_dim_errors(packvit_models):
         model(torch.zeros(14, 768, dtype=torch.long), g)
 
 
-def test_empty_batch_returns_empty_outputs(packvit_models):
-    for model in packvit_models.values():
+def test_empty_batch_returns_empty_outputs(tiny_models):
+    for model in tiny_models.values():
         x = torch.zeros(0, model.patch_dim)
         g = torch.zeros(0, 3, dtype=torch.long)
         assert model(x, g).shape == (0, model.hidden_size)
@@ -96,15 +96,15 @@ def test_empty_batch_returns_empty_outputs(packvit_models):
         assert out.hidden_states[len(model.blocks) - 1].shape == (0, model.hidden_size)
 
 
-def test_output_layers_out_of_range(packvit_models):
-    model = packvit_models["aimv2"]  # 2 blocks: 3 hidden states
+def test_output_layers_out_of_range(tiny_models):
+    model = tiny_models["aimv2"]  # 2 blocks: 3 hidden states
     x, g = packvit.patchify([torch.randn(3, 28, 28)], 14)
     with pytest.raises(ValueError, match="output_layers entry 3 is out of range.*-3 to 2"):
         model(x, g, output_layers=[3])
 
 
-def test_backend_choice_is_reported_and_validated(packvit_models):
-    model = packvit_models["siglip2"]
+def test_backend_choice_is_reported_and_validated(tiny_models):
+    model = tiny_models["siglip2"]
     assert model.attn_backend == "sdpa"
     assert model.set_attention_backend("auto") == "sdpa"  # CPU fp32
     with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
@@ -114,12 +114,12 @@ def test_backend_choice_is_reported_and_validated(packvit_models):
     assert model.attn_backend == "sdpa"
 
 
-def test_tables_cached_under_inference_mode_serve_training(packvit_models):
+def test_tables_cached_under_inference_mode_serve_training(tiny_models):
     """A table first built under inference_mode must not poison a later training step."""
     from packvit.packing import build_meta
 
     grid = ((1, 3, 7), (2, 2, 5))
-    for family, model in packvit_models.items():
+    for family, model in tiny_models.items():
         build_meta.cache_clear()
         x = torch.randn(sum(t * h * w for t, h, w in grid), model.patch_dim)
         with torch.inference_mode():
@@ -132,10 +132,10 @@ def test_tables_cached_under_inference_mode_serve_training(packvit_models):
         assert x.grad is not None and torch.isfinite(x.grad).all(), family
 
 
-def test_prepared_batch_equals_grid_and_checks_rows(packvit_models):
+def test_prepared_batch_equals_grid_and_checks_rows(tiny_models):
     """model(x, model.prepare(grid)) is model(x, grid); a prepared batch still checks the rows."""
     grid = ((1, 3, 5), (2, 2, 2))
-    for family, model in packvit_models.items():
+    for family, model in tiny_models.items():
         x = torch.randn(sum(t * h * w for t, h, w in grid), model.patch_dim)
         batch = model.prepare(grid)
         assert torch.equal(model(x, batch), model(x, grid)), family

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILIES, PATCH, hf_reference, random_images, tiny_hf_model
+from helpers import FAMILIES, PATCH, hf_reference, random_images, tiny_hf_model
 
 import packvit
 from weights_conversion import load_model
@@ -42,7 +42,7 @@ def test_parity_all_outputs(family, grid_name, hf_checkpoints, packvit_models):
     layers = [0, 1, -2, -1]
     with torch.no_grad():
         out = model(x, grid_thw, return_dict=True, output_layers=layers)
-    ref = hf_reference(family, hf, images, PATCH[family], output_hidden_states=True)
+    ref = hf_reference(family, hf, images, output_hidden_states=True)
 
     _close(out.last_hidden_state, torch.cat([r[0] for r in ref]), "last_hidden_state")
     _close(out.pooler_output, torch.cat([r[2] for r in ref]), "pooler_output")
@@ -98,7 +98,7 @@ def test_parity_config_variants(family, overrides, tmp_path):
     x, g = packvit.patchify(images, PATCH[family])
     with torch.no_grad():
         out = model(x, g, return_dict=True)
-    ref = hf_reference(family, hf, images, PATCH[family])
+    ref = hf_reference(family, hf, images)
     _close(out.last_hidden_state, torch.cat([r[0] for r in ref]), "last_hidden_state")
     if ref[0][2] is not None and out.pooler_output is not None:
         _close(out.pooler_output, torch.cat([r[2] for r in ref]), "pooler_output")

@@ -21,6 +21,7 @@ from PIL import Image
 import packvit
 from packvit import preprocess_torchvision as ptv
 from packvit.preprocess import IMAGENET_MEAN, IMAGENET_STD, ImageProcessor, PreprocessConfig, naflex_size, smart_resize
+from weights_conversion import FAMILIES
 
 transformers = pytest.importorskip("transformers")
 
@@ -158,23 +159,19 @@ def test_backends_differ_by_the_documented_gap(recipe, images, tmp_path):
 @pytest.mark.parametrize("family", ["aimv2", "dinov3"])
 def test_native_mode_is_the_fixed_recipe_at_each_images_size(family, images, hf_torchvision):
     """Native mode = transformers' processor with size = the image's own target size, per image."""
-    patch = 14 if family == "aimv2" else 16
-    mean, std = (packvit.preprocess.OPENAI_CLIP_MEAN, packvit.preprocess.OPENAI_CLIP_STD) if family == "aimv2" \
-        else (IMAGENET_MEAN, IMAGENET_STD)
-    resample = Image.BICUBIC if family == "aimv2" else Image.BILINEAR
-    cfg = PreprocessConfig(patch_size=patch, mode="native", image_mean=mean, image_std=std, resample=resample,
-                           backend="torchvision", rescale_first=family == "dinov3")
+    fam = FAMILIES[family]
+    patch, d = fam.patch_size, fam.preprocess
+    mean, std = d.image_mean, d.image_std
+    cfg = PreprocessConfig(patch_size=patch, mode="native", image_mean=mean, image_std=std, resample=d.resample,
+                           backend="torchvision", rescale_first=d.rescale_first)
     proc = ImageProcessor(cfg)
     imgs = [im for im in images if max(im.size) / min(im.size) <= 200]
     x, grid = proc(imgs)
     refs = []
     for im, (_, h, w) in zip(imgs, grid.tolist()):
         size = {"height": h * patch, "width": w * patch}
-        if family == "aimv2":
-            hf = transformers.CLIPImageProcessor(size=size, do_center_crop=False, image_mean=list(mean),
-                                                 image_std=list(std))
-        else:
-            hf = transformers.DINOv3ViTImageProcessor(size=size)
+        hf = getattr(transformers, fam.hf_processor)(size=size, do_center_crop=False, image_mean=list(mean),
+                                                     image_std=list(std))
         refs.append(packvit.patchify(hf.preprocess([im], return_tensors="pt")["pixel_values"], patch)[0])
     _assert_identical(x, torch.cat(refs), f"{family} native torchvision")
 

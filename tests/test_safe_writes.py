@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, tiny_hf_model
+from helpers import ROOT, tiny_hf_model
 
 from packvit.cli import main
 from weights_conversion import load_model, safe_write
@@ -134,6 +134,7 @@ def _drive(src: Path, work: Path, sig: str, mode: str) -> list[dict]:
     return rows[:-1]
 
 
+@pytest.mark.slow
 @posix_only
 @pytest.mark.parametrize("mode", ["exchange", "fallback"])
 def test_sigkill_at_every_step_of_overwrite(mode, src, tmp_path):
@@ -152,6 +153,7 @@ def test_sigkill_at_every_step_of_overwrite(mode, src, tmp_path):
     assert any(r["leftovers"] for r in rows)  # kills did leave temporary folders, which were then removed
 
 
+@pytest.mark.slow
 @posix_only
 def test_ctrl_c_at_every_step_of_overwrite(src, tmp_path):
     """Ctrl-C before each step: exit 130 with the old output and nothing else left, or, once the swap

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PATCH, hf_reference, random_images
+from helpers import PATCH, hf_reference, random_images
 
 import packvit
 from packvit.tower import PackedVisionTower
@@ -39,7 +39,7 @@ def test_contract_and_select_layer(family, hf_checkpoints):
     feats = tower(x, grid_thw=g)
     assert [f.shape for f in feats] == [(t * h * w, 64) for t, h, w in grid]
     P = tower.vision_tower.num_prefix
-    ref = torch.cat([r[3][-2][0, P:] for r in hf_reference(family, hf, images, PATCH[family], output_hidden_states=True)])
+    ref = torch.cat([r[3][-2][0, P:] for r in hf_reference(family, hf, images, output_hidden_states=True)])
     err = (torch.cat(feats) - ref).abs().max().item()
     assert err <= 1e-4, f"tower vs HF hidden_states[-2]: {err:.3g}"  # the parity suite's tolerance
     packed, g2 = tower(x, grid_thw=g, packed=True)

@@ -12,13 +12,14 @@ import types
 
 import pytest
 import torch
-from conftest import PATCH, random_images, tiny_hf_model
+from helpers import PATCH, random_images, tiny_hf_model
 
 import packvit
 from packvit.layers import DropPath
 from packvit.packing import build_meta, grid_to_tuple
 from packvit.tower import PackedVisionTower
-from weights_conversion import convert_state_dict, load_model
+from weights_conversion import FAMILIES, convert_state_dict, load_model
+from weights_conversion.reference import run_twin
 
 GRID = [(1, 5, 7), (1, 3, 2), (2, 2, 4), (1, 1, 9)]
 
@@ -57,24 +58,15 @@ def test_gradients_match_transformers(family, hf_checkpoints):
 
     frames = [f for im in images for f in (im.unbind(0) if im.dim() == 4 else [im])]
     ref_frames = [f.detach().clone().requires_grad_(True) for f in frames]
-    if family == "siglip2":
-        # One padded batch with a mask, the way transformers runs NaFlex.
-        rows = [packvit.patchify([f], p)[0] for f in ref_frames]
-        n = max(len(r) for r in rows)
-        pv = torch.stack([torch.cat([r, r.new_zeros(n - len(r), r.shape[1])]) for r in rows])
-        mask = torch.stack([torch.arange(n) < len(r) for r in rows]).long()
-        shapes = torch.tensor([[f.shape[1] // p, f.shape[2] // p] for f in frames])
-        o = hf(pixel_values=pv, pixel_attention_mask=mask, spatial_shapes=shapes)
-        loss = (o.last_hidden_state[mask.bool()] * w_tok).sum() + (o.pooler_output * w_pool).sum()
-    else:
-        # One call per frame, losses summed (these models have no padded-batch mode).
-        P = 1 + hf.config.num_register_tokens if family == "dinov3" else 0
-        loss, start = 0.0, 0
-        for i, f in enumerate(ref_frames):
-            o = hf(pixel_values=f[None])
-            tok = o.last_hidden_state[0, P:]
-            loss = loss + (tok * w_tok[start : start + len(tok)]).sum() + (o.pooler_output[0] * w_pool[i]).sum()
-            start += len(tok)
+    # The way transformers runs each family: one padded batch with a mask (NaFlex), or one call
+    # per frame (models without a padded-batch mode), losses summed.
+    groups = [ref_frames] if FAMILIES[family].hf_pads else [[f] for f in ref_frames]
+    loss, start, i = 0.0, 0, 0
+    for group in groups:
+        o = run_twin(family, hf, group)
+        for tok, pooled in zip(o.patch_tokens, o.pooler_output):
+            loss = loss + (tok * w_tok[start : start + len(tok)]).sum() + (pooled * w_pool[i]).sum()
+            start, i = start + len(tok), i + 1
     loss.backward()
 
     ref_inputs = torch.cat([f.grad.flatten() for f in ref_frames])
@@ -219,6 +211,7 @@ def _compile_counters():
     return counters["stats"]["unique_graphs"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("select_feature", ["patch", "cls_patch"])
 def test_compile_fullgraph_tower(select_feature, hf_checkpoints):
     """The whole DINOv3 tower (the richest path: prefix tokens, RoPE) under fullgraph=True, so no
@@ -249,6 +242,7 @@ def test_compile_fullgraph_tower(select_feature, hf_checkpoints):
     torch._dynamo.reset()
 
 
+@pytest.mark.slow
 def test_compile_fullgraph_training_step():
     """Forward and backward of a compiled model on batches of different grids: gradients equal eager."""
     from packvit import DINOv3, DINOv3Config

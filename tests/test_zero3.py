@@ -10,11 +10,12 @@ import sys
 import pytest
 import torch
 
-from conftest import FAMILIES, ROOT, torchrun
+from helpers import FAMILIES, ROOT, torchrun
 
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
 
 
+@pytest.mark.slow
 @needs_deepspeed
 def test_zero3_step_equals_plain_step_two_cpu_ranks():
     out = torchrun(ROOT / "benchmarks" / "zero3_check.py", "--device", "cpu", "--tiny", timeout=300)

@@ -2,6 +2,14 @@
 
     model = load_model("google/siglip2-so400m-patch16-naflex", device="cuda", dtype=torch.bfloat16)
     export_hf(model, "my-tower-hf")   # back to the layout transformers' from_pretrained loads
+
+Public: the names in ``__all__`` below, and the modules ``convert`` (``convert_checkpoint``),
+``checkpoint_io`` (``resolve``, ``read_config``), ``safe_write``, ``keymap``, ``family`` (``Family``),
+``families`` (``FAMILIES``, the registry) and ``reference`` (transformers twins, tiny test models).
+The rest is internal.
+
+This package builds on packvit's core (``packvit.models``); packvit's loaders (``from_pretrained``,
+the ``*Packing`` classes, the tower) build on it, and ``import packvit`` never imports it.
 """
 
 from __future__ import annotations
@@ -10,7 +18,6 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
@@ -18,16 +25,16 @@ import torch
 from .checkpoint_io import (
     CheckpointError, load_tensors, read_config, read_json_object, resolve, save_tensors, weight_files, write_text,
 )
-from .families import aimv2, dinov3, siglip2
+from .families import FAMILIES
+from .family import Family
 from .keymap import ConversionError, ConversionReport, check_dtypes, check_shapes, from_hf, to_hf
 from .native import PREPROCESSOR, config_from_native, is_native, rename_legacy
+from .original import convert_original
+from .progress import ByteBar
 from .safe_write import UnsafeDestinationError, atomic_directory
-from .original import convert_original, detect_layout
-
-FAMILIES: dict[str, ModuleType] = {"aimv2": aimv2, "dinov3": dinov3, "siglip2": siglip2}
 
 __all__ = [
-    "FAMILIES", "CheckpointError", "ConversionError", "UnsafeDestinationError", "ConversionReport", "detect_family",
+    "FAMILIES", "Family", "CheckpointError", "ConversionError", "UnsafeDestinationError", "ConversionReport", "detect_family",
     "convert_state_dict", "load_model", "export_hf", "model_family", "Checkpoint", "read_checkpoint", "cast_state",
     "build_model", "config_of",
 ]
@@ -37,9 +44,9 @@ def detect_family(config: dict) -> str:
     """The packvit family of a transformers ``config.json``, from its ``model_type``."""
     model_type = config.get("model_type")
     for name, fam in FAMILIES.items():
-        if model_type in fam.MODEL_TYPES:
+        if model_type in fam.hf_model_types:
             return name
-    known = sorted(t for f in FAMILIES.values() for t in f.MODEL_TYPES)
+    known = sorted(t for f in FAMILIES.values() for t in f.hf_model_types)
     raise CheckpointError(f"unknown checkpoint layout: config.json model_type is {model_type!r}; packvit reads {known}")
 
 
@@ -49,14 +56,14 @@ def config_of(path: str | os.PathLike, *, strict_config: bool = True) -> tuple[s
     presence) are as the config says, not as the tensors do."""
     d = read_config(Path(path).expanduser())
     if is_native(d):
-        return config_from_native(d, FAMILIES)
+        return config_from_native(d)
     family = detect_family(d)
     return family, FAMILIES[family].config_from_hf(d, strict=strict_config)
 
 
 def model_family(model: torch.nn.Module) -> str:
     for name, fam in FAMILIES.items():
-        if type(model) is fam.MODEL_CLASS:
+        if type(model) is fam.model_class:
             return name
     raise TypeError(f"{type(model).__name__} is not a packvit model")
 
@@ -74,9 +81,9 @@ def convert_state_dict(
     return detected, cfg, sd, report
 
 
-def _norm_keys(fam: ModuleType, keys: set[str]) -> set[str]:
+def _norm_keys(fam: Family, keys: set[str]) -> set[str]:
     # Key normalisation depends only on aliases, which do not depend on the config.
-    km = fam.keymap(fam.CONFIG_CLASS())
+    km = fam.keymap(fam.config_class())
     return {km.normalise(k) for k in keys}
 
 
@@ -84,13 +91,21 @@ def build_model(family: str, cfg, state_dict: dict[str, torch.Tensor], attn_back
     """Instantiate a packvit model and load converted weights into it, strictly."""
     fam = FAMILIES[family]
     with torch.device("meta"):
-        model = fam.MODEL_CLASS(cfg, attn_backend="sdpa")
+        model = fam.model_class(cfg, attn_backend="sdpa")
     expected = model.state_dict()
     check_shapes({k: v.shape for k, v in expected.items()}, state_dict)
     check_dtypes({k: v.dtype for k, v in expected.items()}, state_dict)
     model.load_state_dict(state_dict, strict=True, assign=True)
     model.set_attention_backend(attn_backend)
     return model
+
+
+def detect_layout(keys: set[str]) -> str | None:
+    """The family whose original research release has these tensor names, or None if none has."""
+    for name, fam in FAMILIES.items():
+        if fam.original is not None and fam.original.looks_like(keys):
+            return name
+    return None
 
 
 @dataclass
@@ -178,14 +193,15 @@ def read_checkpoint(
         progress.reset(total=source_bytes)
     tensors = load_tensors(files, None if progress is None else getattr(progress, "update", progress))
     if cfg_json is not None and is_native(cfg_json):
-        fam_name, cfg = config_from_native(cfg_json, FAMILIES)
+        fam_name, cfg = config_from_native(cfg_json)
         report = ConversionReport(mapped=len(tensors))
         layout, sd, hf_config = "packvit", rename_legacy(tensors), None
     elif (orig := detect_layout(set(tensors))) is not None:
         if num_heads is None and cfg_json is not None and isinstance(cfg_json.get("num_attention_heads"), int):
             # ml-aim's custom-code hub revisions ship a config.json beside original-layout weights.
             num_heads = cfg_json["num_attention_heads"]
-        fam_name, cfg, sd, report = convert_original(orig, tensors, preset=preset, overrides={"num_heads": num_heads})
+        fam_name, cfg, sd, report = convert_original(
+            FAMILIES[orig], tensors, preset=preset, overrides={"num_heads": num_heads})
         layout, hf_config = f"original-{orig}", None
     elif cfg_json is None:
         raise CheckpointError(
@@ -210,7 +226,7 @@ def _check_config_first(cfg_json: dict | None, files: list[Path], family: str | 
     if cfg_json is None or any(f.suffix != ".safetensors" for f in files):
         return
     if is_native(cfg_json):
-        config_from_native(cfg_json, FAMILIES)
+        config_from_native(cfg_json)
         return
     from safetensors import safe_open
 
@@ -259,8 +275,6 @@ def load_model(
 
     ``progress=True`` shows a tqdm bar of the bytes read (worth it for a DINOv3 7B).
     """
-    from .convert import ByteBar
-
     bar = ByteBar("read", progress)
     try:
         ckpt = read_checkpoint(

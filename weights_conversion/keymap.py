@@ -39,6 +39,15 @@ class Transform:
     inverse: Callable[[torch.Tensor, Any, int], list[torch.Tensor]]
 
 
+def _read_only(x, cfg, n):
+    raise NotImplementedError("packvit reads this layout only (an original research release); export to HF instead")
+
+
+def one_way(name: str, forward: Callable[[list[torch.Tensor], Any], torch.Tensor]) -> Transform:
+    """A transform of a layout packvit reads and never writes (the original releases)."""
+    return Transform(name, forward, _read_only)
+
+
 IDENTITY = Transform("identity", lambda xs, cfg: xs[0], lambda x, cfg, n: [x])
 # q, k, v -> qkv and gate, up -> fc1: one matmul instead of several (equal parts along dim 0).
 CONCAT = Transform("concat", lambda xs, cfg: torch.cat(xs, 0), lambda x, cfg, n: [t.contiguous() for t in x.chunk(n, 0)])

@@ -17,7 +17,10 @@ from typing import Callable
 
 import torch
 
+from packvit._version import __version__
+
 from .checkpoint_io import INDEX, SINGLE, CheckpointError, save_tensors, write_text
+from .families import FAMILIES
 from .hfconfig import check_types
 
 FORMAT = "packvit"
@@ -32,33 +35,29 @@ def is_native(config) -> bool:
 
 
 def describe_native(config) -> tuple[str, dict] | None:
-    """(transformers model_type, the model's config fields) of a packvit ``config.json``; None for any
-    other file. For readers that need only the family and patch size, such as the image processor."""
+    """(family, the model's config fields) of a packvit ``config.json``; None for any other file. For
+    readers that need only the family and patch size, such as the image processor."""
     if not is_native(config):
         return None
-    from . import FAMILIES
-
     family, fields = config.get("family"), config.get("config")
     if family not in FAMILIES or not isinstance(fields, dict):
         raise CheckpointError(f"packvit config.json names family {family!r} with config {type(fields).__name__}; "
                               f"expected one of {sorted(FAMILIES)} and an object of fields")
-    return FAMILIES[family].MODEL_TYPES[0], fields
+    return family, fields
 
 
 def config_to_native(family: str, cfg, dtype: torch.dtype) -> dict:
-    import packvit
-
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "family": family,
         "config": dataclasses.asdict(cfg),
         "dtype": str(dtype).removeprefix("torch."),
-        "packvit_version": packvit.__version__,
+        "packvit_version": __version__,
     }
 
 
-def config_from_native(config: dict, families: dict) -> tuple[str, object]:
+def config_from_native(config: dict) -> tuple[str, object]:
     """(family, config dataclass) of a packvit ``config.json``; unknown families or fields are errors."""
     version = config.get("format_version")
     if version != FORMAT_VERSION:
@@ -66,9 +65,9 @@ def config_from_native(config: dict, families: dict) -> tuple[str, object]:
             f"packvit checkpoint format_version {version!r} is not supported (this packvit reads {FORMAT_VERSION})"
         )
     family = config.get("family")
-    if family not in families:
-        raise CheckpointError(f"packvit config.json names family {family!r}; expected one of {sorted(families)}")
-    cls = families[family].CONFIG_CLASS
+    if family not in FAMILIES:
+        raise CheckpointError(f"packvit config.json names family {family!r}; expected one of {sorted(FAMILIES)}")
+    cls = FAMILIES[family].config_class
     fields = config.get("config")
     if not isinstance(fields, dict):
         raise CheckpointError("packvit config.json has no 'config' object with the model's fields")

@@ -35,6 +35,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from packvit._version import __version__
+
 MANIFEST = ".packvit-output.json"
 # What a packvit-native folder holds: folders converted before manifests existed are recognised by it.
 _NATIVE_FILES = re.compile(
@@ -289,10 +291,8 @@ def prepare_destination(dst: str | os.PathLike, *, sources: Iterable = (), overw
 
 
 def write_manifest(folder: Path, command: str) -> None:
-    import packvit
-
     files = sorted(e.name for e in folder.iterdir() if e.name != MANIFEST)
-    record = {"written_by": "packvit", "packvit_version": packvit.__version__, "command": command, "files": files}
+    record = {"written_by": "packvit", "packvit_version": __version__, "command": command, "files": files}
     (folder / MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
 
 

@@ -14,14 +14,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .workloads import WORKLOADS
+from weights_conversion import FAMILIES
 
-FAMILIES = ("siglip2", "dinov3", "aimv2")
+from .workloads import WORKLOADS
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="packvit bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", nargs="+", default=["all"], choices=("all",) + FAMILIES)
+    p.add_argument("--model", nargs="+", default=["all"], choices=("all", *FAMILIES))
     p.add_argument("--workload", nargs="+", default=["mixed32", "fixed32_448"], choices=sorted(WORKLOADS))
     p.add_argument("--backend", nargs="+", default=["available"],
                    help="packvit attention backends (fa4 flash_attn torch sdpa), or 'available' (default: every fused one)")

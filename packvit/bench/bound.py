@@ -1,4 +1,4 @@
-"""The "bound" of BENCHMARKS.md: only the matmuls and the varlen attention kernel of one block on
+"""The "bound" the benchmark tables report beside each model: only the matmuls and the varlen attention kernel of one block on
 the same packed tokens, timed, times the number of blocks. An implementation that does not fuse
 matmuls cannot beat it; elementwise work (norms, activations, residuals, RoPE) is what separates
 a real model from it."""

@@ -1,6 +1,7 @@
 """Real-size model pairs for the benchmarks: a transformers model (the reference, built by
 ``weights_conversion.reference``) and the packvit model converted from its very weights, plus the
-FLOP count of BENCHMARKS.md."""
+FLOP count the benchmark tables report (2 FLOPs per multiply-add of every matmul a token goes
+through, plus attention's two matmuls per frame)."""
 
 from __future__ import annotations
 
@@ -8,28 +9,15 @@ import torch
 from torch import nn
 
 from weights_conversion import FAMILIES, build_model, convert_state_dict
-from weights_conversion.reference import build_hf
+from weights_conversion.reference import build_hf, randomize_
 
 from ..models.base import PackedViT
 from .workloads import Workload
 
-# The published checkpoint each family is benchmarked at (../shared/BENCHMARKS.md).
-DEFAULT_PRESETS = {
-    "siglip2": "siglip2-so400m-patch16-naflex",
-    "dinov3": "dinov3-vitl16-pretrain-lvd1689m",
-    "aimv2": "aimv2-large-patch14-native",
-}
+# The published checkpoint each family is benchmarked at (its record's default_preset).
+DEFAULT_PRESETS = {name: fam.default_preset for name, fam in FAMILIES.items()}
 TINY = dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128)
 
-@torch.no_grad()
-def _perturb_degenerate_(model: nn.Module, seed: int) -> None:
-    """transformers initialises biases, norms and LayerScale to constants; give them noise so a
-    swapped bias or a missing scale cannot hide behind zeros and ones."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    for p in model.parameters():
-        flat = p.detach().flatten()
-        if flat.numel() and bool((flat == flat[0]).all()):
-            p.add_((torch.randn(p.shape, generator=g) * 0.02).to(p.device, p.dtype))
 
 
 def build_pair(
@@ -37,10 +25,12 @@ def build_pair(
 ) -> tuple[nn.Module, PackedViT]:
     """(HF model, packvit model) with identical weights, both eval, on ``device`` in ``dtype``."""
     fam = FAMILIES[family]
-    cfg = fam.CONFIG_CLASS.from_name(preset or DEFAULT_PRESETS[family], **(TINY if tiny else {}))
+    cfg = fam.config_class.from_name(preset or fam.default_preset, **(TINY if tiny else {}))
     torch.manual_seed(0)
     hf = build_hf(family, cfg, device)
-    _perturb_degenerate_(hf, seed=0)
+    # Noise on the tensors transformers initialises to constants, so that a swapped bias or a
+    # missing scale cannot hide behind zeros and ones.
+    randomize_(hf, seed=0, scale=0.02, constant_only=True)
     hf = hf.to(dtype).eval()
     state = {k: v.detach().clone() for k, v in hf.state_dict().items()}  # no storage shared with HF
     fam_name, pcfg, sd, _ = convert_state_dict(hf.config.to_dict(), state, family=family)
@@ -50,7 +40,7 @@ def build_pair(
 
 def matmul_params(model: PackedViT) -> int:
     """Weights of every matmul a token goes through: the patch embedding and the blocks (the pooling
-    head runs once per frame and is left out, as in BENCHMARKS.md)."""
+    head runs once per frame and is left out)."""
     n = model.patch_embed.weight.numel()
     for m in model.blocks.modules():
         if isinstance(m, nn.Linear):

@@ -1,4 +1,5 @@
-"""Timing and memory, as BENCHMARKS.md prescribes: warm-up, CUDA events, median / p10 / p90."""
+"""Timing and memory: warm-up runs, then CUDA events around each timed run (synchronised before
+reading), reported as median / p10 / p90; peak memory from the allocator's counters."""
 
 from __future__ import annotations
 

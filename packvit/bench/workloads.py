@@ -1,7 +1,8 @@
 """The benchmark workloads: fixed grids, identical for every model of a patch size.
 
-``mixed32`` and ``fixed32_448`` follow ../shared/BENCHMARKS.md; ``highres`` and ``video`` are ours.
-Pixel sizes are turned into patch grids by flooring to the patch size.
+``mixed32`` (32 random grids, 23,103 patches) and ``fixed32_448`` (32 images of 448 x 448 pixels) are
+the suite's two headline workloads, the ones benchmarks/RESULTS.md reports; ``highres`` and ``video``
+add large images and clips. Pixel sizes are turned into patch grids by flooring to the patch size.
 """
 
 from __future__ import annotations

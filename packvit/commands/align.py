@@ -70,25 +70,25 @@ def load_photos(directory: Path) -> list:
     return [Image.open(f).convert("RGB") for f in files]
 
 
-def make_images(photos, n: int, size: tuple[int, int], mean, std, gen: torch.Generator) -> list[torch.Tensor]:
-    """``n`` normalised (3, H, W) images: photos resized (bicubic) to ``size``, or uniform random pixels."""
+def make_images(photos, n: int, size: tuple[int, int], normalise, gen: torch.Generator) -> list[torch.Tensor]:
+    """``n`` (3, H, W) images through ``normalise``: photos resized (bicubic) to ``size``, or uniform random pixels."""
     from PIL import Image
+
+    from packvit.preprocess import pil_to_tensor
 
     out = []
     for i in range(n):
         if photos:
             img = photos[i % len(photos)].resize((size[1], size[0]), Image.BICUBIC)
-            x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size[0], size[1], 3)
-            x = x.permute(2, 0, 1).float() / 255
+            x = pil_to_tensor(img)
         else:
             x = torch.rand(3, *size, generator=gen)
-        out.append((x - mean) / std)
+        out.append(normalise(x))
     return out
 
 
 def run(args: argparse.Namespace) -> int:
-    from packvit.demo import MEAN_STD
-    from weights_conversion import build_model, cast_state, read_checkpoint
+    from weights_conversion import FAMILIES, build_model, cast_state, read_checkpoint
 
     from weights_conversion.reference import load_reference
 
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     model = model.to(args.device).eval()
     model.set_attention_backend(args.backend)
     patch = model.config.patch_size
-    mean, std = (torch.tensor(v).view(3, 1, 1) for v in MEAN_STD[ckpt.family])
+    normalise = FAMILIES[ckpt.family].preprocess.normalise
     photos = load_photos(args.image_dir) if args.use_real_images else None
     gen = torch.Generator().manual_seed(args.seed)
     sizes = list(dict.fromkeys(_snap(s, patch) for s in args.image_size))
@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
               f"vs {what}; {'photos from ' + str(args.image_dir) if photos else 'random pixels'}")
         print(HEADER)
         results = []
-        groups = [(f"{h}x{w}", make_images(photos, args.batch_size, (h, w), mean, std, gen)) for h, w in sizes]
+        groups = [(f"{h}x{w}", make_images(photos, args.batch_size, (h, w), normalise, gen)) for h, w in sizes]
         # The mixed batch: every image above, sizes interleaved, in one packed sequence.
         if len(sizes) > 1:
             groups.append(("mixed", [imgs[j] for j in range(args.batch_size) for _, imgs in groups]))

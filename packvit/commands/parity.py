@@ -16,6 +16,8 @@ from typing import Iterator
 import torch
 
 import packvit
+from weights_conversion import export_hf
+from weights_conversion.reference import run_twin
 
 
 @contextmanager
@@ -36,27 +38,8 @@ def reference_dir(ckpt, model) -> Iterator[tuple[Path, str]]:
             (tmp / "config.json").write_text(json.dumps(ckpt.hf_config))
             yield tmp, f"transformers on the source checkpoint {ckpt.path}"
         else:
-            from weights_conversion import export_hf
-
             export_hf(model, tmp / "hf")
             yield tmp / "hf", f"transformers on packvit's HF export ({ckpt.layout} source has no transformers twin)"
-
-
-@torch.inference_mode()
-def hf_patch_tokens(family: str, hf, images: torch.Tensor, patch: int) -> torch.Tensor:
-    """(B, C, H, W) same-size images -> (B, h*w, D) patch tokens from transformers."""
-    b, _, hh, ww = images.shape
-    h, w = hh // patch, ww // patch
-    if family == "siglip2":
-        out = hf(
-            pixel_values=packvit.convert_to_packing_format(images, patch).view(b, h * w, -1),
-            pixel_attention_mask=torch.ones(b, h * w, dtype=torch.long, device=images.device),
-            spatial_shapes=torch.tensor([[h, w]] * b, device=images.device),
-        ).last_hidden_state
-        return out
-    out = hf(pixel_values=images).last_hidden_state
-    prefix = 1 + hf.config.num_register_tokens if family == "dinov3" else 0
-    return out[:, prefix:]
 
 
 @torch.inference_mode()
@@ -71,7 +54,7 @@ def compare(family: str, model, hf, images: list[torch.Tensor]) -> dict[str, flo
         by_size.setdefault(tuple(img.shape), []).append(i)
     for idx in by_size.values():
         batch = torch.stack([images[i] for i in idx]).to(next(hf.parameters()).dtype)
-        for i, r in zip(idx, hf_patch_tokens(family, hf, batch, patch)):
+        for i, r in zip(idx, run_twin(family, hf, list(batch)).patch_tokens):
             ref[i] = r.float()
     a, b = torch.cat(ours), torch.cat(ref)
     diff = (a - b).abs()

@@ -27,6 +27,7 @@ import dataclasses
 import functools
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -35,10 +36,14 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, BatchFeature, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from weights_conversion import FAMILIES, model_family
+from weights_conversion.checkpoint_io import read_json_object
+
 from ..layers import LayerScale
 from ..models.base import PackedViT
 from ..packing import convert_to_packing_format, grid_to_tuple, patchify
 from ..preprocess import ImageProcessor, smart_resize
+from ..pretrained import from_pretrained
 
 MODEL_TYPE = "packvit_vision"
 PREFIX_TOKENS = ("all", "cls", "none")
@@ -59,12 +64,6 @@ _LM_KWARGS = frozenset({
 _VLM_KWARGS = frozenset({"use_cache", "vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio"})
 # Options of other vision towers, accepted while off.
 _OFF_KWARGS = ("head_mask", "bool_masked_pos")
-
-
-def _families():
-    from weights_conversion import FAMILIES
-
-    return FAMILIES
 
 
 def _check_kwargs(output_attentions: Any, kwargs: dict, who: str) -> None:
@@ -129,10 +128,9 @@ class PackvitVisionConfig(PretrainedConfig):
         for k in self._DERIVED:  # written by to_dict() for readers; always recomputed from packvit_config
             kwargs.pop(k, None)
         super().__init__(**kwargs)
-        fams = _families()
-        if family not in fams:
-            raise ValueError(f"family must be one of {sorted(fams)}, got {family!r}")
-        cls = fams[family].CONFIG_CLASS
+        if family not in FAMILIES:
+            raise ValueError(f"family must be one of {sorted(FAMILIES)}, got {family!r}")
+        cls = FAMILIES[family].config_class
         fields = dict(packvit_config or {})
         unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
@@ -150,14 +148,12 @@ class PackvitVisionConfig(PretrainedConfig):
         self.intermediate_size = cfg.intermediate_size
         self.patch_size = cfg.patch_size
         self.num_channels = cfg.num_channels
-        # SigLIP2's learned position grid covers pos_grid patches a side; the others default to 224.
-        default = cfg.patch_size * cfg.pos_grid if family == "siglip2" else 224
-        self.image_size = int(image_size) if image_size is not None else default
+        self.image_size = int(image_size) if image_size is not None else FAMILIES[family].fixed_image_size(cfg)
 
     @property
     def packvit(self):
         """The family's packvit config dataclass."""
-        return _families()[self.family].CONFIG_CLASS(**self.packvit_config)
+        return FAMILIES[self.family].config_class(**self.packvit_config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,7 +208,7 @@ class PackvitVisionModel(PreTrainedModel):
     def __init__(self, config: PackvitVisionConfig, model: PackedViT | None = None):
         super().__init__(config)
         if model is None:
-            model = _families()[config.family].MODEL_CLASS(config.packvit, attn_backend=config.attn_backend)
+            model = FAMILIES[config.family].model_class(config.packvit, attn_backend=config.attn_backend)
         self.packvit = model
         self.post_init()
 
@@ -243,8 +239,6 @@ class PackvitVisionModel(PreTrainedModel):
         cls, model: PackedViT, *, image_size: int | None = None, prefix_tokens: str = "all"
     ) -> "PackvitVisionModel":
         """Wrap a loaded packvit model; its weights are kept as they are (not copied, not re-initialised)."""
-        from weights_conversion import model_family
-
         config = PackvitVisionConfig(
             family=model_family(model), packvit_config=dataclasses.asdict(model.config), image_size=image_size,
             prefix_tokens=prefix_tokens, attn_backend=model.attn_backend_request,
@@ -265,17 +259,13 @@ class PackvitVisionModel(PreTrainedModel):
         """Load any checkpoint ``packvit.from_pretrained`` reads (a transformers checkpoint of SigLIP2,
         DINOv3 or AIMv2: hub id or folder; a ``packvit convert`` folder); ``load_kwargs`` (device,
         dtype, attn_backend, revision, ...) go to it."""
-        import json
-
-        import packvit
-
         cfg = os.path.join(os.fspath(src), "config.json")
-        if os.path.isfile(cfg) and json.loads(open(cfg).read()).get("model_type") == MODEL_TYPE:
+        if os.path.isfile(cfg) and read_json_object(Path(cfg)).get("model_type") == MODEL_TYPE:
             raise ValueError(
                 f"{src} was written by PackvitVisionModel.save_pretrained: load it with "
                 "PackvitVisionModel.from_pretrained (or AutoModel.from_pretrained)"
             )
-        return cls.from_packvit(packvit.from_pretrained(src, **load_kwargs), image_size=image_size,
+        return cls.from_packvit(from_pretrained(src, **load_kwargs), image_size=image_size,
                                 prefix_tokens=prefix_tokens)
 
     # -- what LLaVA-style code reads --------------------------------------------------------------

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from packvit.models.aimv2 import AIMv2, AIMv2Config
+from PIL import Image
 
+from packvit.models.aimv2 import PRESETS, AIMv2, AIMv2Config
+
+from ..family import Family, PreprocessDefaults, stacked_pixels
 from ..hfconfig import parse_fields
 from ..keymap import CONCAT, CONV_TO_LINEAR, IDENTITY, TOKEN, Drop, Entry, KeyMap
+from ..original import aimv2 as original
 
-MODEL_TYPES = ("aimv2_vision_model", "aimv2")
-MODEL_CLASS = AIMv2
-CONFIG_CLASS = AIMv2Config
-HF_ARCHITECTURE = "Aimv2VisionModel"
+HF_CLASS = "Aimv2VisionModel"
+# OpenAI CLIP's normalisation, which AIMv2's processor uses.
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 _L = "encoder.layers.{n}."
 
@@ -86,5 +89,17 @@ def config_from_hf(d: dict, present_keys: set[str] | None = None, strict: bool =
 
 def config_to_hf(cfg: AIMv2Config) -> dict:
     out = {v: getattr(cfg, k) for v, k in _FIELDS.items()}
-    out.update(model_type="aimv2_vision_model", architectures=[HF_ARCHITECTURE], is_native=True, image_size=224)
+    out.update(model_type="aimv2_vision_model", architectures=[HF_CLASS], is_native=True, image_size=224)
     return out
+
+
+FAMILY = Family(
+    name="aimv2", model_class=AIMv2, config_class=AIMv2Config, presets=PRESETS,
+    default_preset="aimv2-large-patch14-native", patch_size=14,
+    hf_model_types=("aimv2_vision_model", "aimv2"), hf_class=HF_CLASS, hf_wrappers={"aimv2": "Aimv2Model"},
+    hf_processor="CLIPImageProcessor",
+    tiny_hf_fields={"patch_size": 14, "is_native": True},
+    keymap=keymap, config_from_hf=config_from_hf, config_to_hf=config_to_hf, original=original.FORMAT,
+    preprocess=PreprocessDefaults("native", CLIP_MEAN, CLIP_STD, Image.BICUBIC),
+    num_prefix_tokens=lambda cfg: 0, hf_inputs=stacked_pixels, hf_pads=False,
+)

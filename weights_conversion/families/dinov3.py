@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from packvit.models.dinov3 import DINOv3, DINOv3Config
+from PIL import Image
 
+from packvit.models.dinov3 import PRESETS, DINOv3, DINOv3Config
+
+from ..family import Family, PreprocessDefaults, stacked_pixels
 from ..hfconfig import parse_fields
 from ..keymap import CONCAT, CONV_TO_LINEAR, TOKEN, TOKENS, Entry, KeyMap
+from ..original import dinov3 as original
 
-MODEL_TYPES = ("dinov3_vit",)
-MODEL_CLASS = DINOv3
-CONFIG_CLASS = DINOv3Config
-HF_ARCHITECTURE = "DINOv3ViTModel"
+HF_CLASS = "DINOv3ViTModel"
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 _L = "layer.{n}."  # what save_pretrained writes and the hub holds
 
@@ -95,5 +97,18 @@ def config_from_hf(d: dict, present_keys: set[str] | None = None, strict: bool =
 
 def config_to_hf(cfg: DINOv3Config) -> dict:
     out = {v: getattr(cfg, k) for v, k in _FIELDS.items()}
-    out.update(model_type="dinov3_vit", architectures=[HF_ARCHITECTURE])
+    out.update(model_type="dinov3_vit", architectures=[HF_CLASS])
     return out
+
+
+FAMILY = Family(
+    name="dinov3", model_class=DINOv3, config_class=DINOv3Config, presets=PRESETS,
+    default_preset="dinov3-vitl16-pretrain-lvd1689m", patch_size=16,
+    hf_model_types=("dinov3_vit",), hf_class=HF_CLASS, hf_wrappers={}, hf_processor="DINOv3ViTImageProcessor",
+    tiny_hf_fields={"patch_size": 16, "num_register_tokens": 4},
+    keymap=keymap, config_from_hf=config_from_hf, config_to_hf=config_to_hf, original=original.FORMAT,
+    # DINOv3's torchvision processor rescales to float before resizing (its _preprocess override).
+    preprocess=PreprocessDefaults("native", IMAGENET_MEAN, IMAGENET_STD, Image.BILINEAR, rescale_first=True),
+    num_prefix_tokens=lambda cfg: 1 + cfg.num_register_tokens,  # CLS, then the registers
+    hf_inputs=stacked_pixels, hf_pads=False,
+)

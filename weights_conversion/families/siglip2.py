@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from packvit.models.siglip2 import Siglip2, Siglip2Config
+import torch
+from PIL import Image
 
+from packvit.models.siglip2 import PRESETS, Siglip2, Siglip2Config
+from packvit.packing import convert_to_packing_format
+
+from ..family import Family, PreprocessDefaults
 from ..hfconfig import parse_fields
 from ..keymap import CONCAT, TOKEN, Drop, Entry, KeyMap
 
-MODEL_TYPES = ("siglip2", "siglip2_vision_model")
-MODEL_CLASS = Siglip2
-CONFIG_CLASS = Siglip2Config
-HF_ARCHITECTURE = "Siglip2VisionModel"
+HF_CLASS = "Siglip2VisionModel"
 
-_V = ""  # canonical keys are those of a bare Siglip2VisionModel as transformers 5 saves it
-_L = _V + "encoder.layers.{n}."
+# The keys are those of a bare Siglip2VisionModel as transformers 5 saves it.
+_L = "encoder.layers.{n}."
 
 
 def _ln(dst: str, src: str) -> tuple[Entry, Entry]:
@@ -23,8 +25,8 @@ def _ln(dst: str, src: str) -> tuple[Entry, Entry]:
 def keymap(cfg: Siglip2Config) -> KeyMap:
     return KeyMap(
         entries=(
-            *_ln("patch_embed", _V + "embeddings.patch_embedding"),
-            Entry("pos_embed", (_V + "embeddings.position_embedding.weight",)),
+            *_ln("patch_embed", "embeddings.patch_embedding"),
+            Entry("pos_embed", ("embeddings.position_embedding.weight",)),
             *_ln("blocks.{n}.norm1", _L + "layer_norm1"),
             Entry("blocks.{n}.attn.qkv.weight", tuple(_L + f"self_attn.{p}_proj.weight" for p in "qkv"), CONCAT),
             *(Entry(f"blocks.{{n}}.attn.{p}_bias", (_L + f"self_attn.{p}_proj.bias",)) for p in "qkv"),
@@ -32,14 +34,14 @@ def keymap(cfg: Siglip2Config) -> KeyMap:
             *_ln("blocks.{n}.norm2", _L + "layer_norm2"),
             *_ln("blocks.{n}.mlp.fc1", _L + "mlp.fc1"),
             *_ln("blocks.{n}.mlp.fc2", _L + "mlp.fc2"),
-            *_ln("norm", _V + "post_layernorm"),
-            Entry("head.probe", (_V + "head.probe",), TOKEN, optional=True),
-            Entry("head.in_proj.weight", (_V + "head.attention.in_proj_weight",), optional=True),
-            Entry("head.in_proj.bias", (_V + "head.attention.in_proj_bias",), optional=True),
-            *(Entry(e.dst, e.src, optional=True) for e in _ln("head.out_proj", _V + "head.attention.out_proj")),
-            *(Entry(e.dst, e.src, optional=True) for e in _ln("head.norm", _V + "head.layernorm")),
-            *(Entry(e.dst, e.src, optional=True) for e in _ln("head.mlp.fc1", _V + "head.mlp.fc1")),
-            *(Entry(e.dst, e.src, optional=True) for e in _ln("head.mlp.fc2", _V + "head.mlp.fc2")),
+            *_ln("norm", "post_layernorm"),
+            Entry("head.probe", ("head.probe",), TOKEN, optional=True),
+            Entry("head.in_proj.weight", ("head.attention.in_proj_weight",), optional=True),
+            Entry("head.in_proj.bias", ("head.attention.in_proj_bias",), optional=True),
+            *(Entry(e.dst, e.src, optional=True) for e in _ln("head.out_proj", "head.attention.out_proj")),
+            *(Entry(e.dst, e.src, optional=True) for e in _ln("head.norm", "head.layernorm")),
+            *(Entry(e.dst, e.src, optional=True) for e in _ln("head.mlp.fc1", "head.mlp.fc1")),
+            *(Entry(e.dst, e.src, optional=True) for e in _ln("head.mlp.fc2", "head.mlp.fc2")),
         ),
         drops=(
             Drop(r"text_model\..*", "text tower (packvit is the vision tower)"),
@@ -79,5 +81,36 @@ def config_from_hf(d: dict, present_keys: set[str] | None = None, strict: bool =
 
 def config_to_hf(cfg: Siglip2Config) -> dict:
     out = {v: getattr(cfg, k) for v, k in _FIELDS.items()}
-    out.update(model_type="siglip2_vision_model", architectures=[HF_ARCHITECTURE])
+    out.update(model_type="siglip2_vision_model", architectures=[HF_CLASS])
     return out
+
+
+def hf_inputs(frames: list[torch.Tensor], patch: int) -> dict:
+    """transformers' NaFlex input: each (C, H, W) frame as (h*w, p*p*C) patches, padded to the longest
+    with zeros, a mask of the real patches, and each frame's (h, w)."""
+    rows = [convert_to_packing_format(f[None], patch) for f in frames]  # (h*w, p*p*C) each
+    n = max(len(r) for r in rows)
+    if all(len(r) == n for r in rows):
+        pixels = torch.stack(rows)  # (B, n, p*p*C)
+    else:
+        pixels = rows[0].new_zeros(len(rows), n, rows[0].shape[1])
+        for i, r in enumerate(rows):
+            pixels[i, : len(r)] = r
+    device = pixels.device
+    mask = (torch.arange(n, device=device)[None] < torch.tensor([len(r) for r in rows], device=device)[:, None]).long()
+    shapes = torch.tensor([[f.shape[1] // patch, f.shape[2] // patch] for f in frames], device=device)
+    return {"pixel_values": pixels, "pixel_attention_mask": mask, "spatial_shapes": shapes}
+
+
+FAMILY = Family(
+    name="siglip2", model_class=Siglip2, config_class=Siglip2Config, presets=PRESETS,
+    default_preset="siglip2-so400m-patch16-naflex", patch_size=16,
+    hf_model_types=("siglip2_vision_model", "siglip2"), hf_class=HF_CLASS, hf_wrappers={"siglip2": "Siglip2Model"},
+    hf_processor="Siglip2ImageProcessor",
+    tiny_hf_fields={"patch_size": 16, "num_patches": 256},
+    keymap=keymap, config_from_hf=config_from_hf, config_to_hf=config_to_hf, original=None,
+    preprocess=PreprocessDefaults("naflex", (0.5,) * 3, (0.5,) * 3, Image.BILINEAR),
+    num_prefix_tokens=lambda cfg: 0, hf_inputs=hf_inputs, hf_pads=True,
+    # The learned position grid covers pos_grid patches a side.
+    fixed_image_size=lambda cfg: cfg.patch_size * cfg.pos_grid,
+)

@@ -6,48 +6,38 @@
   ``image_encoder.``), as the hub's early custom-code revisions hold it.
 
 The architecture is read off the tensor shapes; what the shapes cannot say comes from a preset
-(``dinov3-vitl16-pretrain-lvd1689m``) or a flag. AIMv2's number of heads is such a field. The key
+(``dinov3-vitl16-pretrain-lvd1689m``) or a flag. AIMv2's number of heads is such a field. Each reader
+(``original/<family>.py``) is the ``original`` of its family's record; the key
 maps read these layouts into packvit names directly; packvit never writes them (export to HF instead).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from types import ModuleType
 
 import torch
 
+from ..family import Family
 from ..keymap import ConversionError, ConversionReport, from_hf
-from . import aimv2, dinov3
 
-LAYOUTS: dict[str, ModuleType] = {"dinov3": dinov3, "aimv2": aimv2}
-
-__all__ = ["LAYOUTS", "detect_layout", "convert_original"]
-
-
-def detect_layout(keys: set[str]) -> str | None:
-    """The packvit family of an original-layout state dict, or None if it is not one."""
-    for name, mod in LAYOUTS.items():
-        if mod.looks_like(keys):
-            return name
-    return None
+__all__ = ["convert_original"]
 
 
 def convert_original(
-    family: str,
+    fam: Family,
     state: dict[str, torch.Tensor],
     *,
     preset: str | None = None,
     overrides: dict | None = None,
 ) -> tuple[str, object, dict[str, torch.Tensor], ConversionReport]:
-    """(family, original tensors) -> (family, packvit config, packvit state dict, report)."""
-    mod = LAYOUTS[family]
+    """(family, original tensors) -> (family name, packvit config, packvit state dict, report)."""
+    fmt = fam.original
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    km = mod.keymap(mod.CONFIG_CLASS())
+    km = fmt.keymap(fam.config_class())
     norm = {km.normalise(k): v for k, v in state.items()}
-    inferred = mod.infer_config(norm)
+    inferred = fmt.infer_config(norm)
     if preset is not None:
-        base = mod.CONFIG_CLASS.from_name(preset)
+        base = fam.config_class.from_name(preset)
         # The weights show some fields unambiguously; a preset that disagrees is the wrong preset.
         clash = {k: (getattr(base, k), v) for k, v in inferred.items() if getattr(base, k) != v}
         if clash:
@@ -57,18 +47,18 @@ def convert_original(
             )
         cfg = dataclasses.replace(base, **overrides)
     else:
-        missing = [f for f in mod.NEEDS_FLAG if f not in inferred and f not in overrides]
+        missing = [f for f in fmt.needs_flag if f not in inferred and f not in overrides]
         if missing:
             raise ConversionError(
-                f"an original {family} checkpoint does not say its {', '.join(missing)}: give a preset "
-                f"(preset=..., --preset, one of {sorted(mod.PRESETS)}) or the value (num_heads=..., --num-heads)"
+                f"an original {fam.name} checkpoint does not say its {', '.join(missing)}: give a preset "
+                f"(preset=..., --preset, one of {sorted(fam.presets)}) or the value (num_heads=..., --num-heads)"
             )
-        cfg = mod.CONFIG_CLASS(**{**inferred, **overrides})
+        cfg = fam.config_class(**{**inferred, **overrides})
     if cfg.hidden_size % cfg.num_heads:
         raise ConversionError(f"hidden size {cfg.hidden_size} is not divisible by num_heads={cfg.num_heads}")
     notes: list[str] = []
-    prepared = mod.prepare(norm, cfg, notes)
-    sd, report = from_hf(mod.keymap(cfg), prepared, cfg, cfg.num_layers)
+    prepared = fmt.prepare(norm, cfg, notes)
+    sd, report = from_hf(fmt.keymap(cfg), prepared, cfg, cfg.num_layers)
     for note in notes:
         report.notes.append(note)
-    return family, cfg, sd, report
+    return fam.name, cfg, sd, report

@@ -12,24 +12,19 @@ import re
 
 import torch
 
-from packvit.models.aimv2 import PRESETS, AIMv2Config
+from packvit.models.aimv2 import AIMv2Config
 
 from ..keymap import (
-    CONV_TO_LINEAR, IDENTITY, TOKEN, ConversionError, Drop, Entry, KeyMap, Transform, count_layers,
+    CONV_TO_LINEAR, IDENTITY, TOKEN, ConversionError, Drop, Entry, KeyMap, count_layers, one_way,
 )
+from ..family import OriginalFormat
 
-CONFIG_CLASS = AIMv2Config
-NEEDS_FLAG = ("num_heads",)  # no tensor shape depends on the head count
 
 _B = "trunk.blocks.{n}."
 
 
-def _no_inverse(x, cfg, n):
-    raise NotImplementedError("packvit does not write the original ml-aim layout; export to HF instead")
-
-
 # SwiGLUFFN: fc2(silu(fc1 x) * fc3 x); packvit's fc1 is [gate; up] = [fc1; fc3].
-GATE_UP = Transform("concat_fc1_fc3", lambda xs, cfg: torch.cat(xs, 0), _no_inverse)
+GATE_UP = one_way("concat_fc1_fc3", lambda xs, cfg: torch.cat(xs, 0))
 
 
 def looks_like(keys: set[str]) -> bool:
@@ -46,7 +41,7 @@ def keymap(cfg: AIMv2Config) -> KeyMap:
             Entry("blocks.{n}.attn.qkv.weight", (_B + "attn.qkv.weight",), IDENTITY),  # already [q; k; v]
             *(
                 Entry(f"blocks.{{n}}.attn.{p}_bias", (_B + "attn.qkv.bias",),
-                      Transform(f"qkv_bias_{p}", lambda xs, cfg, i=i: xs[0].chunk(3, 0)[i].contiguous(), _no_inverse),
+                      one_way(f"qkv_bias_{p}", lambda xs, cfg, i=i: xs[0].chunk(3, 0)[i].contiguous()),
                       optional=True)
                 for i, p in enumerate("qkv")
             ),
@@ -107,3 +102,9 @@ def prepare(sd: dict[str, torch.Tensor], cfg: AIMv2Config, notes: list[str]) -> 
             sd = {**sd, "head.linear.bias": torch.zeros(sd["head.linear.weight"].shape[0], dtype=sd["head.linear.weight"].dtype)}
             notes.append("head.linear has no bias: a zero bias was added (packvit's and HF's output_proj have one)")
     return sd
+
+
+FORMAT = OriginalFormat(
+    looks_like=looks_like, keymap=keymap, infer_config=infer_config, prepare=prepare,
+    needs_flag=("num_heads",),  # no tensor shape depends on the head count
+)

@@ -9,24 +9,19 @@ from __future__ import annotations
 
 import torch
 
-from packvit.models.dinov3 import PRESETS, DINOv3Config
+from packvit.models.dinov3 import DINOv3Config
 
 from ..keymap import (
-    CONV_TO_LINEAR, IDENTITY, TOKEN, TOKENS, ConversionError, Drop, Entry, KeyMap, Transform, count_layers,
+    CONV_TO_LINEAR, IDENTITY, TOKEN, TOKENS, ConversionError, Drop, Entry, KeyMap, Transform, count_layers, one_way,
 )
+from ..family import OriginalFormat
 
-CONFIG_CLASS = DINOv3Config
-NEEDS_FLAG: tuple[str, ...] = ()  # the head count comes from rope_embed.periods (Dh/4 entries)
 
 _B = "blocks.{n}."
 
 
-def _no_inverse(x, cfg, n):
-    raise NotImplementedError("packvit does not write the original dinov3 layout; export to HF instead")
-
-
 def _third(i: int, name: str) -> Transform:
-    return Transform(name, lambda xs, cfg: xs[0].chunk(3, 0)[i].contiguous(), _no_inverse)
+    return one_way(name, lambda xs, cfg: xs[0].chunk(3, 0)[i].contiguous())
 
 
 # The fused qkv bias [3D]: packvit keeps the q and v thirds. The k third is dropped: the original
@@ -85,7 +80,7 @@ def keymap(cfg: DINOv3Config) -> KeyMap:
 
 
 def _concat() -> Transform:
-    return Transform("concat", lambda xs, cfg: torch.cat(xs, 0), _no_inverse)
+    return one_way("concat", lambda xs, cfg: torch.cat(xs, 0))
 
 
 def infer_config(sd: dict[str, torch.Tensor]) -> dict:
@@ -147,3 +142,7 @@ def prepare(sd: dict[str, torch.Tensor], cfg: DINOv3Config, notes: list[str]) ->
             "from rope_theta, as transformers does"
         )
     return sd
+
+
+# The head count comes from rope_embed.periods (Dh/4 entries): every field shows in a shape.
+FORMAT = OriginalFormat(looks_like=looks_like, keymap=keymap, infer_config=infer_config, prepare=prepare)

@@ -1,0 +1,32 @@
+"""``packvit.from_pretrained``: a checkpoint (any layout ``weights_conversion`` reads) -> a packvit model."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from weights_conversion import load_model
+
+from .models.base import PackedViT
+from .zero3 import from_pretrained as zero3_from_pretrained
+from .zero3 import zero3_enabled
+
+
+def from_pretrained(
+    path_or_id: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    attn_backend: str = "auto",
+    **kwargs,
+) -> PackedViT:
+    """Load a Hugging Face checkpoint (local folder or hub id); the family comes from config.json.
+
+    Under DeepSpeed ZeRO-3 (an open ``deepspeed.zero.Init``, or transformers' stage-3 config) the
+    model is built partitioned and filled module by module (``packvit.zero3``)."""
+    if zero3_enabled():
+        return zero3_from_pretrained(path_or_id, revision=revision, device=device, dtype=dtype,
+                                     attn_backend=attn_backend, **kwargs)
+    return load_model(path_or_id, revision=revision, device=device, dtype=dtype, attn_backend=attn_backend, **kwargs)
