@@ -276,8 +276,7 @@ def run_models(args, record, variants=None, families=None):
                             cos_min_off_vs_fused=cos.min().item(), wall_s=time.perf_counter() - t0, **r))
                 model.zero_grad(set_to_none=True)
             if how == "compiled":
-                for b in model.blocks:
-                    b._compiled_call_impl = None
+                model.uncompile_blocks()
         del model, px
         torch.cuda.empty_cache()
 

@@ -8,6 +8,7 @@ random-weight checkpoint to convert.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -51,8 +52,21 @@ def _transformers():
     if received:
         raise KeyboardInterrupt if received[0] == signal.SIGINT else Interrupted(received[0])
 
-    transformers.utils.logging.disable_progress_bar()  # the callers print their own output
     return transformers
+
+
+@contextlib.contextmanager
+def quiet_progress(tf):
+    """transformers' progress bars off inside the block only (the callers print their own output);
+    the process-wide setting is left as the caller had it."""
+    logging = tf.utils.logging
+    was_on = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            logging.enable_progress_bar()
 
 
 def load_reference(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
@@ -62,9 +76,11 @@ def load_reference(path: str | Path, device: torch.device | str = "cpu", dtype: 
     model_type = json.loads((path / "config.json").read_text())["model_type"]
     kw = dict(dtype=dtype, attn_implementation="sdpa")
     if model_type in _FULL_CLASSES:
-        model = getattr(tf, _FULL_CLASSES[model_type]).from_pretrained(path, **kw).vision_model
+        with quiet_progress(tf):
+            model = getattr(tf, _FULL_CLASSES[model_type]).from_pretrained(path, **kw).vision_model
     elif model_type in _VISION_CLASSES:
-        model = getattr(tf, _VISION_CLASSES[model_type]).from_pretrained(path, **kw)
+        with quiet_progress(tf):
+            model = getattr(tf, _VISION_CLASSES[model_type]).from_pretrained(path, **kw)
     else:
         raise ValueError(f"no transformers reference for model_type {model_type!r} in {path / 'config.json'}")
     return model.to(device).eval()
