@@ -133,7 +133,8 @@ class FA4Backward:
     def __post_init__(self):
         if self.kernel not in FA4_BACKWARD_KERNELS:
             raise ValueError(f"FA4Backward.kernel must be one of {FA4_BACKWARD_KERNELS}, got {self.kernel!r}")
-        if isinstance(self.min_mean_seqlen, bool) or not isinstance(self.min_mean_seqlen, int) or self.min_mean_seqlen < 0:
+        n = self.min_mean_seqlen
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"FA4Backward.min_mean_seqlen must be an int >= 0, got {self.min_mean_seqlen!r}")
         dims = tuple(self.head_dims)
         if not dims or any(isinstance(d, bool) or not isinstance(d, int) or d <= 0 for d in dims):

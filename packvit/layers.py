@@ -173,8 +173,9 @@ class Attention(nn.Module):
     """Multi-head self-attention over packed segments, with one fused QKV projection.
 
     The kernel is the model's ``AttentionImpl``, passed in by the forward (``attn``): every block
-    and pooling head runs the one choice the model holds. Biases are per projection (``q_bias``, ``k_bias``, ``v_bias``) because DINOv3 has query and
-    value biases but no key bias; a missing one is a zero in the fused bias.
+    and pooling head runs the one choice the model holds. Biases are per projection (``q_bias``,
+    ``k_bias``, ``v_bias``) because DINOv3 has query and value biases but no key bias; a missing
+    one is a zero in the fused bias.
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: tuple[bool, bool, bool], proj_bias: bool):

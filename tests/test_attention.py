@@ -91,7 +91,8 @@ def test_backend_resolution():
 def _tiny_dinov3(**kw):
     from packvit import DINOv3, DINOv3Config
 
-    return DINOv3(DINOv3Config(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, num_register_tokens=1), **kw)
+    cfg = DINOv3Config(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, num_register_tokens=1)
+    return DINOv3(cfg, **kw)
 
 
 def test_model_holds_one_attention_choice_and_shows_it():

@@ -155,7 +155,8 @@ def test_a_moved_tower_chooses_its_attention_for_where_it_now_is(hf_checkpoints,
     def sdpa_as_torch(q, k, v, cu_q, cu_k, max_q, max_k, scale=None):
         return attention.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, backend="sdpa", softmax_scale=scale)
 
-    monkeypatch.setattr(attention, "available_backends", lambda dev, t: ["torch", "sdpa"] if t == torch.bfloat16 else ["sdpa"])
+    bf16_wins = lambda dev, t: ["torch", "sdpa"] if t == torch.bfloat16 else ["sdpa"]  # noqa: E731
+    monkeypatch.setattr(attention, "available_backends", bf16_wins)
     monkeypatch.setattr(attention, "_torch_varlen_func", lambda: sdpa_as_torch)
     tower.to(torch.bfloat16)
     assert tower.vision_tower.attention.name == "sdpa"  # kept by the move

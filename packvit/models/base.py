@@ -147,9 +147,9 @@ class PackedViT(nn.Module):
         here. The fused elementwise kernels are chosen again with it (``set_fused_kernels``).
 
         Moving the model (``.to()``, ``.cuda()``, ``.half()``) keeps the choice. Its forward checks
-        it against the input's device and the compute dtype, and raises if the kernel cannot run
-        there or if an ``auto`` choice would now pick another kernel: call ``set_attention`` after
-        a move (``from_pretrained(..., device=, dtype=)`` chooses for the final place at once).
+        it against the model's device and compute dtype, and raises if the kernel cannot run there
+        or if an ``auto`` choice would now pick another kernel: call ``set_attention`` after a move
+        (``from_pretrained(..., device=, dtype=)`` chooses for the final place at once).
         """
         if isinstance(backend, AttentionImpl):
             if dtype is not None or fa4_backward is not None:
@@ -327,7 +327,7 @@ class PackedViT(nn.Module):
 
     def _checked_batch(self, hidden_states: torch.Tensor, grid_thw) -> PackedBatch:
         """The batch's ``PackedBatch``, after checking the inputs against it and the held attention
-        choice against the input's device (see ``set_attention``)."""
+        choice against where the model now is (see ``set_attention``)."""
         if not isinstance(grid_thw, PackedBatch):  # rows against the grid before any table is built
             grid_thw = check_packed(hidden_states, grid_thw, self.patch_dim)
         batch = self.prepare(grid_thw, getattr(hidden_states, "device", None))
@@ -338,7 +338,7 @@ class PackedViT(nn.Module):
                 f"{hidden_states.device}: call prepare(grid_thw, device=hidden_states.device)"
             )
         if not torch.compiler.is_compiling():  # a compiled forward guards on what it was traced with
-            self.attention.check(hidden_states.device, self.attention.compute_dtype or self.dtype)
+            self.attention.check(self.device, self.attention.compute_dtype or self.dtype)
         return batch
 
     def run_blocks(

@@ -205,7 +205,8 @@ class DINOv3(PackedViT):
         if c.rope_augmentation and self.training:
             if tables.coords is None:
                 raise RuntimeError("this PackedBatch was prepared with rope_augmentation off; prepare it again")
-            return x, augmented_rope(tables.coords, tables.is_patch, tables.frame, meta.num_frames, c.head_dim, c, x.dtype)
+            rope = augmented_rope(tables.coords, tables.is_patch, tables.frame, meta.num_frames, c.head_dim, c, x.dtype)
+            return x, rope
         return x, (tables.cos.to(x.dtype), tables.sin.to(x.dtype))
 
     def pool(self, x: torch.Tensor, meta: PackedMeta) -> torch.Tensor:
