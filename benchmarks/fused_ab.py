@@ -229,7 +229,9 @@ def _build(family):
         for p in m.parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.05)
-    return m.to(DEV, BF16).eval()
+    m = m.to(DEV, BF16).eval()
+    m.set_attention("auto")  # moving keeps the CPU's choice: choose for CUDA bf16
+    return m
 
 
 def _set_fused(model, fused: str) -> None:
