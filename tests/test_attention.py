@@ -226,3 +226,52 @@ def test_fa4_ops_take_the_rule_as_arguments_and_probe_what_runs(monkeypatch):
     finally:
         attention._fa4_funcs.cache_clear()
     assert asked == [("flash_attn.cute.interface", "_flash_attn_fwd"), ("flash_attn.cute.interface", "_flash_attn_bwd")]
+
+
+def test_fa4_backward_follows_the_rule_it_was_given(monkeypatch):
+    """The ``fa4`` backend's rule reaches its backward op through the op's arguments. On the CPU, with
+    the reference path standing in for FA4's kernels (and for PyTorch's FA2 backward), the backward
+    picks FA4's or FA2's kernel and pads the head dim as each AttentionImpl says."""
+    seen = []
+
+    def fake_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, return_lse):
+        lens = torch.diff(cu_seqlens_q).tolist()
+        out = attention._sdpa_segments(q, k, v, lens, lens, softmax_scale)
+        return out, q.new_zeros(q.shape[1], q.shape[0], dtype=torch.float32)
+
+    def fake_bwd(q, k, v, out, dout, lse, scale, causal, dropout, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                 max_seqlen_k):
+        seen.append(("fa4", q.shape[-1]))
+        lens = torch.diff(cu_seqlens_q)
+        return attention._sdpa_backward_op(dout, q, k, v, lens, lens, scale)
+
+    def fake_fa2(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale):
+        seen.append(("fa2", q.shape[-1]))
+        lens = torch.diff(cu_q)
+        return attention._sdpa_backward_op(dout, q, k, v, lens, lens, scale)
+
+    monkeypatch.setattr(attention, "_fa4_funcs", lambda: (fake_fwd, fake_bwd))
+    monkeypatch.setattr(attention, "_fa2_backward", fake_fa2)
+    for op in (attention._fa4_fwd_op, attention._fa4_bwd_op):  # the CUDA-only ops, run on the CPU here
+        if "cpu" not in op._backend_fns:
+            op.register_kernel("cpu", op._init_fn)
+
+    lens = [5, 3, 8]
+    (q, k, v), cu = packed_qkv(lens, heads=2, dim=72)
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    varlen_attention(*ref_leaves, cu, cu, 8, 8, backend="sdpa").square().sum().backward()
+    cases = [  # (rule, the kernel and head dim its backward runs at)
+        (attention.FA4Backward("fa4"), ("fa4", 96)),  # 72 padded to the next head dim that is right
+        (attention.FA4Backward("fa4", head_dims=(72,)), ("fa4", 72)),  # gpu_checks' "unpadded" variant
+        (attention.FA4Backward("fa2"), ("fa2", 72)),
+        (attention.FA4Backward("auto"), ("fa2", 72)),  # 16 tokens a segment: short, FA2's
+        (attention.FA4Backward("auto", min_mean_seqlen=5), ("fa4", 96)),
+    ]
+    for rule, expected in cases:
+        impl = attention.AttentionImpl("fa4", "fa4", "cpu", torch.float32, fa4_backward=rule)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = varlen_attention(*leaves, cu, cu, 8, 8, backend=impl)
+        out.square().sum().backward()
+        assert seen.pop() == expected and not seen, rule
+        for a, b in zip(leaves, ref_leaves):  # padding is exact
+            torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=0)
