@@ -2,7 +2,7 @@
 
 1. ``attention``: the varlen attention kernels on the suite's segment mixes, per model's heads and
    head dim: PyTorch's FA2 kernel, and FA4's forward with FA4's backward or with PyTorch's FA2
-   backward (``packvit.attention.FA4_BACKWARD``). Forward alone and forward + backward.
+   backward (``packvit.attention.FA4Backward``). Forward alone and forward + backward.
 2. ``mlp``: SigLIP2's MLP matmuls on ``mixed32``'s tokens: plain, with the bias epilogue, with the
    bias + GELU epilogue, at the published width 4304 and padded to 4352.
 3. ``norm``: "residual add, then the next norm" on ``mixed32``'s tokens, as two eager kernels and
@@ -20,8 +20,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from packvit import attention
-from packvit.attention import available_backends, varlen_attention
+from packvit.attention import FA4Backward, available_backends, resolve_attention, varlen_attention
 from packvit.bench.timing import measure
 from packvit.bench.workloads import get
 from packvit.packing import build_meta
@@ -48,8 +47,8 @@ def section_attention() -> None:
             dout = torch.randn(T, heads, dh, device=DEV, dtype=torch.bfloat16)
             cells = []
             for variant in variants:
-                backend = variant.split()[0]
-                attention.FA4_BACKWARD = "fa2" if "fa2-bwd" in variant else "fa4"
+                rule = FA4Backward(kernel="fa2" if "fa2-bwd" in variant else "fa4")
+                backend = resolve_attention(variant.split()[0], DEV, torch.bfloat16, fa4_backward=rule)
 
                 def fwd():
                     with torch.no_grad():
@@ -62,7 +61,6 @@ def section_attention() -> None:
                     torch.autograd.grad(o, (q, k, v), dout)
 
                 cells.append(f"{_ms(fwd):.2f} / {_ms(fwd_bwd):.2f}")
-            attention.FA4_BACKWARD = "auto"
             print(f"| {model} | {wname} | {T} | {T / meta.num_frames:.0f} | " + " | ".join(cells) + " |")
 
 

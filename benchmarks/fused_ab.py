@@ -229,7 +229,9 @@ def _build(family):
         for p in m.parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.05)
-    return m.to(DEV, BF16).eval()
+    m = m.to(DEV, BF16).eval()
+    m.set_attention("auto")  # moving keeps the CPU's choice: choose for CUDA bf16
+    return m
 
 
 def _set_fused(model, fused: str) -> None:
@@ -276,8 +278,7 @@ def run_models(args, record, variants=None, families=None):
                             cos_min_off_vs_fused=cos.min().item(), wall_s=time.perf_counter() - t0, **r))
                 model.zero_grad(set_to_none=True)
             if how == "compiled":
-                for b in model.blocks:
-                    b._compiled_call_impl = None
+                model.uncompile_blocks()
         del model, px
         torch.cuda.empty_cache()
 

@@ -21,7 +21,7 @@ import torch
 import torch._dynamo.utils as dynamo_utils
 
 from packvit import attention
-from packvit.attention import available_backends, varlen_attention
+from packvit.attention import FA4Backward, available_backends, resolve_attention, varlen_attention
 from packvit.bench.models import build_pair
 from packvit.bench.workloads import mixed32
 
@@ -42,13 +42,16 @@ def kernels(device) -> bool:
         refs = [ref.detach()] + [t.grad for t in leaves]
         variants = [b for b in available_backends(device, torch.bfloat16) if b not in ("sdpa", "fa4")]
         if "fa4" in available_backends(device, torch.bfloat16):
-            # FA4's forward with each backward kernel packvit may pick (attention.FA4_BACKWARD).
+            # FA4's forward with each backward kernel packvit may pick (attention.FA4Backward).
             variants += ["fa4 +fa4-bwd", "fa4 +fa2-bwd"] + (["fa4 +fa4-bwd unpadded"] if dh not in (64, 96, 128) else [])
         for backend in variants:
-            attention.FA4_BACKWARD_HEAD_DIMS = (dh,) if backend.endswith("unpadded") else (64, 96, 128)
-            attention.FA4_BACKWARD = "fa2" if "fa2-bwd" in backend else "fa4"
+            rule = FA4Backward(
+                kernel="fa2" if "fa2-bwd" in backend else "fa4",
+                head_dims=(dh,) if backend.endswith("unpadded") else FA4Backward.head_dims,
+            )
+            impl = resolve_attention(backend.split()[0], device, torch.bfloat16, fa4_backward=rule)
             lv = [t.to(torch.bfloat16).requires_grad_() for t in (q, k, v)]
-            out = varlen_attention(*lv, cu, cu, max(lens), max(lens), backend=backend.split()[0])
+            out = varlen_attention(*lv, cu, cu, max(lens), max(lens), backend=impl)
             out.backward(dout.to(torch.bfloat16))
             errs = [((a.float() - b).abs().max() / b.abs().max()).item() for a, b in zip([out] + [t.grad for t in lv], refs)]
             good = all(e < 2e-2 for e in errs)
@@ -56,8 +59,6 @@ def kernels(device) -> bool:
             print(f"| {backend} | {dh} | " + " | ".join(f"{e:.1e}" for e in errs) + f" | {'ok' if good else 'FAIL'} |")
         if "fa4" in available_backends(device, torch.bfloat16):
             ok &= _lse_check(q, k, v, cu, lens)
-    attention.FA4_BACKWARD_HEAD_DIMS = (64, 96, 128)
-    attention.FA4_BACKWARD = "auto"
     # The fused bias + tanh-GELU epilogue of SigLIP2's MLP (inference only) must be the tanh GELU.
     x = torch.randn(4096, 1152, device=device, dtype=torch.bfloat16)
     w = torch.randn(4304, 1152, device=device, dtype=torch.bfloat16) * 0.03
@@ -75,7 +76,10 @@ def _lse_check(q, k, v, cu, lens) -> bool:
     """FA4's forward LSE is what PyTorch's FA2 backward reads: (H, T), natural log, per segment."""
     qb, kb, vb = (t.to(torch.bfloat16) for t in (q, k, v))
     scale = q.shape[-1] ** -0.5
-    _, lse = attention._fa4_fwd_op(qb, kb, vb, cu, cu, max(lens), max(lens), scale)  # (H, T)
+    rule = FA4Backward()
+    _, lse = attention._fa4_fwd_op(
+        qb, kb, vb, cu, cu, max(lens), max(lens), scale, rule.kernel, rule.min_mean_seqlen, list(rule.head_dims)
+    )  # (H, T)
     ref = torch.cat([
         (torch.einsum("qhd,khd->hqk", qs.float(), ks.float()) * scale).logsumexp(-1)  # (H, L)
         for qs, ks in zip(qb.split(lens), kb.split(lens))

@@ -128,7 +128,7 @@ def main():
                      feat_rel=rel(o, o32), grad_rel=rel(g, g32), finite=finite))
     report(rows[-1], args.tol)
 
-    bf = ref.to(torch.bfloat16)  # in place; re-chooses the "auto" backend for bf16
+    bf = ref.to(torch.bfloat16)  # in place; keeps the attention chosen above, so choose again for bf16
     bf.set_attention_backend("auto")
     (o, g), ms = timed(lambda: fwd_bwd(bf, x, grid, w, False), device, args.reps)
     finite = all(torch.isfinite(p.grad).all().item() for p in bf.parameters() if p.grad is not None)

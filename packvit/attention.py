@@ -11,12 +11,18 @@ Backends:
     ``sdpa``        exact reference: per segment ``scaled_dot_product_attention``, segments of
                     equal length batched together. Runs anywhere, in any dtype (CPU, fp32).
     ``auto``        the best of those available for the device and dtype, in the order above.
+
+The choice is a value: ``resolve_attention`` makes it once, for a device and dtype, as a frozen
+``AttentionImpl`` (the kernel's name, what was asked for, where it was chosen for, the ``fa4``
+backward rule ``FA4Backward``, and the library function to call). A model holds one and passes
+it down its forward; nothing here is module state that a caller would set or patch.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -42,8 +48,13 @@ def _import_attr(module: str, attr: str) -> Callable | None:
 
 
 @functools.cache
-def _fa4_func() -> Callable | None:
-    return _import_attr("flash_attn.cute", "flash_attn_varlen_func")
+def _fa4_funcs() -> tuple[Callable, Callable] | None:
+    # The private forward and backward that the ``fa4`` ops call (the public
+    # ``flash_attn_varlen_func`` is an autograd.Function over them that torch.compile cannot trace):
+    # the probe checks the very functions that run.
+    fwd = _import_attr("flash_attn.cute.interface", "_flash_attn_fwd")
+    bwd = _import_attr("flash_attn.cute.interface", "_flash_attn_bwd")
+    return (fwd, bwd) if fwd is not None and bwd is not None else None
 
 
 @functools.cache
@@ -68,7 +79,7 @@ def available_backends(device: torch.device | str = "cpu", dtype: torch.dtype = 
     names = []
     if device.type == "cuda" and dtype in _HALF:
         major = torch.cuda.get_device_capability(device)[0] if torch.cuda.is_available() else 0
-        if _fa4_func() is not None and major >= 9:
+        if _fa4_funcs() is not None and major >= 9:
             names.append("fa4")
         if _classic_flash_func() is not None:
             names.append("flash_attn")
@@ -78,37 +89,196 @@ def available_backends(device: torch.device | str = "cpu", dtype: torch.dtype = 
     return names
 
 
-# Kernel functions of the backends resolved so far, filled by ``resolve_backend`` so that the
-# forward (possibly under torch.compile) reads a dict instead of calling an importer.
-_RESOLVED: dict[str, Callable] = {}
-
-
-def _remember(name: str) -> str:
+def _library_func(name: str) -> Callable | None:
+    """The library function a backend calls through, looked up once when the backend is chosen
+    (``fa4`` reaches its kernels from inside its custom ops, ``sdpa`` is packvit's own)."""
     if name == "torch":
-        _RESOLVED[name] = _torch_varlen_func()
-    elif name == "flash_attn":
-        _RESOLVED[name] = _classic_flash_func()[1]
-    return name
+        return _torch_varlen_func()
+    if name == "flash_attn":
+        return _classic_flash_func()[1]
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The choice, as a value
+# ---------------------------------------------------------------------------------------------
+
+FA4_BACKWARD_KERNELS = ("auto", "fa4", "fa2")
+
+
+@dataclass(frozen=True)
+class FA4Backward:
+    """How the ``fa4`` backend computes its backward; part of an ``AttentionImpl``.
+
+    ``kernel``: FA4's own backward (``"fa4"``), PyTorch's built-in FA2 kernel
+    (``aten._flash_attention_backward``) on FA4's forward (``"fa2"``), or ``"auto"``: FA2's for
+    batches whose segments average under ``min_mean_seqlen`` tokens, FA4's from there. FA2 reads the
+    (H, T) natural-log LSE that FA4's forward writes (checked against fp32 on the H100 by
+    benchmarks/gpu_checks.py); FA2's backward measured faster on batches of short frames, 691 tokens
+    on average and below, FA4's from 722, by up to 1.7x on long segments (benchmarks/ab_kernels.py,
+    RESULTS.md section 2).
+
+    ``head_dims``: flash-attn-4 4.0.0b36's Hopper backward returns a wrong dq at head dims 72
+    (SigLIP2) and 80: relative error 1.0 against the fp32 reference on the H100, while 64, 96 and
+    128 agree to bf16 rounding (benchmarks/gpu_checks.py). FA4's backward runs other head dims
+    zero-padded to the next one listed here.
+
+    The custom ops take these as plain arguments (a ``torch.library`` op takes no objects).
+    """
+
+    kernel: str = "auto"
+    min_mean_seqlen: int = 704
+    head_dims: tuple[int, ...] = (64, 96, 128)
+
+    def __post_init__(self):
+        if self.kernel not in FA4_BACKWARD_KERNELS:
+            raise ValueError(f"FA4Backward.kernel must be one of {FA4_BACKWARD_KERNELS}, got {self.kernel!r}")
+        n = self.min_mean_seqlen
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"FA4Backward.min_mean_seqlen must be an int >= 0, got {self.min_mean_seqlen!r}")
+        dims = tuple(self.head_dims)
+        if not dims or any(isinstance(d, bool) or not isinstance(d, int) or d <= 0 for d in dims):
+            raise ValueError(f"FA4Backward.head_dims must be positive ints, got {self.head_dims!r}")
+        object.__setattr__(self, "head_dims", tuple(sorted(dims)))
+
+    def kernel_for(self, num_tokens: int, num_segments: int) -> str:
+        """"fa4" or "fa2" for a batch of ``num_tokens`` in ``num_segments`` segments."""
+        if self.kernel != "auto":
+            return self.kernel
+        return "fa4" if num_tokens >= self.min_mean_seqlen * num_segments else "fa2"
+
+    def padded_head_dim(self, head_dim: int) -> int:
+        return _padded_head_dim(head_dim, self.head_dims)
+
+    def __repr__(self) -> str:
+        return (f"FA4Backward(kernel={self.kernel!r}, min_mean_seqlen={self.min_mean_seqlen}, "
+                f"head_dims={self.head_dims})")
+
+
+def _padded_head_dim(head_dim: int, head_dims: Sequence[int]) -> int:
+    return next((d for d in sorted(head_dims) if d >= head_dim), head_dim)
+
+
+def fa4_backward_head_dim(head_dim: int, head_dims: Sequence[int] = FA4Backward.head_dims) -> int:
+    """The head dim FA4's backward runs ``head_dim`` at (see ``FA4Backward.head_dims``)."""
+    return _padded_head_dim(head_dim, head_dims)
+
+
+@dataclass(frozen=True, repr=False)
+class AttentionImpl:
+    """The attention kernel a model runs, chosen once (``resolve_attention``) and held as a value.
+
+    A model holds one (``model.attention``) and hands it to every block and pooling head in its
+    forward; ``varlen_attention`` takes it as ``backend``. ``name`` is the kernel that runs,
+    ``request`` what was asked for ("auto" or a name), ``device_type`` and ``dtype`` where it was
+    chosen for, ``compute_dtype`` the dtype the caller named (None: the weights' dtype, which
+    ``dtype`` then records), ``fa4_backward`` the ``fa4`` backend's backward rule. ``fn`` is the
+    library function the kernel calls (``varlen_attn``, ``flash_attn_varlen_func``), looked up
+    here once so that the forward, compiled or not, only reads an attribute.
+    """
+
+    name: str
+    request: str
+    device_type: str
+    dtype: torch.dtype
+    compute_dtype: torch.dtype | None = None
+    fa4_backward: FA4Backward = FA4Backward()
+    fn: Callable | None = field(default=None, compare=False)
+
+    def runs_on(self, device: torch.device | str, dtype: torch.dtype) -> bool:
+        """Whether this choice was made for ``device``'s type and ``dtype`` (no probe)."""
+        return torch.device(device).type == self.device_type and dtype == self.dtype
+
+    def check(self, device: torch.device | str, dtype: torch.dtype) -> None:
+        """Raise a clear error if this choice cannot run on ``device`` in ``dtype``, or if its
+        request would choose another kernel there (an ``auto`` choice made for another device or
+        dtype): moving a model keeps its choice, see ``PackedViT.set_attention``. No probe when the
+        choice was made for this device type and dtype (every forward of a model that was not moved)."""
+        if self.runs_on(device, dtype):
+            return
+        device = torch.device(device)
+        where = f"{self.device_type} {str(self.dtype).removeprefix('torch.')}"
+        here = f"{device.type} {str(dtype).removeprefix('torch.')}"
+        try:
+            again = resolve_attention(self.request, device, dtype, fa4_backward=self.fa4_backward).name
+        except ValueError as e:
+            raise ValueError(
+                f"attention backend {self.name!r} was chosen for {where} and cannot run on {here} ({e}). "
+                "Moving a model keeps its attention choice: call model.set_attention(...) after .to()"
+            ) from None
+        if again != self.name:
+            raise ValueError(
+                f"attention {self.request!r} was chosen for {where} ({self.name!r}); on {here} it chooses {again!r}. "
+                f"Moving a model keeps its attention choice: call model.set_attention({self.request!r}) after .to(), "
+                f"or model.set_attention({self.name!r}) to keep {self.name!r}"
+            )
+
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+        cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *, softmax_scale: float | None = None,
+        seqlens_q=None, seqlens_k=None,
+    ) -> torch.Tensor:
+        return _KERNELS[self.name](
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, seqlens_q, seqlens_k,
+            self.fn, self.fa4_backward,
+        )
+
+    def __repr__(self) -> str:
+        dt = str(self.compute_dtype or self.dtype).removeprefix("torch.")
+        parts = [f"{self.name!r}", f"request={self.request!r}", f"for={self.device_type}/{dt}"]
+        if self.compute_dtype is not None:
+            parts.append("compute_dtype=explicit")
+        if self.name == "fa4":
+            parts.append(f"fa4_backward={self.fa4_backward!r}")
+        return f"AttentionImpl({', '.join(parts)})"
+
+
+def resolve_attention(
+    backend: str | AttentionImpl = "auto",
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    *,
+    compute_dtype: torch.dtype | None = None,
+    fa4_backward: FA4Backward | None = None,
+) -> AttentionImpl:
+    """Choose the attention kernel for ``device`` and ``dtype`` once, as an ``AttentionImpl``, or raise.
+
+    ``backend``: "auto" (the best available, in the order of ``BACKENDS``) or a backend name; an
+    ``AttentionImpl`` is checked and returned as it is. ``compute_dtype`` is only recorded (see
+    ``AttentionImpl``); ``dtype`` is what the kernel is chosen for.
+    """
+    if isinstance(backend, AttentionImpl):
+        backend.check(device, dtype)
+        return backend
+    device = torch.device(device)
+    rule = FA4Backward() if fa4_backward is None else fa4_backward
+    if not isinstance(rule, FA4Backward):
+        raise TypeError(f"fa4_backward must be an FA4Backward, got {type(rule).__name__}")
+    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {('auto',) + BACKENDS}")
+    if backend == "sdpa":  # runs anywhere: nothing to probe
+        return AttentionImpl("sdpa", "sdpa", device.type, dtype, compute_dtype, rule, None)
+    ok = available_backends(device, dtype)
+    if backend == "auto":
+        name = ok[0]
+    elif backend not in ok:
+        why = {
+            "fa4": "needs the flash-attn-4 package (flash_attn.cute.interface) and a Hopper or newer GPU",
+            "flash_attn": "needs the flash-attn package (FA2 flash_attn or FA3 flash_attn_interface)",
+            "torch": "needs torch.nn.attention.varlen (PyTorch >= 2.9)",
+        }[backend]
+        raise ValueError(
+            f"attention backend {backend!r} is not available on {device} with {dtype}: it {why}, "
+            "and runs only fp16/bf16 on CUDA. Available here: " + ", ".join(ok)
+        )
+    else:
+        name = backend
+    return AttentionImpl(name, backend, device.type, dtype, compute_dtype, rule, _library_func(name))
 
 
 def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype) -> str:
-    """Turn a requested backend name into one that runs on ``device``/``dtype``, or raise."""
-    if name == "auto":
-        return _remember(available_backends(device, dtype)[0])
-    if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; choose one of {('auto',) + BACKENDS}")
-    ok = available_backends(device, dtype)
-    if name not in ok:
-        why = {
-            "fa4": "needs the flash-attn-4 package (flash_attn.cute) and a Hopper or newer GPU",
-            "flash_attn": "needs the flash-attn package (FA2 flash_attn or FA3 flash_attn_interface)",
-            "torch": "needs torch.nn.attention.varlen (PyTorch >= 2.9)",
-        }[name]
-        raise ValueError(
-            f"attention backend {name!r} is not available on {torch.device(device)} with {dtype}: it {why}, "
-            "and runs only fp16/bf16 on CUDA. Available here: " + ", ".join(ok)
-        )
-    return _remember(name)
+    """The name of the backend ``resolve_attention`` chooses (kept for callers that want a string)."""
+    return resolve_attention(name, device, dtype).name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,7 +369,7 @@ def _sdpa_backward(ctx, dout):
 _sdpa_op.register_autograd(_sdpa_backward, setup_context=_sdpa_setup)
 
 
-def _sdpa(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens_q, seqlens_k):
+def _sdpa(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens_q, seqlens_k, fn, rule):
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if torch.compiler.is_compiling():
@@ -211,41 +381,29 @@ def _sdpa(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens_q, seqlens_k):
     return _sdpa_segments(q, k, v, lens_q, lens_k, scale)
 
 
-def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens_q, seqlens_k):
-    # Already a torch.library custom op with autograd: opaque to torch.compile as it is. It is
-    # looked up in a plain dict, not through the cached importer, which dynamo cannot trace.
-    fn = _RESOLVED.get("torch") or _RESOLVED.setdefault("torch", _torch_varlen_func())
+def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens_q, seqlens_k, fn, rule):
+    # ``fn`` is ``varlen_attn``, looked up when the backend was chosen: already a torch.library
+    # custom op with autograd, so opaque to torch.compile as it is.
     return fn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale)
 
 
-def _classic_flash(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens_q, seqlens_k):
-    fn = _RESOLVED.get("flash_attn") or _RESOLVED.setdefault("flash_attn", _classic_flash_func()[1])
+def _classic_flash(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens_q, seqlens_k, fn, rule):
     out = fn(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale)
     return out[0] if isinstance(out, tuple) else out  # some FA3 releases return (out, lse)
-
-
-# flash-attn-4 4.0.0b36's Hopper backward returns a wrong dq at head dims 72 (SigLIP2) and 80:
-# relative error 1.0 against the fp32 reference on the H100, while 64, 96 and 128 agree to bf16
-# rounding (benchmarks/gpu_checks.py). The backward runs other head dims zero-padded to the next
-# one that is right.
-FA4_BACKWARD_HEAD_DIMS = (64, 96, 128)
-
-
-def fa4_backward_head_dim(head_dim: int) -> int:
-    return next((d for d in FA4_BACKWARD_HEAD_DIMS if d >= head_dim), head_dim)
 
 
 # FlashAttention-4 is an autograd.Function over CuTe DSL kernels that torch.compile cannot trace.
 # Its forward and backward kernels are wrapped as two custom ops with an autograd formula, so a
 # compiled block keeps one graph and calls the kernels as opaque nodes (eager runs them the same way).
+# The backward rule (``FA4Backward``) travels as plain arguments of the forward op, which its
+# autograd formula hands to the backward op: the op reads no module state.
 @torch.library.custom_op("packvit::fa4_varlen_fwd", mutates_args=(), device_types="cuda")
 def _fa4_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
-    max_q: int, max_k: int, scale: float,
+    max_q: int, max_k: int, scale: float, bwd_kernel: str, bwd_min_mean_seqlen: int, bwd_head_dims: Sequence[int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    from flash_attn.cute.interface import _flash_attn_fwd
-
-    out, lse, *_ = _flash_attn_fwd(
+    fwd, _bwd = _fa4_funcs()
+    out, lse, *_ = fwd(
         q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
         softmax_scale=scale, return_lse=True,  # the backward needs the log-sum-exp
     )
@@ -253,27 +411,10 @@ def _fa4_fwd_op(
 
 
 @_fa4_fwd_op.register_fake
-def _(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+def _(q, k, v, cu_q, cu_k, max_q, max_k, scale, bwd_kernel, bwd_min_mean_seqlen, bwd_head_dims):
     out = q.new_empty(q.shape[:-1] + v.shape[-1:])  # (Tq, H, Dv)
     lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)  # (H, Tq)
     return out, lse
-
-
-# Which kernel computes the ``fa4`` backend's backward: FA4's own, or PyTorch's built-in FA2 kernel
-# (``aten._flash_attention_backward``) on FA4's forward. FA2 reads the (H, T) natural-log LSE that
-# FA4's forward writes (checked against fp32 on the H100 by benchmarks/gpu_checks.py). "auto" takes
-# FA2's where it was measured faster (benchmarks/ab_kernels.py, RESULTS.md section 2): batches of
-# short frames, 691 tokens on average and below; FA4's from 722, by up to 1.7x on long segments.
-FA4_BACKWARD = "auto"  # "auto", "fa4" or "fa2"
-FA4_BACKWARD_MIN_MEAN_SEQLEN = 704  # "auto": FA4's backward when segments are this long on average
-
-
-def _fa4_backward_kernel(num_tokens: int, num_segments: int) -> str:
-    if FA4_BACKWARD not in ("auto", "fa4", "fa2"):
-        raise ValueError(f"packvit.attention.FA4_BACKWARD must be 'auto', 'fa4' or 'fa2', got {FA4_BACKWARD!r}")
-    if FA4_BACKWARD != "auto":
-        return FA4_BACKWARD
-    return "fa4" if num_tokens >= FA4_BACKWARD_MIN_MEAN_SEQLEN * num_segments else "fa2"
 
 
 def _fa2_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale):
@@ -288,18 +429,21 @@ def _fa2_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale):
 def _fa4_bwd_op(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int, scale: float,
+    bwd_kernel: str, bwd_min_mean_seqlen: int, bwd_head_dims: Sequence[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if _fa4_backward_kernel(q.shape[0], cu_q.shape[0] - 1) == "fa2":
+    # The rule is applied here, at run time, where the token and segment counts are plain ints
+    # (deciding in the traced forward would specialise a compiled graph on the batch's size).
+    rule = FA4Backward(bwd_kernel, bwd_min_mean_seqlen, tuple(bwd_head_dims))
+    if rule.kernel_for(q.shape[0], cu_q.shape[0] - 1) == "fa2":
         return _fa2_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale)
-    from flash_attn.cute.interface import _flash_attn_bwd
-
+    _fwd, bwd = _fa4_funcs()
     dh = q.shape[-1]
-    pad = fa4_backward_head_dim(dh) - dh
+    pad = rule.padded_head_dim(dh) - dh
     if pad:
         # Zero columns change neither the scores, the log-sum-exp nor rowsum(dO * O); the extra
         # gradient columns are exactly zero and are dropped.
         q, k, v, out, dout = (F.pad(t, (0, pad)) for t in (q, k, v, out, dout))
-    dq, dk, dv = _flash_attn_bwd(
+    dq, dk, dv = bwd(
         q, k, v, out, dout.contiguous(), lse, scale, False, 0.0,
         cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
     )
@@ -309,29 +453,31 @@ def _fa4_bwd_op(
 
 
 @_fa4_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale):
+def _(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, bwd_kernel, bwd_min_mean_seqlen, bwd_head_dims):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _fa4_setup(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, scale = inputs
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, *rule = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-    ctx.args = (max_q, max_k, scale)
+    ctx.args = (max_q, max_k, scale, *rule)
 
 
 def _fa4_backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
     dq, dk, dv = _fa4_bwd_op(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 _fa4_fwd_op.register_autograd(_fa4_backward, setup_context=_fa4_setup)
 
 
-def _fa4(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens_q, seqlens_k):
+def _fa4(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens_q, seqlens_k, fn, rule):
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    out, _lse = _fa4_fwd_op(q, k, v, cu_q, cu_k, max_q, max_k, scale)
+    out, _lse = _fa4_fwd_op(
+        q, k, v, cu_q, cu_k, max_q, max_k, scale, rule.kernel, rule.min_mean_seqlen, list(rule.head_dims)
+    )
     return out
 
 
@@ -347,17 +493,28 @@ def varlen_attention(
     max_seqlen_q: int,
     max_seqlen_k: int,
     *,
-    backend: str = "sdpa",
+    backend: str | AttentionImpl = "sdpa",
     softmax_scale: float | None = None,
     seqlens_q: torch.Tensor | Sequence[int] | None = None,
     seqlens_k: torch.Tensor | Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Attention within segments: q (Tq, H, Dh), k/v (Tk, H, Dh) -> (Tq, H, Dh).
 
-    ``backend`` is an already resolved name (see ``resolve_backend``). ``seqlens_q/k`` are optional
-    host copies of the segment lengths (a CPU tensor or a sequence of ints) that spare the ``sdpa``
-    path a device sync; the fused kernels need only ``cu_seqlens``.
+    ``backend`` is an ``AttentionImpl`` (``resolve_attention``; what models pass), or a backend
+    name, whose library function is then looked up on each call and whose ``fa4`` backward follows
+    the default ``FA4Backward()`` (for scripts and tests; not under ``torch.compile``).
+    ``seqlens_q/k`` are optional host copies of the segment lengths (a CPU tensor or a sequence of
+    ints) that spare the ``sdpa`` path a device sync; the fused kernels need only ``cu_seqlens``.
     """
-    return _KERNELS[backend](
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, seqlens_q, seqlens_k
+    if isinstance(backend, AttentionImpl):
+        fn, rule, name = backend.fn, backend.fa4_backward, backend.name
+    else:
+        if backend not in _KERNELS:
+            raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+        fn, rule, name = _library_func(backend), _DEFAULT_FA4_BACKWARD, backend
+    return _KERNELS[name](
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, seqlens_q, seqlens_k, fn, rule
     )
+
+
+_DEFAULT_FA4_BACKWARD = FA4Backward()

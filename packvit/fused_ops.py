@@ -12,9 +12,9 @@ over a (T, D) or (T, hidden) activation in device memory. The fused path does ea
 Both RMSNorms normalise in fp32, cast back, then scale, which is AIMv2's order (``layers.RMSNorm``;
 Liger's "llama" casting mode). Why packvit has kernels of its own: ``triton_kernels``.
 
-Which run is decided once, when the model picks its attention backend (build, ``.to()``,
-``set_attention_backend``): ``resolve_fused`` returns, per op, the implementation that will run, and
-the model hands it to its modules, whose ``repr`` shows it. CPU, fp32 and a missing library leave
+Which run is decided once, when the model chooses its attention (build, ``set_attention``; moving
+the model keeps both choices): ``resolve_fused`` returns, per op, the implementation that will run,
+and the model hands it to its modules, whose ``repr`` shows it. CPU, fp32 and a missing library leave
 the op on the reference path (``None``). Every op is a ``torch.library`` custom op with a fake
 implementation and an autograd formula, so ``torch.compile`` keeps each block one graph; eager
 calls skip the op dispatcher and go straight to an ``autograd.Function`` over the same functions.

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import fused_ops
-from .attention import varlen_attention
+from .attention import AttentionImpl
 from .packing import PackedMeta
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -172,8 +172,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Attention(nn.Module):
     """Multi-head self-attention over packed segments, with one fused QKV projection.
 
-    Biases are per projection (``q_bias``, ``k_bias``, ``v_bias``) because DINOv3 has query and
-    value biases but no key bias; a missing one is a zero in the fused bias.
+    The kernel is the model's ``AttentionImpl``, passed in by the forward (``attn``): every block
+    and pooling head runs the one choice the model holds. Biases are per projection (``q_bias``,
+    ``k_bias``, ``v_bias``) because DINOv3 has query and value biases but no key bias; a missing
+    one is a zero in the fused bias.
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: tuple[bool, bool, bool], proj_bias: bool):
@@ -186,7 +188,6 @@ class Attention(nn.Module):
         for name, on in zip(("q_bias", "k_bias", "v_bias"), qkv_bias):
             self.register_parameter(name, nn.Parameter(torch.zeros(dim)) if on else None)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
-        self.backend = "sdpa"  # set by the model (``PackedViT.set_attention_backend``)
         self.fused_rope: str | None = None  # the fused RoPE of q and k, set by the model (``fused_ops``)
 
     def qkv_bias(self) -> torch.Tensor | None:
@@ -197,7 +198,8 @@ class Attention(nn.Module):
         return torch.cat([p if p is not None else zeros for p in parts])
 
     def forward(
-        self, x: torch.Tensor, meta: PackedMeta, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self, x: torch.Tensor, meta: PackedMeta, rope: tuple[torch.Tensor, torch.Tensor] | None = None, *,
+        attn: AttentionImpl,
     ) -> torch.Tensor:
         T, D = x.shape
         qkv = F.linear(x, self.qkv.weight, self.qkv_bias()).view(T, 3, self.num_heads, self.head_dim)
@@ -210,9 +212,9 @@ class Attention(nn.Module):
                 q, k = fused_ops.rope_qk(q, k, cos, sin)
             else:
                 q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = varlen_attention(
+        o = attn(
             q, k, v, meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen, meta.max_seqlen,
-            backend=self.backend, seqlens_q=meta.seqlens_cpu, seqlens_k=meta.seqlens_cpu,
+            seqlens_q=meta.seqlens_cpu, seqlens_k=meta.seqlens_cpu,
         )  # (T, H, Dh)
         return self.proj(o.reshape(T, D))
 
@@ -248,10 +250,10 @@ class Block(nn.Module):
         self.fused_add_norm: str | None = None
 
     def forward(
-        self, x: torch.Tensor, meta: PackedMeta, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-        checkpoint_mlp: bool = False,
+        self, x: torch.Tensor, meta: PackedMeta, rope: tuple[torch.Tensor, torch.Tensor] | None = None, *,
+        attn: AttentionImpl, checkpoint_mlp: bool = False,
     ) -> torch.Tensor:
-        a = self.attn(self.norm1(x), meta, rope)
+        a = self.attn(self.norm1(x), meta, rope, attn=attn)
         if self._fuses(x, a):
             return self._forward_fused(x, a, checkpoint_mlp)
         a = self.ls1(a)
@@ -299,10 +301,10 @@ class Block(nn.Module):
 
 
 def pool_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: PackedMeta, backend: str
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: PackedMeta, attn: AttentionImpl
 ) -> torch.Tensor:
     """One query per frame attending to that frame's tokens: q (F, H, Dh), k/v (T, H, Dh) -> (F, H, Dh)."""
-    return varlen_attention(
+    return attn(
         q, k, v, meta.cu_frames, meta.cu_seqlens, 1, meta.max_seqlen,
-        backend=backend, seqlens_q=meta.seqlens_cpu.new_ones(meta.num_frames), seqlens_k=meta.seqlens_cpu,
+        seqlens_q=meta.seqlens_cpu.new_ones(meta.num_frames), seqlens_k=meta.seqlens_cpu,
     )

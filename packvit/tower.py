@@ -270,6 +270,10 @@ class PackedVisionTower(nn.Module):
             else:
                 hidden_states, grid_thw = self.image_processor(images)
         self._sync_mode()
+        if not torch.compiler.is_compiling():
+            # LLaVA moves the tower (.to(device, dtype)) after loading it: choose the attention
+            # kernel for where it now is (the model itself keeps its choice when moved).
+            self.vision_tower.refresh_attention()
         batch = self.prepare(grid_thw)
         feats = self._select(hidden_states.to(self.device, self.dtype, non_blocking=True), batch)
         if batched is not None:  # (B, N, D): every image has the same size

@@ -195,6 +195,7 @@ def test_dinov3_block_with_and_without_fused_rope():
 
     ref = _model("dinov3").to(DEV).eval()
     model = copy.deepcopy(ref).to(DEV, BF16).eval()
+    model.set_attention("auto")  # moving keeps the CPU's choice: choose for CUDA bf16
     if model.fused_kernels["rope"] is None:
         pytest.skip("fused RoPE unavailable here")
     meta = build_meta(GRID, model.num_prefix, torch.device(DEV))
@@ -205,9 +206,10 @@ def test_dinov3_block_with_and_without_fused_rope():
     for name, m, rope_on in (("fused", model, True), ("unfused", model, False), ("fp32", ref, False)):
         blk: Block = m.blocks[0]
         blk.attn.fused_rope = "triton" if rope_on else None
-        rope = tuple(t.to(m.dtype) for t in m.position_tables(meta)[:2])
+        tables = m.position_tables(meta)
+        rope = (tables.cos.to(m.dtype), tables.sin.to(m.dtype))
         xi = x.to(m.dtype).requires_grad_()
-        y = blk(xi, meta, rope)
+        y = blk(xi, meta, rope, attn=m.attention)
         gx, gw = torch.autograd.grad(y, [xi, blk.attn.qkv.weight], dy.to(y.dtype))
         outs[name] = (y.detach(), gx, gw)
     model.blocks[0].attn.fused_rope = model.fused_kernels["rope"]
@@ -285,7 +287,8 @@ def _model(family: str):
 def test_whole_model_default_path_against_fp32(family):
     ref = _model(family).to(DEV).eval()  # fp32 on CUDA: the sdpa reference path, nothing fused
     assert ref.attn_backend == "sdpa" and set(ref.fused_kernels.values()) == {None}
-    model = copy.deepcopy(ref).to(DEV, BF16)  # what from_pretrained(...).to("cuda", bf16) holds
+    model = copy.deepcopy(ref).to(DEV, BF16)
+    model.set_attention("auto")  # what from_pretrained(..., device="cuda", dtype=torch.bfloat16) holds
     assert model.attn_backend != "sdpa", "no fused attention backend here"
     want = {"siglip2": ["add_layernorm"], "dinov3": ["add_layernorm", "rope"], "aimv2": ["add_rmsnorm", "rmsnorm", "swiglu"]}
     missing = [op for op in want[family] if model.fused_kernels[op] is None]
@@ -318,6 +321,7 @@ def test_whole_model_default_path_against_fp32(family):
 @pytest.mark.parametrize("family", ["dinov3", "aimv2"])
 def test_fused_block_compiles_in_one_graph(family):
     model = _model(family).to(DEV, BF16)
+    model.set_attention("auto")
     blk: Block = model.blocks[0]
     if not blk.fused_add_norm:
         pytest.skip("no fused kernels here")
@@ -328,12 +332,13 @@ def test_fused_block_compiles_in_one_graph(family):
     meta = build_meta(((1, 20, 31), (1, 9, 13)), model.num_prefix, torch.device(DEV))
     rope = None
     if uses_rope:
-        rope = tuple(t.to(BF16) for t in model.position_tables(meta)[:2])
+        tables = model.position_tables(meta)
+        rope = (tables.cos.to(BF16), tables.sin.to(BF16))
     x = torch.randn(meta.num_tokens, model.hidden_size, device=DEV, dtype=BF16, requires_grad=True)
     torch._dynamo.reset()
     compiled = torch.compile(blk, fullgraph=True, dynamic=True)  # a graph break raises here
-    y_c = compiled(x, meta, rope)
+    y_c = compiled(x, meta, rope, attn=model.attention)
     (gx_c,) = torch.autograd.grad(y_c.float().square().mean(), [x])
-    y_e = blk(x, meta, rope)
+    y_e = blk(x, meta, rope, attn=model.attention)
     (gx_e,) = torch.autograd.grad(y_e.float().square().mean(), [x])
     assert rel(y_c, y_e) < 1e-2 and rel(gx_c, gx_e) < 2e-2

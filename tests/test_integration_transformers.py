@@ -439,3 +439,25 @@ def test_readme_transformers_section_runs(hf_checkpoints, monkeypatch, capsys, n
     assert scopes[0]["tower"].packvit.patch_embed.weight.grad is not None
     assert isinstance(qwen.model.visual, PackvitQwen2VLVisual) and qwen.model.visual.merger.ln_q.weight.grad is not None
     assert printed[1].startswith("[[1, ")
+
+
+def test_a_placed_wrapper_chooses_its_attention_for_where_it_now_is(hf_checkpoints, monkeypatch):
+    """transformers places a model after building it; the packvit model keeps its choice when moved,
+    so the wrapper makes an "auto" choice again at its next forward (a bf16 "torch" kernel faked by sdpa)."""
+    import packvit
+    from packvit import attention
+
+    _, d = hf_checkpoints["dinov3"]
+    model = PackvitVisionModel.from_checkpoint(d).eval()
+    assert model.packvit.attention.request == "auto" and model.packvit.attention.name == "sdpa"
+
+    def sdpa_as_torch(q, k, v, cu_q, cu_k, max_q, max_k, scale=None):
+        return attention.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, backend="sdpa", softmax_scale=scale)
+
+    bf16_wins = lambda dev, t: ["torch", "sdpa"] if t == torch.bfloat16 else ["sdpa"]  # noqa: E731
+    monkeypatch.setattr(attention, "available_backends", bf16_wins)
+    monkeypatch.setattr(attention, "_torch_varlen_func", lambda: sdpa_as_torch)
+    model.to(torch.bfloat16)
+    x, g = packvit.patchify(random_images([(1, 3, 5)], PATCH["dinov3"]), PATCH["dinov3"])
+    out = model(x.bfloat16(), grid_thw=g)
+    assert out.last_hidden_state.dtype == torch.bfloat16 and model.packvit.attention.name == "torch"

@@ -140,3 +140,27 @@ def test_readme_example_runs(hf_checkpoints, monkeypatch, capsys):
     assert all(p.requires_grad for p in proj.parameters())
     assert [t.shape[1] for t in scope["per_image"]] == [256] * 4
     assert "(" in capsys.readouterr().out
+
+
+def test_a_moved_tower_chooses_its_attention_for_where_it_now_is(hf_checkpoints, monkeypatch):
+    """LLaVA moves the tower after loading it (tower.to(device, dtype)); the model keeps its choice
+    when moved, so the tower makes an "auto" choice again at its next forward. A "torch" kernel that
+    would win in bf16 is faked here by the sdpa reference."""
+    from packvit import attention
+
+    _, d = hf_checkpoints["siglip2"]
+    tower = PackedVisionTower(d, _args())
+    assert tower.vision_tower.attention.name == "sdpa"
+
+    def sdpa_as_torch(q, k, v, cu_q, cu_k, max_q, max_k, scale=None):
+        return attention.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, backend="sdpa", softmax_scale=scale)
+
+    bf16_wins = lambda dev, t: ["torch", "sdpa"] if t == torch.bfloat16 else ["sdpa"]  # noqa: E731
+    monkeypatch.setattr(attention, "available_backends", bf16_wins)
+    monkeypatch.setattr(attention, "_torch_varlen_func", lambda: sdpa_as_torch)
+    tower.to(torch.bfloat16)
+    assert tower.vision_tower.attention.name == "sdpa"  # kept by the move
+    x, g = packvit.patchify(random_images([(1, 3, 5)], PATCH["siglip2"]), PATCH["siglip2"])
+    feats = tower(x, grid_thw=g)
+    assert feats[0].dtype == torch.bfloat16
+    assert tower.vision_tower.attention.name == "torch" and tower.vision_tower.attention.dtype == torch.bfloat16

@@ -76,7 +76,10 @@ def config_from_native(config: dict) -> tuple[str, object]:
     if unknown:
         # Written by a newer packvit, or edited by hand: a field we do not know may change the model.
         raise CheckpointError(f"packvit config.json has {family} fields this packvit does not know: {unknown}")
-    missing = sorted(known - set(fields))
+    # A training switch (``field(metadata={"switch": True})``, e.g. DINOv3's rope_augmentation)
+    # changes no weight: a file written before it existed means its default.
+    switches = {f.name for f in dataclasses.fields(cls) if f.metadata.get("switch")}
+    missing = sorted(known - set(fields) - switches)
     if missing:
         # packvit writes every field; a default filled in here would be a guess at the model.
         raise CheckpointError(f"packvit config.json lacks the {family} fields {missing}; refusing to guess them")

@@ -9,6 +9,7 @@ random-weight model, and run a transformers model on frames the way packvit's ou
 
 from __future__ import annotations
 
+import contextlib
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,12 +42,25 @@ def _transformers():
     if received:
         raise KeyboardInterrupt if received[0] == signal.SIGINT else Interrupted(received[0])
 
-    transformers.utils.logging.disable_progress_bar()  # the callers print their own output
     return transformers
 
 
 def _family_of(model_type: str | None) -> Family | None:
     return next((f for f in FAMILIES.values() if model_type in f.hf_model_types), None)
+
+
+@contextlib.contextmanager
+def quiet_progress(tf):
+    """transformers' progress bars off inside the block only (the callers print their own output);
+    the process-wide setting is left as the caller had it."""
+    logging = tf.utils.logging
+    was_on = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            logging.enable_progress_bar()
 
 
 def load_reference(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
@@ -58,10 +72,11 @@ def load_reference(path: str | Path, device: torch.device | str = "cpu", dtype: 
     if fam is None:
         raise ValueError(f"no transformers reference for model_type {model_type!r} in {path / 'config.json'}")
     kw = dict(dtype=dtype, attn_implementation="sdpa")
-    if model_type in fam.hf_wrappers:  # an image-text checkpoint: load it whole, keep its vision tower
-        model = getattr(tf, fam.hf_wrappers[model_type]).from_pretrained(path, **kw).vision_model
-    else:
-        model = getattr(tf, fam.hf_class).from_pretrained(path, **kw)
+    with quiet_progress(tf):
+        if model_type in fam.hf_wrappers:  # an image-text checkpoint: load it whole, keep its vision tower
+            model = getattr(tf, fam.hf_wrappers[model_type]).from_pretrained(path, **kw).vision_model
+        else:
+            model = getattr(tf, fam.hf_class).from_pretrained(path, **kw)
     return model.to(device).eval()
 
 

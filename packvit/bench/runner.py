@@ -181,8 +181,7 @@ def run(opt: Options, emit=print) -> list[dict]:
                         pv.eval().zero_grad(set_to_none=True)
                         pv.gradient_checkpointing = False
                     if compiled == "compile":  # back to eager modules for the next variant
-                        for b in pv.blocks:
-                            b._compiled_call_impl = None
+                        pv.uncompile_blocks()
             del patches
         del hf, pv
         gc.collect()

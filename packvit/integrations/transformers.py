@@ -335,6 +335,8 @@ class PackvitVisionModel(PreTrainedModel):
         return sorted(self.packvit._layer_indices(sel))  # range-checked: a clear ValueError
 
     def _run(self, hidden_states: torch.Tensor, grid, want: list[int] | None):
+        if not torch.compiler.is_compiling():  # transformers places the model after building it
+            self.packvit.refresh_attention()
         return self.packvit(hidden_states, grid, output_layers=want or [], return_dict=True)
 
     def _images(self, pixel_values: torch.Tensor, want) -> PackvitVisionOutput:
@@ -494,6 +496,8 @@ class PackvitQwen2VLVisual(nn.Module):
                 f"grid_thw rows {bad[:3]} have h or w not a multiple of spatial_merge_size {m}: preprocess with "
                 "QwenImageProcessor, which sizes images to multiples of patch_size * merge_size"
             )
+        if not torch.compiler.is_compiling():  # transformers places the model after building it
+            self.vision.refresh_attention()
         if self.select_layer is None:
             feats = self.vision(hidden_states, grid)  # (Tp, D) final-normed
         else:

@@ -6,10 +6,12 @@ patches -> Linear -> RMSNorm -> + 2D sin-cos table -> SwiGLU blocks -> RMSNorm [
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from ..attention import AttentionImpl
 from ..layers import Block, GatedMlp, RMSNorm, pool_attention
 from ..packing import Grid, PackedMeta, table_cache, to_device, token_positions
 from .base import PackedViT
@@ -72,6 +74,12 @@ def packed_sincos(grid: Grid, dim: int, device: torch.device, dtype: torch.dtype
     return torch.cat([axis.index_select(0, pos.col), axis.index_select(0, pos.row)], dim=1)
 
 
+class AIMv2Tables(NamedTuple):
+    """AIMv2's per-batch position table (``AIMv2.position_tables``)."""
+
+    sincos: torch.Tensor  # (Tp, D) 2-D sin-cos, in the model's dtype
+
+
 class AttentionPoolHead(nn.Module):
     """A learned query (``cls_token``, not projected) attends to each frame's tokens, then ``out_proj``."""
 
@@ -84,21 +92,21 @@ class AttentionPoolHead(nn.Module):
         self.v_proj = nn.Linear(d, d, bias=cfg.qkv_bias)
         self.out_proj = nn.Linear(d, d, bias=True)
 
-    def forward(self, x: torch.Tensor, meta: PackedMeta, backend: str) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, meta: PackedMeta, attn: AttentionImpl) -> torch.Tensor:
         T, D = x.shape
         H, Dh = self.num_heads, D // self.num_heads
         q = self.cls_token.to(x.dtype).view(1, H, Dh).expand(meta.num_frames, H, Dh)  # (F, H, Dh)
         k = self.k_proj(x).view(T, H, Dh)
         v = self.v_proj(x).view(T, H, Dh)
-        o = pool_attention(q, k, v, meta, backend)  # (F, H, Dh)
+        o = pool_attention(q, k, v, meta, attn)  # (F, H, Dh)
         return self.out_proj(o.reshape(meta.num_frames, D))
 
 
 class AIMv2(PackedViT):
     num_prefix = 0
 
-    def __init__(self, config: AIMv2Config, attn_backend: str = "auto"):
-        super().__init__(attn_backend)
+    def __init__(self, config: AIMv2Config, attn_backend: str | AttentionImpl = "auto"):
+        super().__init__()
         self.config = c = config
         # Conv2d(k=p, stride=p) over an image == Linear over its (p_h, p_w, C)-flattened patches.
         self.patch_embed = nn.Linear(self.patch_dim, c.hidden_size)
@@ -114,19 +122,18 @@ class AIMv2(PackedViT):
         )
         self.norm = RMSNorm(c.hidden_size, c.norm_eps)
         self.head = AttentionPoolHead(c) if c.use_head else None
-        self.set_attention_backend(attn_backend)
+        self.set_attention(attn_backend)
 
     @property
     def has_pooler(self) -> bool:
         return self.head is not None
 
-    def position_tables(self, meta: PackedMeta) -> tuple[torch.Tensor, ...]:
-        return (packed_sincos(meta.grid, self.config.hidden_size, meta.cu_seqlens.device, self.dtype),)  # (Tp, D)
+    def position_tables(self, meta: PackedMeta) -> AIMv2Tables:
+        return AIMv2Tables(packed_sincos(meta.grid, self.config.hidden_size, meta.cu_seqlens.device, self.dtype))
 
-    def embed(self, patches: torch.Tensor, meta: PackedMeta, tables: tuple[torch.Tensor, ...]):
+    def embed(self, patches: torch.Tensor, meta: PackedMeta, tables: AIMv2Tables):
         x = self.patch_norm(self.patch_embed(patches))  # (Tp, D)
-        (sincos,) = tables
-        return x + sincos.to(x.dtype), None
+        return x + tables.sincos.to(x.dtype), None
 
     def pool(self, x: torch.Tensor, meta: PackedMeta) -> torch.Tensor | None:
-        return self.head(x, meta, self.attn_backend) if self.head is not None else None
+        return self.head(x, meta, self.attention) if self.head is not None else None

@@ -1,15 +1,15 @@
-"""The skeleton every packvit model shares: embed -> blocks -> norm -> split outputs."""
+"""The skeleton every packvit model shares: embed -> blocks -> outputs (final norm, split, heads)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..attention import resolve_backend
+from ..attention import AttentionImpl, FA4Backward, resolve_attention
 from ..fused_ops import resolve_fused
 from ..layers import Attention, Block, GatedMlp, RMSNorm
 from ..packing import PackedMeta, build_meta, check_inputs, check_packed, grid_to_tuple, split_prefix
@@ -18,7 +18,8 @@ from ..packing import PackedMeta, build_meta, check_inputs, check_packed, grid_t
 @dataclass(frozen=True, eq=False)
 class PackedBatch:
     """What a forward needs to know about a batch besides its pixels: the packing metadata and the
-    model's position tables (sin-cos table, SigLIP2 resize weights, DINOv3 RoPE), as tensors.
+    model's position tables, as tensors, in the named tuple the model declares (``AIMv2Tables``,
+    ``Siglip2Tables``, ``DINOv3Tables``).
 
     ``model.prepare(grid_thw)`` builds it (cached per grid, no device sync): the host derives each
     token's position with a few vectorised ops, the device computes the tables from them.
@@ -28,7 +29,7 @@ class PackedBatch:
     """
 
     meta: PackedMeta | None
-    tables: tuple[torch.Tensor, ...] = ()
+    tables: NamedTuple | tuple = ()
 
     @property
     def num_patches(self) -> int:
@@ -81,11 +82,11 @@ class PackedViT(nn.Module):
     truncated: bool = False  # see ``truncate``
     uses_rope: bool = False  # whether the blocks get RoPE tables (DINOv3): only then is a fused RoPE chosen
 
-    def __init__(self, attn_backend: str = "auto"):
+    def __init__(self):
         super().__init__()
-        self.attn_backend_request = attn_backend
-        self.attn_backend = "sdpa"
-        self.attn_compute_dtype: torch.dtype | None = None  # None: the weights' dtype
+        # The attention kernel, chosen once by ``set_attention`` (each model's __init__ calls it
+        # last, once its parameters exist) and passed to every block and pooling head.
+        self.attention: AttentionImpl | None = None
         # Fused elementwise kernels between the matmuls (``packvit.fused_ops``): "auto" takes them
         # wherever they run (CUDA, fp16/bf16, library present) beside a fused attention kernel,
         # "on" also beside ``sdpa``, "off" keeps the reference ops.
@@ -128,27 +129,80 @@ class PackedViT(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def set_attention_backend(self, name: str = "auto", dtype: torch.dtype | None = None) -> str:
-        """Choose the attention kernel for this model's device and compute dtype; returns the resolved name.
+    def set_attention(
+        self,
+        backend: str | AttentionImpl = "auto",
+        dtype: torch.dtype | None = None,
+        *,
+        fa4_backward: FA4Backward | None = None,
+    ) -> AttentionImpl:
+        """Choose the attention kernel once, for where the model is now, and hold it as ``model.attention``.
 
-        ``dtype`` is the dtype attention will compute in, by default the weights'. Pass
-        ``torch.bfloat16`` when fp32 weights compute in bf16 (autocast, FSDP2 mixed precision), so
-        that a fused kernel is chosen rather than the fp32 reference.
+        ``backend``: "auto", a backend name (``packvit.attention.BACKENDS``) or an ``AttentionImpl``
+        made by ``packvit.attention.resolve_attention`` (checked to run here). ``dtype`` is the dtype
+        attention computes in, by default the weights'; pass ``torch.bfloat16`` when fp32 weights
+        compute in bf16 (autocast, FSDP2 mixed precision), so that a fused kernel is chosen rather
+        than the fp32 reference. ``fa4_backward`` is the ``fa4`` backend's backward rule; None keeps
+        the one held. Raises a clear error, leaving the model as it was, if the kernel cannot run
+        here. The fused elementwise kernels are chosen again with it (``set_fused_kernels``).
+
+        Moving the model (``.to()``, ``.cuda()``, ``.half()``) keeps the choice. Its forward checks
+        it against the model's device and compute dtype, and raises if the kernel cannot run there
+        or if an ``auto`` choice would now pick another kernel: call ``set_attention`` after a move
+        (``from_pretrained(..., device=, dtype=)`` chooses for the final place at once).
         """
-        resolved = resolve_backend(name, self.device, dtype or self.dtype)
-        self.attn_backend_request, self.attn_backend, self.attn_compute_dtype = name, resolved, dtype
-        for m in self.modules():
-            if isinstance(m, Attention):
-                m.backend = resolved
+        if isinstance(backend, AttentionImpl):
+            if dtype is not None or fa4_backward is not None:
+                raise TypeError("set_attention takes dtype and fa4_backward only with a backend name, "
+                                "not with an AttentionImpl (which holds both)")
+            impl = resolve_attention(backend, self.device, backend.compute_dtype or self.dtype)
+        else:
+            if fa4_backward is None and self.attention is not None:
+                fa4_backward = self.attention.fa4_backward
+            impl = resolve_attention(
+                backend, self.device, dtype or self.dtype, compute_dtype=dtype, fa4_backward=fa4_backward
+            )
+        self.attention = impl
         self.set_fused_kernels(self.fused_kernels_request, dtype)
-        return resolved
+        return impl
+
+    def refresh_attention(self) -> AttentionImpl:
+        """Make the held attention choice again, from the same request, if the model has moved to
+        another device type or dtype since it was made; returns the choice held.
+
+        For adapters whose framework moves the model after loading it (LLaVA's ``tower.to(device,
+        dtype)``, transformers' device placement): ``PackedVisionTower`` and ``PackvitVisionModel``
+        call it before each eager forward. A model's own forward never re-chooses (it raises)."""
+        a = self.attention
+        if not a.runs_on(self.device, a.compute_dtype or self.dtype):
+            self.set_attention(a.request, a.compute_dtype)
+        return self.attention
+
+    # Names of earlier releases, kept working.
+    def set_attention_backend(self, name: str = "auto", dtype: torch.dtype | None = None) -> str:
+        """``set_attention(name, dtype)``, returning the chosen backend's name."""
+        return self.set_attention(name, dtype).name
+
+    @property
+    def attn_backend(self) -> str:
+        """The name of the attention kernel that runs (``model.attention.name``)."""
+        return self.attention.name
+
+    @property
+    def attn_backend_request(self) -> str:
+        return self.attention.request
+
+    @property
+    def attn_compute_dtype(self) -> torch.dtype | None:
+        return self.attention.compute_dtype
 
     def set_fused_kernels(self, name: str = "auto", dtype: torch.dtype | None = None) -> dict[str, str | None]:
         """Choose the fused elementwise kernels (add + norm, SwiGLU, RoPE) for this model's device and
         compute dtype: ``"auto"`` (every one that runs here, unless attention is the ``sdpa``
         reference), ``"on"`` (also with ``sdpa``) or ``"off"`` (the reference ops). Called by
-        ``set_attention_backend`` and on ``.to()``; returns op -> implementation or None."""
-        fused = resolve_fused(name, self.device, dtype or self.attn_compute_dtype or self.dtype, self.attn_backend)
+        ``set_attention``; like it, kept when the model is moved. Returns op -> implementation or None."""
+        dtype = dtype or self.attention.compute_dtype or self.dtype
+        fused = resolve_fused(name, self.device, dtype, self.attention.name)
         if not self.uses_rope:
             fused["rope"] = None
         self.fused_kernels_request, self.fused_kernels = name, fused
@@ -165,17 +219,31 @@ class PackedViT(nn.Module):
 
     def extra_repr(self) -> str:
         on = ", ".join(f"{k}={v}" for k, v in self.fused_kernels.items() if v) or "off"
-        return f"attn_backend={self.attn_backend}, fused_kernels=[{on}]"
+        return f"attention={self.attention!r}, fused_kernels=[{on}]"
 
     def compile_blocks(self, **kwargs) -> "PackedViT":
-        """Regional ``torch.compile``: each block compiled in place (they share one graph), with
-        dynamic token counts so batches of other sizes reuse it. The embedding, the position
-        tables and the heads stay eager: they are cheap, and they start from the grid, host data.
-        Attention runs as an opaque op (see ``packvit.attention``)."""
+        """Regional ``torch.compile``: each block's forward compiled in place (they share one code
+        object, so one graph), with dynamic token counts so batches of other sizes reuse it. The
+        embedding, the position tables and the heads stay eager: they are cheap, and they start
+        from the grid, host data. Attention runs as an opaque op (see ``packvit.attention``).
+        ``uncompile_blocks()`` undoes it."""
         kwargs.setdefault("dynamic", True)
         for block in self.blocks:
-            block.compile(**kwargs)
+            vars(block).pop("forward", None)  # compiling twice compiles the eager forward again
+            block.forward = torch.compile(block.forward, **kwargs)
         return self
+
+    def uncompile_blocks(self) -> "PackedViT":
+        """Undo ``compile_blocks()``: the blocks run their eager forward again (the compiled code
+        stays in torch's cache; ``torch._dynamo.reset()`` drops it)."""
+        for block in self.blocks:
+            vars(block).pop("forward", None)  # the instance attribute compile_blocks set
+        return self
+
+    @property
+    def blocks_compiled(self) -> bool:
+        """Whether ``compile_blocks()`` is in effect."""
+        return any("forward" in vars(block) for block in self.blocks)
 
     def truncate(self, num_blocks: int) -> "PackedViT":
         """Keep the first ``num_blocks`` blocks; drop the rest, the final norm and the pooling head.
@@ -194,18 +262,6 @@ class PackedViT(nn.Module):
         self.truncated = True
         return self
 
-    def _apply(self, fn, recurse=True):
-        # Moving the model (``.to("cuda", torch.bfloat16)``) re-chooses an ``auto`` backend for
-        # the new device and dtype; a backend named explicitly stays as named.
-        out = super()._apply(fn, recurse)
-        if not any(True for _ in self.parameters()):
-            return out
-        if getattr(self, "attn_backend_request", None) == "auto":
-            self.set_attention_backend("auto", self.attn_compute_dtype)  # re-chooses the fused kernels too
-        elif getattr(self, "fused_kernels_request", None) == "auto":
-            self.set_fused_kernels("auto", self.attn_compute_dtype)
-        return out
-
     # -- forward --------------------------------------------------------------------------------
 
     def prepare(self, grid_thw, device: torch.device | str | None = None) -> PackedBatch:
@@ -218,15 +274,15 @@ class PackedViT(nn.Module):
         meta = build_meta(grid, self.num_prefix, torch.device(device) if device is not None else self.device)
         return PackedBatch(meta, self.position_tables(meta))
 
-    def position_tables(self, meta: PackedMeta) -> tuple[torch.Tensor, ...]:
-        """The per-batch position tables ``embed`` uses, built for the whole batch from
-        ``packing.token_positions`` (cached per grid)."""
+    def position_tables(self, meta: PackedMeta) -> NamedTuple | tuple:
+        """The per-batch position tables ``embed`` uses, as the model's named tuple, built for the
+        whole batch from ``packing.token_positions`` (cached per grid)."""
         return ()
 
     def embed(
-        self, patches: torch.Tensor, meta: PackedMeta, tables: tuple[torch.Tensor, ...]
-    ) -> tuple[torch.Tensor, tuple | None]:
-        """(Tp, patch_dim) -> packed tokens (T, D) and the rotary tables, if any."""
+        self, patches: torch.Tensor, meta: PackedMeta, tables: NamedTuple | tuple
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """(Tp, patch_dim) -> packed tokens (T, D) and the rotary (cos, sin) tables, if any."""
         raise NotImplementedError
 
     def pool(self, x: torch.Tensor, meta: PackedMeta) -> torch.Tensor | None:
@@ -253,44 +309,71 @@ class PackedViT(nn.Module):
         output_layers: Sequence[int] | None = None,
         return_dict: bool = False,
     ) -> torch.Tensor | PackedVisionOutput:
-        """Encode a packed batch.
+        """Encode a packed batch: ``embed`` -> ``run_blocks`` -> ``make_outputs``.
 
         hidden_states: (Tp, p*p*C) patches in (p_h, p_w, C) order; grid_thw: (N, 3) (t, h, w), or
         the ``PackedBatch`` that ``prepare(grid_thw)`` made (what a compiled caller passes).
         Returns the final-normed patch tokens (Tp, D) in input order, or, with ``return_dict`` or
         ``output_layers``, a ``PackedVisionOutput``. An empty batch (N = 0) returns empty outputs.
         """
+        batch = self._checked_batch(hidden_states, grid_thw)
+        keep = self._layer_indices(output_layers)
+        rich = return_dict or output_layers is not None
+        if batch.meta is None:
+            return self._empty(hidden_states, keep, rich)
+        x, rope = self.embed(hidden_states.to(self.dtype), batch.meta, batch.tables)  # (T, D)
+        x, layers = self.run_blocks(x, batch.meta, rope, keep)
+        return self.make_outputs(x, batch.meta, layers, rich)
+
+    def _checked_batch(self, hidden_states: torch.Tensor, grid_thw) -> PackedBatch:
+        """The batch's ``PackedBatch``, after checking the inputs against it and the held attention
+        choice against where the model now is (see ``set_attention``)."""
         if not isinstance(grid_thw, PackedBatch):  # rows against the grid before any table is built
             grid_thw = check_packed(hidden_states, grid_thw, self.patch_dim)
         batch = self.prepare(grid_thw, getattr(hidden_states, "device", None))
         check_inputs(hidden_states, batch.num_patches, self.patch_dim)
-        want = self._layer_indices(output_layers)
-        meta = batch.meta
-        if meta is None:
-            return self._empty(hidden_states, want, return_dict or output_layers is not None)
-        if meta.cu_seqlens.device != hidden_states.device:
+        if batch.meta is not None and batch.meta.cu_seqlens.device != hidden_states.device:
             raise ValueError(
-                f"grid_thw is a PackedBatch prepared for {meta.cu_seqlens.device} but hidden_states is on "
+                f"grid_thw is a PackedBatch prepared for {batch.meta.cu_seqlens.device} but hidden_states is on "
                 f"{hidden_states.device}: call prepare(grid_thw, device=hidden_states.device)"
             )
+        if not torch.compiler.is_compiling():  # a compiled forward guards on what it was traced with
+            self.attention.check(self.device, self.attention.compute_dtype or self.dtype)
+        return batch
 
-        x, rope = self.embed(hidden_states.to(self.dtype), meta, batch.tables)  # (T, D)
-        layers = {0: x} if 0 in want else {}
+    def run_blocks(
+        self,
+        x: torch.Tensor,
+        meta: PackedMeta,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        keep: set[int] = frozenset(),
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """x (T, D) through every block with the model's attention, checkpointed as
+        ``gradient_checkpointing`` says in training. Returns the last block's output and
+        {i: hidden state i} for each i in ``keep`` (0: x itself, i: block i's output)."""
+        layers = {0: x} if 0 in keep else {}
         ckpt = self.gradient_checkpointing if self.training and torch.is_grad_enabled() else False
         for i, block in enumerate(self.blocks, start=1):
             if ckpt == "mlp":
-                x = block(x, meta, rope, checkpoint_mlp=True)
+                x = block(x, meta, rope, attn=self.attention, checkpoint_mlp=True)
             elif ckpt:
-                x = checkpoint(block, x, meta, rope, use_reentrant=False)
+                x = checkpoint(block, x, meta, rope, attn=self.attention, use_reentrant=False)
             else:
-                x = block(x, meta, rope)
-            if i in want:
+                x = block(x, meta, rope, attn=self.attention)
+            if i in keep:
                 layers[i] = x
+        return x, layers
+
+    def make_outputs(
+        self, x: torch.Tensor, meta: PackedMeta, layers: dict[int, torch.Tensor], rich: bool
+    ) -> torch.Tensor | PackedVisionOutput:
+        """The last block's output (T, D) -> final norm -> patch tokens (Tp, D) in input order; with
+        ``rich``, a ``PackedVisionOutput`` that adds the pooled output, the prefix tokens and the
+        kept hidden states, each split into patches and prefix."""
         x = self.norm(x)
         patches, prefix = split_prefix(x, meta)
-        if not (return_dict or output_layers is not None):
+        if not rich:
             return patches
-
         split = {i: split_prefix(h, meta) for i, h in layers.items()}
         n = len(self.blocks) + 1
         return PackedVisionOutput(

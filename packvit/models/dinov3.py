@@ -7,11 +7,13 @@ LayerScale -> LayerNorm. The output drops the prefix; ``pooler_output`` is the n
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from ..attention import AttentionImpl
 from ..layers import Block, GatedMlp, Mlp
 from ..packing import Grid, PackedMeta, insert_prefix, table_cache, token_positions
 from .base import PackedViT
@@ -38,10 +40,15 @@ class DINOv3Config:
     mlp_bias: bool = True
     drop_path_rate: float = 0.0
     # Training-time RoPE coordinate augmentation (HF's pos_embed_*; HF defaults). Applied only when
-    # the model's ``rope_augmentation`` switch is on AND it is in train mode; see ``DINOv3``.
+    # ``rope_augmentation`` is on AND the model is in train mode.
     pos_embed_shift: float | None = None
     pos_embed_jitter: float | None = None
     pos_embed_rescale: float | None = 2.0
+    # Off by default, unlike transformers (which augments whenever its model is in train mode), so
+    # that a tower fine-tuned in train mode (LLaVA) sees the positions it sees at inference. A
+    # training switch with no transformers field: packvit config.json files written before it
+    # existed read as off (``switch`` metadata, see weights_conversion.native).
+    rope_augmentation: bool = field(default=False, metadata={"switch": True})
 
     @property
     def head_dim(self) -> int:
@@ -105,6 +112,17 @@ def packed_rope(
     return rope_from_coords(coords, is_patch, head_dim, theta, dtype)
 
 
+class DINOv3Tables(NamedTuple):
+    """DINOv3's per-batch position tables (``DINOv3.position_tables``): RoPE's cos and sin, and, when
+    ``config.rope_augmentation`` is on, the un-augmented coordinates it perturbs per training step."""
+
+    cos: torch.Tensor  # (T, Dh), prefix rows 1
+    sin: torch.Tensor  # (T, Dh), prefix rows 0
+    coords: torch.Tensor | None = None  # (T, 2) (y, x) in [-1, 1], 0 on prefix rows
+    is_patch: torch.Tensor | None = None  # (T, 1) bool
+    frame: torch.Tensor | None = None  # (T,) each token's frame
+
+
 def augmented_rope(
     coords: torch.Tensor, is_patch: torch.Tensor, frame: torch.Tensor, num_frames: int, head_dim: int,
     cfg: "DINOv3Config", dtype: torch.dtype,
@@ -128,16 +146,13 @@ def augmented_rope(
 
 
 class DINOv3(PackedViT):
-    """``rope_augmentation`` (default False): when set and the model is in train mode, RoPE
-    coordinates are randomly shifted / jittered / rescaled per frame as HF does in training
-    (``config.pos_embed_*``). Off by default so that a tower fine-tuned in train mode (LLaVA) sees
-    the same positions as at inference; HF applies it whenever its model is in train mode."""
+    """With ``config.rope_augmentation`` on and the model in train mode, RoPE coordinates are
+    randomly shifted / jittered / rescaled per frame as HF does in training (``config.pos_embed_*``)."""
 
     uses_rope = True
 
-    def __init__(self, config: DINOv3Config, attn_backend: str = "auto"):
-        super().__init__(attn_backend)
-        self.rope_augmentation = False
+    def __init__(self, config: DINOv3Config, attn_backend: str | AttentionImpl = "auto"):
+        super().__init__()
         self.config = c = config
         self.num_prefix = 1 + c.num_register_tokens
         d = c.hidden_size
@@ -158,33 +173,41 @@ class DINOv3(PackedViT):
             for _ in range(c.num_layers)
         )
         self.norm = nn.LayerNorm(d, eps=c.norm_eps)
-        self.set_attention_backend(attn_backend)
+        self.set_attention(attn_backend)
 
     @property
     def has_pooler(self) -> bool:
         return True
 
-    def position_tables(self, meta: PackedMeta) -> tuple[torch.Tensor, ...]:
-        # (cos, sin) of shape (T, Dh); with the augmentation switch on, also the un-augmented
-        # coordinates it perturbs per step: coords (T, 2), is_patch (T, 1), frame (T,).
-        c, device = self.config, meta.cu_seqlens.device
-        rope = packed_rope(meta.grid, self.num_prefix, c.head_dim, c.rope_theta, device, self.dtype)
-        if self.rope_augmentation:
-            return (*rope, *packed_coords(meta.grid, self.num_prefix, device))
-        return rope
+    @property
+    def rope_augmentation(self) -> bool:
+        """``config.rope_augmentation``; setting it replaces the (frozen) config with the switch changed."""
+        return self.config.rope_augmentation
 
-    def embed(self, patches: torch.Tensor, meta: PackedMeta, tables: tuple[torch.Tensor, ...]):
+    @rope_augmentation.setter
+    def rope_augmentation(self, on: bool) -> None:
+        if not isinstance(on, bool):
+            raise TypeError(f"rope_augmentation must be a bool, got {on!r}")
+        self.config = replace(self.config, rope_augmentation=on)
+
+    def position_tables(self, meta: PackedMeta) -> DINOv3Tables:
+        c, device = self.config, meta.cu_seqlens.device
+        cos, sin = packed_rope(meta.grid, self.num_prefix, c.head_dim, c.rope_theta, device, self.dtype)
+        if c.rope_augmentation:
+            return DINOv3Tables(cos, sin, *packed_coords(meta.grid, self.num_prefix, device))
+        return DINOv3Tables(cos, sin)
+
+    def embed(self, patches: torch.Tensor, meta: PackedMeta, tables: DINOv3Tables):
         x = self.patch_embed(patches)  # (Tp, D)
         prefix = torch.cat([self.cls_token, self.register_tokens])  # (P, D)
         x = insert_prefix(x, prefix, meta)  # (T, D)
         c = self.config
-        if self.rope_augmentation and self.training:
-            if len(tables) < 5:
+        if c.rope_augmentation and self.training:
+            if tables.coords is None:
                 raise RuntimeError("this PackedBatch was prepared with rope_augmentation off; prepare it again")
-            coords, is_patch, frame = tables[2:]
-            return x, augmented_rope(coords, is_patch, frame, meta.num_frames, c.head_dim, c, x.dtype)
-        cos, sin = tables[:2]
-        return x, (cos.to(x.dtype), sin.to(x.dtype))
+            rope = augmented_rope(tables.coords, tables.is_patch, tables.frame, meta.num_frames, c.head_dim, c, x.dtype)
+            return x, rope
+        return x, (tables.cos.to(x.dtype), tables.sin.to(x.dtype))
 
     def pool(self, x: torch.Tensor, meta: PackedMeta) -> torch.Tensor:
         return x.index_select(0, meta.prefix_index[:: self.num_prefix])  # (F, D) normed CLS

@@ -7,10 +7,12 @@ blocks -> post LayerNorm [-> MAP head: a learned probe attends to each frame, th
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from ..attention import AttentionImpl
 from ..layers import Block, Mlp, pool_attention
 from ..packing import Grid, PackedMeta, table_cache, token_positions
 from .base import PackedViT
@@ -87,6 +89,12 @@ def packed_resize_weights(grid: Grid, side: int, device: torch.device) -> torch.
     return (wh[:, :, None] * ww[:, None, :]).reshape(-1, side * side).float()
 
 
+class Siglip2Tables(NamedTuple):
+    """SigLIP2's per-batch position table (``Siglip2.position_tables``)."""
+
+    resize: torch.Tensor  # (Tp, side*side) fp32: resize @ pos_embed is each token's resized position embedding
+
+
 class MAPHead(nn.Module):
     """Multihead attention pooling: ``probe`` attends to each frame's tokens, then x + mlp(ln(x)).
 
@@ -103,13 +111,13 @@ class MAPHead(nn.Module):
         self.norm = nn.LayerNorm(d, eps=cfg.norm_eps)
         self.mlp = Mlp(d, cfg.intermediate_size, cfg.hidden_act)
 
-    def forward(self, x: torch.Tensor, meta: PackedMeta, backend: str) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, meta: PackedMeta, attn: AttentionImpl) -> torch.Tensor:
         T, D = x.shape
         H, Dh = self.num_heads, D // self.num_heads
         w, b = self.in_proj.weight, self.in_proj.bias
         q = nn.functional.linear(self.probe.to(x.dtype), w[:D], b[:D]).view(1, H, Dh).expand(meta.num_frames, H, Dh)
         kv = nn.functional.linear(x, w[D:], b[D:]).view(T, 2, H, Dh)
-        o = pool_attention(q, kv[:, 0], kv[:, 1], meta, backend)  # (F, H, Dh)
+        o = pool_attention(q, kv[:, 0], kv[:, 1], meta, attn)  # (F, H, Dh)
         o = self.out_proj(o.reshape(meta.num_frames, D))
         return o + self.mlp(self.norm(o))
 
@@ -117,8 +125,8 @@ class MAPHead(nn.Module):
 class Siglip2(PackedViT):
     num_prefix = 0
 
-    def __init__(self, config: Siglip2Config, attn_backend: str = "auto"):
-        super().__init__(attn_backend)
+    def __init__(self, config: Siglip2Config, attn_backend: str | AttentionImpl = "auto"):
+        super().__init__()
         self.config = c = config
         d = c.hidden_size
         self.patch_embed = nn.Linear(self.patch_dim, d)
@@ -134,20 +142,19 @@ class Siglip2(PackedViT):
         )
         self.norm = nn.LayerNorm(d, eps=c.norm_eps)
         self.head = MAPHead(c) if c.use_head else None
-        self.set_attention_backend(attn_backend)
+        self.set_attention(attn_backend)
 
     @property
     def has_pooler(self) -> bool:
         return self.head is not None
 
-    def position_tables(self, meta: PackedMeta) -> tuple[torch.Tensor, ...]:
-        return (packed_resize_weights(meta.grid, self.config.pos_grid, meta.cu_seqlens.device),)  # (Tp, side*side) fp32
+    def position_tables(self, meta: PackedMeta) -> Siglip2Tables:
+        return Siglip2Tables(packed_resize_weights(meta.grid, self.config.pos_grid, meta.cu_seqlens.device))
 
-    def embed(self, patches: torch.Tensor, meta: PackedMeta, tables: tuple[torch.Tensor, ...]):
+    def embed(self, patches: torch.Tensor, meta: PackedMeta, tables: Siglip2Tables):
         x = self.patch_embed(patches)  # (Tp, D)
-        (weights,) = tables
-        pos = weights @ self.pos_embed.float()  # (Tp, D), resized in fp32 whatever the model dtype
+        pos = tables.resize @ self.pos_embed.float()  # (Tp, D), resized in fp32 whatever the model dtype
         return x + pos.to(x.dtype), None
 
     def pool(self, x: torch.Tensor, meta: PackedMeta) -> torch.Tensor | None:
-        return self.head(x, meta, self.attn_backend) if self.head is not None else None
+        return self.head(x, meta, self.attention) if self.head is not None else None
