@@ -107,7 +107,7 @@ def test_fixed_mode_has_llava_sizes_native_says_why_not(hf_checkpoints):
     native = PackedVisionTower(f"packvit:{d}", _args())
     assert not hasattr(native, "image_size")  # LLaVA's anyres check: `hasattr(vision_tower, "image_size")`
     with pytest.raises(FixedSizeOnly, match="exists only in fixed-size mode.*packvit-fixed"):
-        native.num_patches_per_side
+        _ = native.num_patches_per_side
     assert native.image_processor.crop_size["height"] == 384  # train.py's text-only placeholder size
 
 

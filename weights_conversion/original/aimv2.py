@@ -12,7 +12,8 @@ import re
 
 import torch
 
-from packvit.models.aimv2 import PRESETS, AIMv2Config
+from packvit.models.aimv2 import PRESETS as PRESETS  # re-exported: original/__init__.py reads mod.PRESETS
+from packvit.models.aimv2 import AIMv2Config
 
 from ..keymap import (
     CONV_TO_LINEAR, IDENTITY, TOKEN, ConversionError, Drop, Entry, KeyMap, Transform, count_layers,

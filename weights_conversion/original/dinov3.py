@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from packvit.models.dinov3 import PRESETS, DINOv3Config
+from packvit.models.dinov3 import PRESETS as PRESETS  # re-exported: original/__init__.py reads mod.PRESETS
+from packvit.models.dinov3 import DINOv3Config
 
 from ..keymap import (
     CONV_TO_LINEAR, IDENTITY, TOKEN, TOKENS, ConversionError, Drop, Entry, KeyMap, Transform, count_layers,
