@@ -52,8 +52,11 @@ class Session:
     """What every job of one run shares: the options, where it runs, and the rows written so far."""
 
     opt: Options
-    emit: Callable[[str], object] = print
+    emit: Callable[[str], object] = print  # each row, as a JSON line
     rows: list[dict] = field(default_factory=list)
+    device: torch.device = field(init=False)
+    dtype: torch.dtype = field(init=False)
+    env: dict = field(init=False)  # torch version, GPU, date: in every row
 
     def __post_init__(self):
         self.device, self.dtype = torch.device(self.opt.device), getattr(torch, self.opt.dtype)
