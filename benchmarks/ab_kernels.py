@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,22 @@ def _ms(fn) -> float:
     return measure(fn, DEV, warmup=5, iters=20)["ms"]
 
 
+def _attention_steps(q, k, v, dout, meta, backend):
+    """The timed steps of one attention variant: forward alone, forward + backward."""
+
+    def fwd():
+        with torch.no_grad():
+            varlen_attention(q, k, v, meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen,
+                             meta.max_seqlen, backend=backend)
+
+    def fwd_bwd():
+        o = varlen_attention(q, k, v, meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen,
+                             meta.max_seqlen, backend=backend)
+        torch.autograd.grad(o, (q, k, v), dout)
+
+    return fwd, fwd_bwd
+
+
 def section_attention() -> None:
     have_fa4 = "fa4" in available_backends(DEV, torch.bfloat16)
     variants = ["torch"] + (["fa4 +fa4-bwd", "fa4 +fa2-bwd"] if have_fa4 else [])
@@ -49,19 +66,30 @@ def section_attention() -> None:
             for variant in variants:
                 rule = FA4Backward(kernel="fa2" if "fa2-bwd" in variant else "fa4")
                 backend = resolve_attention(variant.split()[0], DEV, torch.bfloat16, fa4_backward=rule)
-
-                def fwd():
-                    with torch.no_grad():
-                        varlen_attention(q, k, v, meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen,
-                                         meta.max_seqlen, backend=backend)
-
-                def fwd_bwd():
-                    o = varlen_attention(q, k, v, meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen,
-                                         meta.max_seqlen, backend=backend)
-                    torch.autograd.grad(o, (q, k, v), dout)
-
+                fwd, fwd_bwd = _attention_steps(q, k, v, dout, meta, backend)
                 cells.append(f"{_ms(fwd):.2f} / {_ms(fwd_bwd):.2f}")
             print(f"| {model} | {wname} | {T} | {T / meta.num_frames:.0f} | " + " | ".join(cells) + " |")
+
+
+def _mlp_cases(x, w1, b1, w2, b2, h) -> dict:
+    """The timed ops of SigLIP2's MLP at one width: x (T, D) -> fc1 (width) -> fc2 (D); h (T, width)."""
+    return {
+        "fc1 plain matmul": lambda: x @ w1.t(),
+        "fc1 + bias epilogue": lambda: F.linear(x, w1, b1),
+        "fc1 + bias + GELU epilogue": lambda: torch._addmm_activation(b1, x, w1.t(), use_gelu=True),
+        "fc1 + bias, then GELU kernel": lambda: F.gelu(F.linear(x, w1, b1), approximate="tanh"),
+        "fc2 plain matmul": lambda: h @ w2.t(),
+        "fc2 + bias epilogue": lambda: F.linear(h, w2, b2),
+        "MLP, as packvit runs it": lambda: F.linear(torch._addmm_activation(b1, x, w1.t(), use_gelu=True), w2, b2),
+    }
+
+
+def _mlp_train_step(xg, w1, b1, w2, b2):
+    def train():
+        y = F.linear(F.gelu(F.linear(xg, w1, b1), approximate="tanh"), w2, b2)
+        torch.autograd.grad(y, (xg, w1, b1, w2, b2), torch.ones_like(y))
+
+    return train
 
 
 def section_mlp() -> None:
@@ -77,27 +105,23 @@ def section_mlp() -> None:
         b2 = torch.randn(D, device=DEV, dtype=torch.bfloat16) * 0.1
         h = torch.randn(T, width, device=DEV, dtype=torch.bfloat16)
         with torch.inference_mode():
-            cases = {
-                "fc1 plain matmul": lambda: x @ w1.t(),
-                "fc1 + bias epilogue": lambda: F.linear(x, w1, b1),
-                "fc1 + bias + GELU epilogue": lambda: torch._addmm_activation(b1, x, w1.t(), use_gelu=True),
-                "fc1 + bias, then GELU kernel": lambda: F.gelu(F.linear(x, w1, b1), approximate="tanh"),
-                "fc2 plain matmul": lambda: h @ w2.t(),
-                "fc2 + bias epilogue": lambda: F.linear(h, w2, b2),
-                "MLP, as packvit runs it": lambda: F.linear(torch._addmm_activation(b1, x, w1.t(), use_gelu=True), w2, b2),
-            }
-            for name, fn in cases.items():
+            for name, fn in _mlp_cases(x, w1, b1, w2, b2, h).items():
                 rows.setdefault(name, []).append(_ms(fn))
         w1.requires_grad_(), b1.requires_grad_(), w2.requires_grad_(), b2.requires_grad_()
         xg = x.clone().requires_grad_()
-
-        def train():
-            y = F.linear(F.gelu(F.linear(xg, w1, b1), approximate="tanh"), w2, b2)
-            torch.autograd.grad(y, (xg, w1, b1, w2, b2), torch.ones_like(y))
-
-        rows.setdefault("MLP forward + backward (eager)", []).append(_ms(train))
+        rows.setdefault("MLP forward + backward (eager)", []).append(_ms(_mlp_train_step(xg, w1, b1, w2, b2)))
     for name, (a, b) in rows.items():
         print(f"| {name} | {a:.3f} | {b:.3f} |")
+
+
+def _add_then_norm(norm):
+    """(x, a) -> (x + a, norm(x + a)): the residual add and the next block's norm."""
+
+    def add_norm(x, a):
+        y = x + a
+        return y, norm(y)
+
+    return add_norm
 
 
 def section_norm() -> None:
@@ -110,11 +134,7 @@ def section_norm() -> None:
                           ("RMSNorm 1024 (fp32 inside)", 1024, RMSNorm(1024, eps=1e-5))):
         norm = norm.to(DEV, torch.bfloat16)
         x, a = (torch.randn(T, D, device=DEV, dtype=torch.bfloat16) for _ in range(2))
-
-        def add_norm(x, a):
-            y = x + a
-            return y, norm(y)
-
+        add_norm = _add_then_norm(norm)
         fused = torch.compile(add_norm, dynamic=True)
         with torch.inference_mode():
             y32 = x.float() + a.float()
@@ -123,7 +143,7 @@ def section_norm() -> None:
             else:
                 n32 = y32 * torch.rsqrt(y32.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight.float()
             errs = [(out[1].float() - n32).abs().max().item() for out in (add_norm(x, a), fused(x, a))]
-            eager_ms, fused_ms = _ms(lambda: add_norm(x, a)), _ms(lambda: fused(x, a))
+            eager_ms, fused_ms = _ms(partial(add_norm, x, a)), _ms(partial(fused, x, a))
         gbs = 4 * T * D * 2 / fused_ms / 1e6  # read x, a; write y, norm(y)
         print(f"| {name} | {eager_ms:.3f} | {fused_ms:.3f} | {gbs:.0f} | {errs[0]:.1e} / {errs[1]:.1e} |")
 

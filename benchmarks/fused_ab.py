@@ -153,7 +153,7 @@ def run_sweep(args, record):
     cases = {k: v for k, v in op_cases(args.tokens).items() if "Norm" in k}
     for elems, warps in [(1024, 4), (4096, 8), (8192, 8)]:
         K._TILE_ELEMS, K._NORM_WARPS = elems, warps
-        for name, (ref, impls, make) in cases.items():
+        for name, (_ref, impls, make) in cases.items():
             inputs = make()
             for train in (False, True):
                 record(dict(part="sweep", op=name, mode="fwd+bwd" if train else "fwd", tile_elems=elems, warps=warps,

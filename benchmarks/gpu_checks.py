@@ -153,7 +153,7 @@ def _recompiles(device, tiny, backend) -> bool:
     g = torch.Generator().manual_seed(5)
     dynamo_utils.counters.clear()
     graphs = []
-    for i in range(8):
+    for _ in range(8):
         n = int(torch.randint(2, 33, (1,), generator=g))
         grid = torch.randint(4, 40, (n, 3), generator=g)
         grid[:, 0] = 1

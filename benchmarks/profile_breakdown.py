@@ -13,6 +13,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from packvit.bench.models import build_pair
+from packvit.bench.timing import model_step
 from packvit.bench.workloads import mixed32
 
 MATMUL = re.compile(r"gemm|cutlass.*(?:sm90|tensorop)|nvjet|xmma|wgmma|cublas", re.I)
@@ -75,19 +76,8 @@ def main() -> None:
         wl = mixed32(pv.config.patch_size)
         x = torch.randn(wl.num_patches, pv.patch_dim, device=dev, dtype=torch.bfloat16)
         grid = torch.tensor(wl.grid)
-        for train in (False, True) if a.train else (False,):
-            pv.train(train)
-
-            def fn():
-                if train:
-                    pv.zero_grad(set_to_none=True)
-                    pv(x, grid).float().square().mean().backward()
-                else:
-                    with torch.inference_mode():
-                        pv(x, grid)
-
-            r = breakdown(fn)
-            mode = "train" if train else "infer"
+        for mode in ("infer", "train") if a.train else ("infer",):
+            r = breakdown(model_step(pv, x, grid, mode))  # sets the model's train / eval mode
             print(f"| {family} | {a.backend} | {a.compile} | {mode} | {r['wall']:.1f} | {r['matmul']:.1f} | "
                   f"{r['attention']:.1f} | {r['other']:.1f} | {r['idle']:.1f} |")
             details.append((family, mode, r["top_other"]))

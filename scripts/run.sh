@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# One entry point for the README's two commands:
+# One entry point for the README's commands:
 #     bash scripts/run.sh demo [demo args...]    e.g. bash scripts/run.sh demo --ckpt google/siglip2-base-patch16-naflex
 #     bash scripts/run.sh test [pytest args...]  e.g. bash scripts/run.sh test -k packing
+#     bash scripts/run.sh lint                   ruff check and ruff format --check (pyproject.toml's [tool.ruff])
 # It creates .venv in the repository root (once), installs torch and packvit into it, then runs.
 # torch comes from, in order: the venv itself; the python running this script (a CUDA build you
 # already have is reused through --system-site-packages); a local CPU wheel in
 # ${PACKVIT_TORCH_WHEELS:-/opt/wheels}; otherwise `pip install torch` from your index.
 set -euo pipefail
 
-usage() { echo "usage: bash scripts/run.sh {demo|test} [args...]" >&2; exit 2; }
+usage() { echo "usage: bash scripts/run.sh {demo|test|lint} [args...]" >&2; exit 2; }
 [[ $# -ge 1 ]] || usage
 cmd=$1; shift
 [[ ${1:-} == "--" ]] && shift  # allow `run.sh demo -- --ckpt ...`
-case $cmd in demo|test) ;; *) usage ;; esac
+case $cmd in demo|test|lint) ;; *) usage ;; esac
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -56,7 +57,7 @@ fi
 # Install packvit (editable) with its test/demo extras; redo only when pyproject.toml changes.
 stamp=$VENV/.packvit-installed
 want=$(cksum < pyproject.toml)
-if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]] || ! "$VPY" -c "import packvit, transformers, pytest" >/dev/null 2>&1; then
+if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]] || ! "$VPY" -c "import packvit, transformers, pytest, ruff" >/dev/null 2>&1; then
     say "installing packvit and its test/demo dependencies into .venv"
     constraints=$(mktemp)
     # Pin the torch already there so pip never swaps it for another build.
@@ -89,4 +90,6 @@ say "torch $("$VPY" -W ignore -c 'import torch; print(torch.__version__, "cuda" 
 case $cmd in
     demo) say "running the demo"; exec "$VPY" -m packvit.demo "$@" ;;
     test) say "running the tests"; exec env HF_HUB_OFFLINE=1 "$VPY" -m pytest -q "$@" ;;
+    lint) say "ruff check, then ruff format --check"
+          "$VPY" -m ruff check . && exec "$VPY" -m ruff format --check . ;;
 esac

@@ -132,7 +132,7 @@ def test_convert_verify_prints_parity(family, hf_checkpoints, tmp_path, capsys):
     _, src = hf_checkpoints[family]
     assert main(["convert", str(src), str(tmp_path / "pv"), "--no-progress", "--verify"]) == 0
     out = capsys.readouterr().out
-    line = next(l for l in out.splitlines() if l.startswith("mixed"))
+    line = next(s for s in out.splitlines() if s.startswith("mixed"))
     max_diff, mean_diff, cos_min = (float(v) for v in line.split()[3:6])
     assert max_diff < 1e-4 and mean_diff < 1e-5 and cos_min > 0.9999
     assert "OK: cosine min" in out
@@ -231,7 +231,7 @@ def test_align_per_resolution_and_mixed(family, hf_checkpoints, capsys):
     rows = _align_rows(out)
     assert set(rows) == {f"{2 * p}x{2 * p}", f"{3 * p}x{5 * p}", "mixed"}
     assert rows["mixed"][0] == 4 and rows["mixed"][1] == 2 * (4 + 15)  # images, tokens
-    for images, tokens, max_diff, mean_diff, cmin, cmean, cmax in rows.values():
+    for _images, _tokens, max_diff, _mean_diff, cmin, cmean, cmax in rows.values():
         assert max_diff < 1e-4 and cmin > 0.9999 and cmin <= cmean <= cmax
     assert "photos from" in out
 

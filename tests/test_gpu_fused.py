@@ -277,7 +277,7 @@ def _model(family: str):
     torch.manual_seed(0)
     m = fam.model_class(cfg)
     with torch.no_grad():  # spread the constant-initialised norms, biases and scales
-        for name, p in m.named_parameters():
+        for p in m.parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.05)
     return m

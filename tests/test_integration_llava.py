@@ -107,7 +107,7 @@ def test_fixed_mode_has_llava_sizes_native_says_why_not(hf_checkpoints):
     native = PackedVisionTower(f"packvit:{d}", _args())
     assert not hasattr(native, "image_size")  # LLaVA's anyres check: `hasattr(vision_tower, "image_size")`
     with pytest.raises(FixedSizeOnly, match="exists only in fixed-size mode.*packvit-fixed"):
-        native.num_patches_per_side
+        _ = native.num_patches_per_side
     assert native.image_processor.crop_size["height"] == 384  # train.py's text-only placeholder size
 
 
@@ -261,8 +261,17 @@ def test_install_wraps_prepare_inputs_and_delegates(hf_checkpoints, monkeypatch)
     import packvit.integrations.llava as integ
 
     class LlavaMetaForCausalLM:  # the branch of llava_arch this relies on, as LLaVA writes it
-        def prepare_inputs_labels_for_multimodal(self, input_ids, position_ids, attention_mask, past_key_values,
-                                                 labels, images, modalities=["image"], image_sizes=None):  # noqa: B006
+        def prepare_inputs_labels_for_multimodal(
+            self,
+            input_ids,
+            position_ids,
+            attention_mask,
+            past_key_values,
+            labels,
+            images,
+            modalities=["image"],  # noqa: B006 (LLaVA's signature)
+            image_sizes=None,
+        ):
             if images is None or input_ids.shape[1] == 1:
                 return "untouched"
             if type(images) is list or images.ndim == 5:

@@ -129,7 +129,7 @@ def test_native_mode_keeps_resolution_within_bounds(hf_checkpoints):
     x, grid = proc([_photo(160, 320), _photo(2000, 1000), _photo(10, 10)])
     assert grid.tolist()[0] == [1, 10, 20]  # already patch multiples within bounds: untouched
     lo, hi = c.bounds
-    for t, h, w in grid.tolist():
+    for _, h, w in grid.tolist():
         assert lo <= h * w * 256 <= hi
     assert proc.num_patches(2000, 1000) == grid.tolist()[1][1] * grid.tolist()[1][2]
 

@@ -262,7 +262,7 @@ def test_auto_backend_is_what_transformers_picks(monkeypatch):
     expected = "torchvision" if transformers.utils.is_torchvision_available() else "pil"
     assert PreprocessConfig(patch_size=16).backend == expected
     for installed, name in [(True, "torchvision"), (False, "pil")]:
-        monkeypatch.setattr(ptv, "torchvision_installed", lambda: installed)
+        monkeypatch.setattr(ptv, "torchvision_installed", lambda installed=installed: installed)
         cfg = PreprocessConfig(patch_size=16, backend="auto")
         assert cfg.backend == name
         assert f"backend={name!r}" in repr(ImageProcessor(cfg)) and f"backend={name!r}" in repr(cfg)

@@ -323,5 +323,5 @@ def test_default_verify_threshold_catches_a_wrong_head_count(src, tmp_path, monk
                         lambda family, cfg, state, **kw: real_build(family, dataclasses.replace(cfg, num_heads=2), state, **kw))
     assert main(["convert", str(src), str(tmp_path / "pv"), "--no-progress", "--verify"]) == 1
     out = capsys.readouterr().out
-    cos_min = float(next(l for l in out.splitlines() if l.startswith("mixed")).split()[5])
+    cos_min = float(next(s for s in out.splitlines() if s.startswith("mixed")).split()[5])
     assert 0.99 < cos_min < 0.9999 and "FAIL" in out and not (tmp_path / "pv").exists()

@@ -62,4 +62,4 @@ def test_hookable_output_reads_like_the_dataclass(packvit_models):
     assert torch.equal(got.prefix_hidden_states[1], want.prefix_hidden_states[1])
     assert torch.equal(got.pooler_output, want.pooler_output) and got.meta is not None
     with pytest.raises(AttributeError, match="no field 'nope'"):
-        got.nope
+        _ = got.nope

@@ -62,8 +62,17 @@ def install() -> None:
     if hasattr(original, _PATCHED):
         return
 
-    def prepare_inputs_labels_for_multimodal(self, input_ids, position_ids, attention_mask, past_key_values, labels,
-                                             images, modalities=["image"], image_sizes=None):  # noqa: B006 (LLaVA's signature)
+    def prepare_inputs_labels_for_multimodal(
+        self,
+        input_ids,
+        position_ids,
+        attention_mask,
+        past_key_values,
+        labels,
+        images,
+        modalities=["image"],  # noqa: B006 (LLaVA's signature)
+        image_sizes=None,
+    ):
         tower = self.get_vision_tower()
         if (not isinstance(tower, PackedVisionTower) or tower.fixed_size or images is None
                 or input_ids.shape[1] == 1):
