@@ -1,4 +1,4 @@
-"""Extreme grids at published sizes: are the outputs finite in bf16? (issue 5, hardening)
+"""Extreme grids at published sizes: are the outputs finite in bf16? (hardening)
 
     python benchmarks/gpu_extreme_grids.py                      # CUDA, bf16, torch backend, real presets
     python benchmarks/gpu_extreme_grids.py --device cpu --tiny  # a seconds-long smoke run of the same code

@@ -12,7 +12,9 @@ from __future__ import annotations
 import importlib
 
 from ._version import __version__
-from .attention import BACKENDS, available_backends, resolve_backend, varlen_attention
+from .attention import (
+    BACKENDS, AttentionImpl, FA4Backward, available_backends, resolve_attention, resolve_backend, varlen_attention,
+)
 from .models import (
     AIMv2, AIMv2Config, DINOv3, DINOv3Config, PackedBatch, PackedViT, PackedVisionOutput, Siglip2, Siglip2Config,
 )
@@ -42,6 +44,6 @@ def __dir__() -> list[str]:
 __all__ = [
     "AIMv2", "AIMv2Config", "DINOv3", "DINOv3Config", "Siglip2", "Siglip2Config", "PackedViT", "PackedVisionOutput", "PackedBatch",
     "AIMv2Packing", "DINOv3ViTPacking", "Siglip2NaflexPacking", "from_pretrained", "BACKENDS", "available_backends",
-    "__version__", "resolve_backend", "varlen_attention", "PackedMeta", "build_meta", "convert_to_packing_format", "grid_to_tuple",
+    "__version__", "AttentionImpl", "FA4Backward", "resolve_attention", "resolve_backend", "varlen_attention", "PackedMeta", "build_meta", "convert_to_packing_format", "grid_to_tuple",
     "patchify", "unpatchify", "split_by_image", "cache_bytes", "clear_caches", "set_cache_limit",
 ]

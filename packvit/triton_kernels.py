@@ -5,7 +5,7 @@ Written here, not taken from a kept library, because none fits (checked 2026-12-
   * residual add + LayerNorm, with DINOv3's LayerScale folded in, forward and backward: Liger-Kernel's
     ``layer_norm`` has no residual input; quack-kernels' residual path is its RMSNorm, and quack only
     reaches the GPU machine inside the 70 MB fa4 bundle (its ``gemm_act`` also fails there with the
-    bundle's nvidia-cutlass-dsl 4.8.1, issue 19). The same kernel does AIMv2's add + RMSNorm, which
+    bundle's nvidia-cutlass-dsl 4.8.1). The same kernel does AIMv2's add + RMSNorm, which
     Liger-Kernel has (``fused_add_rms_norm``, kept as the alternative in ``fused_ops``), because
     Liger's backward measured slower on the H200 (kernel time, 23k x 1024, forward + backward:
     add + RMSNorm 0.271 ms Liger, 0.118 packvit; RMSNorm 0.193 against 0.082; the forwards tie).

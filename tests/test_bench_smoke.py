@@ -62,7 +62,7 @@ def test_wrong_output_is_refused_not_timed(tmp_path, monkeypatch):
 
 def test_workloads_follow_benchmarks_md():
     m = get("mixed32", 16)
-    assert m.num_images == 32 and m.num_patches == 23103  # BENCHMARKS.md: 23,103 patches
+    assert m.num_images == 32 and m.num_patches == 23103  # the workload's published size: 23,103 patches
     assert m.num_patches + 5 * m.num_frames == 23263  # DINOv3 with 5 prefix tokens per image
     assert get("fixed32_448", 14).num_patches == 32 * 32 * 32 and get("fixed32_448", 16).num_patches == 32 * 28 * 28
     assert get("mixed32", 14).grid == m.grid  # the grid does not depend on the patch size

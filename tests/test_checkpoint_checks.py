@@ -1,4 +1,4 @@
-"""Issue 16 items 5, 6, 8, 9 and issue 17 item 11: checkpoints that would convert to a wrong model,
+"""Checkpoints that would convert to a wrong model,
 read files outside their folder, or end in a traceback; and preprocessor_config.json carried through
 convert and export-hf."""
 
@@ -186,7 +186,7 @@ def test_nonfinite_weight_is_an_error_unless_allowed(value, hf_checkpoints, tmp_
     assert load_model(tmp_path / "pv", allow_nonfinite=True).config.num_layers == 2
 
 
-# -- issue 17 item 11: preprocessor_config.json through convert and export-hf ------------------------
+# -- preprocessor_config.json through convert and export-hf ------------------------
 
 
 @pytest.fixture

@@ -139,7 +139,7 @@ def test_convert_verify_prints_parity(family, hf_checkpoints, tmp_path, capsys):
 
 
 def test_convert_refuses_existing_destination_unless_overwrite(hf_checkpoints, tmp_path, capsys):
-    """A folder packvit wrote is replaced only with --overwrite; a folder it did not write never is (issue 16)."""
+    """A folder packvit wrote is replaced only with --overwrite; a folder it did not write never is."""
     _, src = hf_checkpoints["dinov3"]
     (tmp_path / "pv").mkdir()
     (tmp_path / "pv" / "keep.txt").write_text("mine")
@@ -266,7 +266,7 @@ def test_align_image_dir_must_hold_images(hf_checkpoints, tmp_path, capsys):
     assert "--image_dir" in capsys.readouterr().err
 
 
-# -- issue 16 items 12, 13, 15: optional features, bench on a CPU machine, progress, interrupts -----
+# -- optional features, bench on a CPU machine, progress, interrupts -----
 
 
 def test_bench_without_cuda(monkeypatch, capsys):

@@ -1,7 +1,7 @@
 """Original research layouts (facebookresearch/dinov3 .pth, Apple ml-aim AIMv2) -> packvit.
 
 Each test writes a tiny HF model's weights in the original layout, through inverse maps written
-here from MODELS.md's key tables, and checks that packvit gives the same outputs as from the HF files.
+here from the original repositories' key names, and checks that packvit gives the same outputs as from the HF files.
 """
 
 from __future__ import annotations

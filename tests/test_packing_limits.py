@@ -44,8 +44,8 @@ def test_prefix_tokens_count_towards_the_limit():
 
 
 def test_rows_are_checked_against_the_grid_before_any_table(dinov3):
-    """A 1000 x 1000 grid given 10 rows: ``check_packed`` refuses it from the integers alone (issue 16
-    measured 16 s and 3.7 GB of table work before the error, and 1.07 GB left in the caches)."""
+    """A 1000 x 1000 grid given 10 rows: ``check_packed`` refuses it from the integers alone (before this
+    check, 16 s and 3.7 GB of table work before the error, and 1.07 GB left in the caches)."""
     clear_caches()
     x = torch.randn(10, dinov3.patch_dim)
     start = time.perf_counter()

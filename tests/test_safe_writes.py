@@ -312,7 +312,7 @@ def test_failed_verify_leaves_dst_as_it_was(src, tmp_path, monkeypatch, capsys):
 
 
 def test_default_verify_threshold_catches_a_wrong_head_count(src, tmp_path, monkeypatch, capsys):
-    """item 7: a wrong head count (issue 16: packvit's 16 for transformers' 12; here 2 for 4) gives a
+    """item 7: a wrong head count (a real case: packvit's 16 for transformers' 12; here 2 for 4) gives a
     cosine near 0.99. Here 0.995: the old default threshold 0.99 passed it, the float32 default fails it."""
     import dataclasses
 

