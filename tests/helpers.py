@@ -10,7 +10,6 @@ it is missing. The tiny transformers models and the frame-by-frame run live in
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -82,12 +81,11 @@ def run_python(args, timeout: int = 240) -> str:
 
 
 def torchrun(script, *args, nproc: int = 2, timeout: int = 240) -> str:
-    """Run ``script`` under torchrun with ``nproc`` CPU processes on a free local port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return run_python(["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-                       f"--master_port={port}", script, *args], timeout=timeout)
+    """Run ``script`` under torchrun with ``nproc`` CPU processes. ``--standalone`` lets torchrun
+    bind its own free port: choosing one here and handing it over left a window in which another
+    process (a parallel test run) could take it, and the workers then aborted."""
+    return run_python(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *args],
+                      timeout=timeout)
 
 
 def assert_hf_export_exact(hf_model, src_dir, export_dir) -> None:
