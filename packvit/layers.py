@@ -249,8 +249,10 @@ class Block(nn.Module):
 
     def forward(
         self, x: torch.Tensor, meta: PackedMeta, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-        checkpoint_mlp: bool = False,
-    ) -> torch.Tensor:
+        checkpoint_mlp: bool = False, normed: torch.Tensor | None = None, next_norm: tuple | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        if normed is not None:  # chained norms (``packvit.chained``): norm1(x) came with x
+            return self._forward_chained(x, normed, meta, rope, checkpoint_mlp, next_norm)
         a = self.attn(self.norm1(x), meta, rope)
         if self._fuses(x, a):
             return self._forward_fused(x, a, checkpoint_mlp)
@@ -294,8 +296,29 @@ class Block(nn.Module):
             return torch.addcmul(x, m, self.ls2.scale)
         return x + m
 
+    def _forward_chained(self, x, h, meta, rope, checkpoint_mlp, next_norm):
+        """The fused block with norm1 done by the caller: ``h`` is norm1(x), and the final
+        x + ls2(m) runs with the next block's norm1 (``next_norm`` = its ``norm_args``) as one
+        kernel each way. Returns (x, next block's normed input, or None after the last block)."""
+        a = self.attn(h, meta, rope)
+        n = self.norm2
+        gamma = self.ls1.scale if isinstance(self.ls1, LayerScale) else None
+        x, h = fused_ops.add_norm(x, a, gamma, *norm_args(n))
+        m = checkpoint(self.mlp, h, use_reentrant=False) if checkpoint_mlp else self.mlp(h)
+        gamma = self.ls2.scale if isinstance(self.ls2, LayerScale) else None
+        if next_norm is None:
+            return (torch.addcmul(x, m, gamma) if gamma is not None else x + m), None
+        return fused_ops.add_norm(x, m, gamma, *next_norm)
+
     def extra_repr(self) -> str:
         return f"fused_add_norm={self.fused_add_norm}" if self.fused_add_norm else ""
+
+
+def norm_args(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, float, bool]:
+    """(weight, bias, eps, rms) of a LayerNorm or ``RMSNorm``, as ``fused_ops.add_norm`` takes them."""
+    if isinstance(norm, RMSNorm):
+        return norm.weight, None, norm.eps, True
+    return norm.weight, norm.bias, norm.eps, False
 
 
 def pool_attention(

@@ -208,7 +208,11 @@ for ref in (DINOv3(DINOv3Config(hidden_size=64, num_layers=2, num_heads=4, inter
         b.fused_add_norm = "triton"
         b.attn.fused_rope = "triton" if ref.uses_rope else None
     px = torch.randn(int((grid[:, 0] * grid[:, 1] * grid[:, 2]).sum()), ref.patch_dim)
-    for ckpt in (False, "mlp"):
+    # Chained norms (packvit.chained: each norm1 in the previous block's last kernel) on and off.
+    for ckpt, chain in ((False, True), ("mlp", True), (False, False)):
+        fused.chain_norms = chain
+        from packvit import chained
+        assert chained.chains(fused, torch.randn(3, ref.hidden_size), ckpt) == chain
         outs = []
         for m in (ref, fused):
             m.train().zero_grad()
@@ -220,7 +224,7 @@ for ref in (DINOv3(DINOv3Config(hidden_size=64, num_layers=2, num_heads=4, inter
         close(outs[1][0], outs[0][0], f"{type(ref).__name__} output", 1e-5)
         assert len(outs[0][1]) == len(outs[1][1])
         for i, (u, v) in enumerate(zip(outs[1][1], outs[0][1])):
-            close(u, v, f"{type(ref).__name__} grad {i} ckpt={ckpt}", 1e-4)
+            close(u, v, f"{type(ref).__name__} grad {i} ckpt={ckpt} chain={chain}", 1e-4)
 print("ok")
 """
 

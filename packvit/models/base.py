@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .. import chained
 from ..attention import resolve_backend
 from ..fused_ops import resolve_fused
 from ..layers import Attention, Block, GatedMlp, RMSNorm
@@ -277,7 +278,11 @@ class PackedViT(nn.Module):
         x, rope = self.embed(hidden_states.to(self.dtype), meta, batch.tables)  # (T, D)
         layers = {0: x} if 0 in want else {}
         ckpt = self.gradient_checkpointing if self.training and torch.is_grad_enabled() else False
-        for i, block in enumerate(self.blocks, start=1):
+        chain = chained.chains(self, x, ckpt)
+        if chain:  # the fused path: each norm1 in the previous block's last kernel (``packvit.chained``)
+            x, chained_layers = chained.run_blocks(self.blocks, x, meta, rope, want, ckpt == "mlp")
+            layers.update(chained_layers)
+        for i, block in enumerate(() if chain else self.blocks, start=1):
             if ckpt == "mlp":
                 x = block(x, meta, rope, checkpoint_mlp=True)
             elif ckpt:
