@@ -1,5 +1,6 @@
 """A/B of the inference forward on a GPU: eager against CUDA graphs (``packvit.cuda_graphs``), and the
-other speed switches of issue 19 (chained norms, chunked MLP) when this tree has them.
+other switches of issue 19 on this branch (chained norms, quack's GELU in fc1, fewer saved activations,
+chunked MLP), each against main's path.
 
     python benchmarks/graphs_ab.py --out rows.jsonl                     # the three families, fa4 or best
     python benchmarks/graphs_ab.py --backend torch --family dinov3
@@ -76,18 +77,27 @@ def run(args, record):
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         t0 = time.perf_counter()
-        try:
-            graphed = cuda_graphs.capture(model, max_tokens=args.max_tokens)
-        except Exception as e:  # report exactly what fails (FA4's launch under capture, say)
-            import traceback
+        graphed = None
+        for without in ((), ("gelu_mlp",)):  # a second try without quack's GEMM, to tell what fails
+            set_switches(model, set(SWITCHES) - set(without))
+            try:
+                graphed = cuda_graphs.capture(model, max_tokens=args.max_tokens)
+                break
+            except Exception as e:  # report exactly what fails (FA4's launch under capture, say)
+                import traceback
 
-            record(dict(part="capture", family=family, backend=model.attn_backend, ok=False, error=repr(e)[:2000],
-                        tb=traceback.format_exc()[-3000:]))
+                record(dict(part="capture", family=family, backend=model.attn_backend, ok=False, without=without,
+                            error=repr(e)[:2000], tb=traceback.format_exc()[-3000:]))
+                torch.cuda.synchronize()
+        if graphed is None:
+            if args.switches:
+                switches(args, model, family, record)
             del model
             torch.cuda.empty_cache()
             continue
         torch.cuda.synchronize()
         record(dict(part="capture", family=family, backend=model.attn_backend, ok=True, buckets=list(graphed.buckets),
+                    fused={k: v for k, v in model.fused_kernels.items() if v},
                     capture_s=time.perf_counter() - t0, graphs_gib=(torch.cuda.memory_allocated() - base) / 2**30,
                     reserved_gib=torch.cuda.memory_reserved() / 2**30))
         for wname, grid in grids.items():
@@ -110,6 +120,8 @@ def run(args, record):
                 row[f"{how}_peak_gib"] = r["peak_gib"]
             row["speedup"] = row["eager_ms"] / row["graphs_ms"]
             record(row)
+        if args.profile:
+            profile(args, model, graphed, family, record)
         del graphed
         if args.switches:
             switches(args, model, family, record)
@@ -117,30 +129,81 @@ def run(args, record):
         torch.cuda.empty_cache()
 
 
+SWITCHES = ("chain_norms", "gelu_mlp", "saves_less", "mlp_chunks")
+
+
+def set_switches(model, on: set[str]) -> None:
+    """This tree's speed/memory switches: each off is what main ran before them."""
+    from packvit import layers
+
+    model.chain_norms = "chain_norms" in on
+    layers.TRAIN_SAVES_LESS = "saves_less" in on
+    layers.MLP_CHUNK_TOKENS = 8192 if "mlp_chunks" in on else 0
+    for m in model.modules():
+        if isinstance(m, layers.Mlp):
+            m.fused = model.fused_kernels.get("gelu_mlp") if "gelu_mlp" in on else None
+
+
 def switches(args, model, family, record):
-    """The eager forward and training step on mixed32 with each switch of this tree off and on."""
+    """The eager forward and training step on mixed32: main's path, each switch alone, all on. The
+    training rows also give the memory the forward leaves for backward (saved activations)."""
     from packvit.bench.timing import model_step
 
     grid = workload("mixed32", model.config.patch_size)
     n = sum(t * h * w for t, h, w in grid)
     px = torch.randn(n, model.patch_dim, generator=torch.Generator().manual_seed(0)).to(DEV, BF16)
     grid_t = torch.tensor(grid)
-    for name, attr, values in [("chain_norms", "chain_norms", (False, True))]:
-        outs = {}
-        for v in values:
-            setattr(model, attr, v)
-            model.eval()
-            with torch.inference_mode():
-                outs[v] = model(px, grid_t).float()
-            for mode in ("infer", "train"):
-                r = measure(model_step(model, px, grid_t, mode), DEV, args.warmup, args.iters)
-                record(dict(part="switch", family=family, backend=model.attn_backend, switch=name, value=v, mode=mode,
-                            **r))
+    has_gelu = model.fused_kernels.get("gelu_mlp") is not None and family != "aimv2"
+    configs = [("main", set()), ("chain_norms", {"chain_norms"})]
+    configs += [("gelu_mlp", {"gelu_mlp"})] if has_gelu else []
+    configs += [("saves_less", {"saves_less"}), ("all_but_chunks", set(SWITCHES) - {"mlp_chunks"}), ("all", set(SWITCHES))]
+    outs = {}
+    for name, on in configs:
+        set_switches(model, on)
+        model.eval()
+        with torch.inference_mode():
+            outs[name] = model(px, grid_t).float()
+        for mode in ("infer", "train"):
+            if mode == "train" and name == "all_but_chunks":
+                continue  # the chunks are inference-only
+            r = measure(model_step(model, px, grid_t, mode), DEV, args.warmup, args.iters)
+            row = dict(part="switch", family=family, backend=model.attn_backend, config=name, mode=mode, **r)
+            if mode == "train":
                 model.zero_grad(set_to_none=True)
-        cos = F.cosine_similarity(outs[values[0]], outs[values[-1]], dim=-1)
-        record(dict(part="switch_check", family=family, switch=name, cos_min=cos.min().item()))
-        setattr(model, attr, values[-1])
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                y = model(px, grid_t)
+                torch.cuda.synchronize()
+                row["saved_gib"] = (torch.cuda.memory_allocated() - base) / 2**30  # what the forward keeps
+                del y
+                row["weights_gib"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+            record(row)
+            model.zero_grad(set_to_none=True)
+        cos = F.cosine_similarity(outs[name], outs["main"], dim=-1)
+        record(dict(part="switch_check", family=family, config=name, cos_min=cos.min().item()))
+    set_switches(model, set(SWITCHES))
     model.eval()
+
+
+def profile(args, model, graphed, family, record):
+    """Kernel time of one eager and one graphed forward of mixed32 (is the graph's GPU work the same?)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+
+    grid = torch.tensor(workload("mixed32", model.config.patch_size))
+    n = int((grid[:, 0] * grid[:, 1] * grid[:, 2]).sum())
+    px = torch.randn(n, model.patch_dim, device=DEV, dtype=BF16)
+    for how, m in (("eager", model), ("graphs", graphed)):
+        with torch.inference_mode():
+            m(px, grid), m(px, grid)
+            torch.cuda.synchronize()
+            with prof(activities=[ProfilerActivity.CUDA]) as p:
+                for _ in range(3):
+                    m(px, grid)
+                torch.cuda.synchronize()
+        ev = sorted(((e.key, e.self_device_time_total / 3e3) for e in p.key_averages()), key=lambda x: -x[1])
+        record(dict(part="profile", family=family, how=how, kernel_ms=sum(t for _, t in ev),
+                    top=[(k[:60], round(t, 3)) for k, t in ev[:8]]))
 
 
 def table(rows):
@@ -159,13 +222,18 @@ def table(rows):
             lines.append(f"| {r['family']} | {r['backend']} | {r['workload']} | {r['patches']} | {r['eager_ms']:.2f} "
                          f"({r['eager_host_ms']:.2f}) | {r['graphs_ms']:.2f} ({r['graphs_host_ms']:.2f}) | {r['speedup']:.2f}x "
                          f"| {r['cos_min']:.5f} | {r['max_abs']:.3f} | {r['bitwise']} |")
-    lines += ["", "| family | attention | switch | value | mode | ms (p10-p90) | peak GiB |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "| family | attention | config | mode | ms (p10-p90) | peak GiB | saved by forward GiB |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["part"] == "switch":
-            lines.append(f"| {r['family']} | {r['backend']} | {r['switch']} | {r['value']} | {r['mode']} | {r['ms']:.1f} "
-                         f"({r['p10']:.1f}-{r['p90']:.1f}) | {r['peak_gib']:.2f} |")
+            saved = f"{r['saved_gib']:.2f}" if "saved_gib" in r else ""
+            lines.append(f"| {r['family']} | {r['backend']} | {r['config']} | {r['mode']} | {r['ms']:.1f} "
+                         f"({r['p10']:.1f}-{r['p90']:.1f}) | {r['peak_gib']:.2f} | {saved} |")
+    for r in rows:
         if r["part"] == "switch_check":
-            lines.append(f"check {r['family']} {r['switch']}: per-patch cosine off vs on, min {r['cos_min']:.5f}")
+            lines.append(f"check {r['family']} {r['config']}: per-patch cosine against main's path, min {r['cos_min']:.5f}")
+        if r["part"] == "profile":
+            lines.append(f"profile {r['family']} {r['how']}: kernels {r['kernel_ms']:.2f} ms; " +
+                         "; ".join(f"{k[:45]} {t}" for k, t in r["top"]))
     return "\n".join(lines)
 
 
@@ -174,10 +242,11 @@ def main(argv=None):
     p.add_argument("--family", nargs="+", default=["siglip2", "dinov3", "aimv2"])
     p.add_argument("--workload", nargs="+", default=["mixed32", "small4", "one"])
     p.add_argument("--backend", default="auto")
-    p.add_argument("--max-tokens", type=int, default=32768)
+    p.add_argument("--max-tokens", type=int, default=cuda_graphs.DEFAULT_MAX_TOKENS)
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--iters", type=int, default=30)
-    p.add_argument("--switches", action="store_true", help="also the eager A/B of chain_norms (mixed32)")
+    p.add_argument("--switches", action="store_true", help="also the eager A/B of this tree's switches (mixed32)")
+    p.add_argument("--profile", action="store_true", help="also the kernel time of eager against graphed (mixed32)")
     p.add_argument("--out", help="append JSON lines here")
     args = p.parse_args(argv)
     env = dict(torch=torch.__version__, gpu=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d", time.gmtime()))

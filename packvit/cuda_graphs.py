@@ -30,8 +30,9 @@ dtype change after capture, the graphs are dropped and captured again on their n
 
 Results: real tokens get the same kernels as eager on the same values, except that the matmuls run
 with T_b rows instead of T (cuBLAS may pick another tiling, so outputs agree to bf16 rounding, and
-bitwise when T is a bucket size). All graphs share one memory pool, captured largest first, so the
-pool is about one forward's activations plus each bucket's static outputs.
+bitwise when T is a bucket size; the H200 run found them bitwise equal at every size tried). All
+graphs share one memory pool, captured largest first, and one input, output and RoPE buffer sized for
+the largest bucket, so they hold about one forward's activations at the largest bucket.
 """
 
 from __future__ import annotations
@@ -47,16 +48,19 @@ from . import chained
 from .models.base import HiddenStates, PackedBatch, PackedViT, PackedVisionOutput
 from .packing import PackedMeta, check_inputs, check_packed, split_prefix
 
-DEFAULT_MAX_TOKENS = 32768
+# Above about 16k tokens the eager forward keeps the GPU busy (its ~15 ms of host time per forward
+# hides behind the kernels) and a graph only adds its padding: measured on the H200, RESULTS.md.
+DEFAULT_MAX_TOKENS = 16384
+DEFAULT_STEP = 1.125
 DEFAULT_MIN_TOKENS = 1024
 DEFAULT_MAX_FRAMES = 128
 PAD_SEGMENT = 256  # longest padding segment: attention over padding costs T_pad * 256 at most
 
 
-def token_buckets(max_tokens: int = DEFAULT_MAX_TOKENS, min_tokens: int = DEFAULT_MIN_TOKENS, step: float = 1.25,
+def token_buckets(max_tokens: int = DEFAULT_MAX_TOKENS, min_tokens: int = DEFAULT_MIN_TOKENS, step: float = DEFAULT_STEP,
                   multiple: int = 256) -> tuple[int, ...]:
     """Bucket sizes from ``min_tokens`` to ``max_tokens``, each ``step`` times the last, rounded up
-    to ``multiple``: with 1.25 a batch pads by at most 25% (12% on average)."""
+    to ``multiple``: with 1.125 a batch pads by at most 12.5% (6% on average)."""
     if max_tokens < 1 or min_tokens < 1 or step <= 1.0 or multiple < 1:
         raise ValueError(f"token_buckets needs max_tokens, min_tokens, multiple >= 1 and step > 1, got "
                          f"{max_tokens}, {min_tokens}, {multiple}, {step}")
@@ -118,6 +122,7 @@ class CudaGraphedViT(nn.Module):
         self.max_frames = max_frames
         self.pad_segment = pad_segment
         self._graphs: dict[int, _Graph] = {}
+        self._buffers: dict[str, torch.Tensor] = {}
         self._pool = None
         self._key = None
         self.replays = 0  # forwards served by a graph
@@ -172,20 +177,31 @@ class CudaGraphedViT(nn.Module):
         key = self._state_key()
         if key != self._key:
             self._graphs.clear()
+            self._buffers.clear()
             self._pool = None
             self._key = key
+
+    def _shared(self, name: str, shape: tuple[int, ...], fill: float) -> torch.Tensor:
+        # One input, output and RoPE buffer for all buckets, sized for the largest: bucket b's graph
+        # reads and writes its first T_b rows. Replays never overlap, and each copies its result out.
+        m = self.model
+        t = self._buffers.get(name)
+        if t is None:
+            t = self._buffers[name] = torch.full(shape, fill, device=m.device, dtype=m.dtype)
+        return t
 
     def _static(self, tokens: int) -> _Graph:
         m, dev = self.model, self.model.device
         S = self.segments_for(tokens)
         D, P = m.hidden_size, m.num_prefix
+        T_max = self.buckets[-1]
         # A capture-time layout: every segment the same length (the values are read at replay).
         lens = [tokens // S + (i < tokens % S) for i in range(S)]
         cu = torch.tensor([0] + lens, dtype=torch.int64).cumsum(0).to(torch.int32).to(dev)
         rope = None
         if m.uses_rope:
             dh = D // m.config.num_heads
-            rope = (torch.ones(tokens, dh, device=dev, dtype=m.dtype), torch.zeros(tokens, dh, device=dev, dtype=m.dtype))
+            rope = (self._shared("cos", (T_max, dh), 1.0)[:tokens], self._shared("sin", (T_max, dh), 0.0)[:tokens])
         meta = PackedMeta(
             grid=(), num_prefix=P, seqlens=tuple(lens), cu_seqlens=cu, max_seqlen=tokens, num_frames=S,
             seqlens_cpu=torch.tensor(lens, dtype=torch.long), frame_hw=(), num_patches=tokens - S * P,
@@ -193,7 +209,7 @@ class CudaGraphedViT(nn.Module):
             cu_frames=torch.arange(S + 1, dtype=torch.int32, device=dev), frame_of_token=torch.zeros(tokens, dtype=torch.long, device=dev),
         )
         steps = torch.arange(1, S + 1, dtype=torch.int32, device=dev) * self.pad_segment
-        return _Graph(tokens, S, torch.zeros(tokens, D, device=dev, dtype=m.dtype), cu, steps, rope, meta)
+        return _Graph(tokens, S, self._shared("x", (T_max, D), 0.0)[:tokens], cu, steps, rope, meta)
 
     def _pool_in_graph(self) -> bool:
         # The attention-pool heads (SigLIP2's MAP head, AIMv2's) read per-segment queries and run in
@@ -212,7 +228,11 @@ class CudaGraphedViT(nn.Module):
                 x = block(x, g.meta, g.rope)
         x = m.norm(x)
         pooled = m.pool(x, g.meta) if self._pool_in_graph() else None
-        return x, pooled
+        # Into the shared output buffer: the graph's own (T_b, D) result goes back to the pool once
+        # captured, for the next capture to reuse.
+        out = self._shared("out", (self.buckets[-1], x.shape[1]), 0.0)[: g.tokens]
+        out.copy_(x)
+        return out, pooled
 
     def _capture_one(self, tokens: int) -> _Graph:
         was_training = self.model.training
@@ -319,7 +339,7 @@ def capture(
     forward replays CUDA graphs; see the module docstring.
 
     ``buckets``: token counts to capture (default ``token_buckets(max_tokens)``: 1024 up to
-    ``max_tokens`` in steps of 1.25x); ``max_frames``: the most frames (attention segments) a batch
+    ``max_tokens`` in steps of 1.125x); ``max_frames``: the most frames (attention segments) a batch
     may have to use a graph; ``lazy``: capture each bucket on its first use instead of now (a capture
     costs about two forwards of that size)."""
     graphed = CudaGraphedViT(model, buckets or token_buckets(max_tokens), max_frames, pad_segment)

@@ -11,10 +11,11 @@ from packvit.bench.models import DEFAULT_PRESETS, TINY
 
 
 def test_token_buckets():
-    b = cuda_graphs.token_buckets(32768)
+    b = cuda_graphs.token_buckets(32768, step=1.25)
     assert b[0] == 1024 and b[-1] == 32768 and list(b) == sorted(set(b))
     assert all(x % 256 == 0 for x in b)
     assert all(hi <= 1.25 * lo + 256 for lo, hi in zip(b, b[1:]))  # at most 25% padding, plus rounding
+    assert cuda_graphs.token_buckets()[-1] == cuda_graphs.DEFAULT_MAX_TOKENS
     assert cuda_graphs.token_buckets(1000, min_tokens=1024) == (1024,)
     with pytest.raises(ValueError, match="step > 1"):
         cuda_graphs.token_buckets(4096, step=1.0)

@@ -12,7 +12,8 @@ from torch.utils.checkpoint import checkpoint
 from .. import chained
 from ..attention import resolve_backend
 from ..fused_ops import resolve_fused
-from ..layers import Attention, Block, GatedMlp, RMSNorm
+from .. import quack_mlp
+from ..layers import Attention, Block, GatedMlp, Mlp, RMSNorm
 from ..packing import PackedMeta, build_meta, check_inputs, check_packed, grid_to_tuple, split_prefix
 
 
@@ -160,6 +161,8 @@ class PackedViT(nn.Module):
                 m.fused = fused["rmsnorm"]
             elif isinstance(m, GatedMlp):
                 m.fused = fused["swiglu"] if m.act_name == "silu" else None
+            elif isinstance(m, Mlp):
+                m.fused = fused["gelu_mlp"] if m.act_name in quack_mlp.ACTIVATIONS else None
             elif isinstance(m, Attention):
                 m.fused_rope = fused["rope"]
         return fused
