@@ -8,6 +8,7 @@ over a (T, D) or (T, hidden) activation in device memory. The fused path does ea
     rmsnorm         y = RMSNorm(x)                         packvit's or Liger-Kernel (AIMv2 norm1, final, patch)
     swiglu          silu(gate) * up of fc1's [gate | up]   packvit's Triton kernel   (AIMv2)
     rope            RoPE of q and k, read from qkv         packvit's Triton kernel   (DINOv3)
+    gelu_mlp        GELU in fc1's GEMM epilogue, fwd+bwd   quack-kernels gemm_act    (SigLIP2, DINOv3; ``quack_mlp``)
 
 Both RMSNorms normalise in fp32, cast back, then scale, which is AIMv2's order (``layers.RMSNorm``;
 Liger's "llama" casting mode). Why packvit has kernels of its own: ``triton_kernels``.
@@ -30,7 +31,7 @@ import torch
 
 FUSED_CHOICES = ("auto", "on", "off")
 _HALF = (torch.float16, torch.bfloat16)
-OPS = ("add_layernorm", "add_rmsnorm", "rmsnorm", "swiglu", "rope")
+OPS = ("add_layernorm", "add_rmsnorm", "rmsnorm", "swiglu", "rope", "gelu_mlp")
 # AIMv2's RMSNorm, in order of preference: packvit's kernel's backward measured 1.7-2.4x faster than
 # Liger-Kernel's on the H200, the forwards tie (benchmarks/fused_ab.py, RESULTS.md); Liger's stays
 # as the alternative.
@@ -54,6 +55,12 @@ def _liger_ok() -> bool:
     return _has("liger_kernel.ops.fused_add_rms_norm") and _has("liger_kernel.ops.rms_norm")
 
 
+def _quack_ok() -> bool:
+    from . import quack_mlp
+
+    return quack_mlp.available()
+
+
 def resolve_fused(
     request: str, device: torch.device | str, dtype: torch.dtype, attn_backend: str = "sdpa"
 ) -> dict[str, str | None]:
@@ -72,6 +79,8 @@ def resolve_fused(
         return out
     if _triton_ok():
         out["add_layernorm"] = out["swiglu"] = out["rope"] = "triton"
+    if _quack_ok():
+        out["gelu_mlp"] = "quack"
     for impl in RMSNORM_IMPLS:
         if {"triton": _triton_ok, "liger": _liger_ok}[impl]():
             out["add_rmsnorm"] = out["rmsnorm"] = impl
@@ -419,6 +428,40 @@ def swiglu(h: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return _swiglu_op(h)
     return _SwiGLUFn.apply(h)
+
+
+# --- the whole SwiGLU MLP in training: fc2's input recomputed, not kept --------------------------------
+#
+# fc2 = nn.Linear keeps its input o = silu(gate) * up (T, H) for its weight gradient, beside the
+# (T, 2H) fc1 output that the SwiGLU backward reads: 3 x (T, H) per block. Here the backward's SwiGLU
+# kernel writes o again as it computes dh (one more (T, H) write, no read), so only x and h are
+# kept: 2 x (T, H). Eager, for nn.Linear fc1 / fc2 (``layers.GatedMlp``).
+
+
+class _SwiGLUMlpFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2):
+        k = _kernels()
+        h = torch.nn.functional.linear(x, w1, b1)  # (T, 2H)
+        out = torch.nn.functional.linear(k.swiglu_fwd(h), w2, b2)  # (T, D)
+        ctx.save_for_backward(x, w1, w2, h)
+        ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, w1, w2, h = ctx.saved_tensors
+        dout = dout.contiguous()
+        dh, o = _kernels().swiglu_bwd(dout @ w2, h, with_output=True)  # (T, 2H), (T, H)
+        dw2 = dout.t() @ o
+        dw1 = dh.t() @ x
+        return (dh @ w1, dw1, dh.sum(0) if ctx.has_b1 else None, dw2, dout.sum(0) if ctx.has_b2 else None)
+
+
+def swiglu_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+               b2: torch.Tensor | None) -> torch.Tensor:
+    """fc2(silu(gate) * up) with fc1 = [gate; up], x (T, D) -> (T, D), keeping x and fc1's output only."""
+    return _SwiGLUMlpFn.apply(x.contiguous(), w1, b1, w2, b2)
 
 
 # --- RoPE on q and k ----------------------------------------------------------------------------------

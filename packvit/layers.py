@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import fused_ops
+from . import fused_ops, quack_mlp
 from .attention import AttentionImpl
 from .packing import PackedMeta
 
@@ -75,14 +75,23 @@ class Mlp(nn.Module):
         # F.gelu(approximate="tanh") on the H100 by benchmarks/gpu_checks.py), and only without
         # autograd: the op has no derivative.
         self.fused_gelu_tanh = act == "gelu_pytorch_tanh" and bias
+        self.act_name = act
+        # "quack": fc1's GEMM applies the activation in its epilogue, forward and backward
+        # (``packvit.quack_mlp``); set by the model (``PackedViT.set_fused_kernels``).
+        self.fused: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, D) -> (T, D)
+        if self.fused == "quack" and quack_mlp.applies(self, x):
+            return quack_mlp.gelu_mlp(self, x, self.act_name)
         if (self.fused_gelu_tanh and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
                 and not torch.is_grad_enabled()):
             h = linear_gelu_tanh(x, self.fc1.weight, self.fc1.bias)  # (T, hidden)
         else:
             h = self.act(self.fc1(x))
         return self.fc2(h)
+
+    def extra_repr(self) -> str:
+        return f"fused={self.fused}" if self.fused else ""
 
 
 # Inductor would split ``_addmm_activation`` into a plain matmul and a bias + GELU kernel (it
@@ -105,6 +114,31 @@ def linear_gelu_tanh(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) 
     return torch._addmm_activation(bias, x, weight.t(), use_gelu=True)  # eager: skip the op's dispatch
 
 
+# Training on the fused path keeps fewer activations for backward where recomputing them is free:
+# the SwiGLU MLP's fc2 input (rewritten by the backward's SwiGLU kernel) and v after the fused RoPE
+# (copied, so that the (T, 3D) qkv output is not kept beside the rotated q and k). Off: what the
+# autograd of the plain modules keeps (for A/B runs).
+TRAIN_SAVES_LESS = True
+
+# Inference on the fused path runs the MLP over row chunks of this many tokens when a batch has more
+# than twice as many, so that its (T, hidden) activations (most of a forward's peak beyond the
+# weights) are never whole; 0 turns it off. 8192 rows keep the GEMMs at full speed (RESULTS.md).
+MLP_CHUNK_TOKENS = 8192
+
+
+def mlp_in_chunks(mlp: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """mlp(h) for (T, D) h, over row chunks in inference (see ``MLP_CHUNK_TOKENS``)."""
+    C, T = MLP_CHUNK_TOKENS, h.shape[0]
+    if not C or T <= 2 * C or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return mlp(h)
+    first = mlp(h[:C])  # (C, D)
+    out = first.new_empty(T, first.shape[1])  # (T, D)
+    out[:C] = first
+    for i in range(C, T, C):
+        out[i : i + C] = mlp(h[i : i + C])
+    return out
+
+
 class GatedMlp(nn.Module):
     """fc2(act(gate(x)) * up(x)), with gate and up fused in one matmul: fc1 = [gate; up]."""
 
@@ -117,6 +151,10 @@ class GatedMlp(nn.Module):
         self.fused: str | None = None  # a fused silu(gate) * up, set by the model for act == "silu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.fused and TRAIN_SAVES_LESS and torch.is_grad_enabled() and type(self.fc1) is nn.Linear and type(self.fc2) is nn.Linear
+                and fused_ops.runs_fused(x, self.fc1.weight) and not torch.compiler.is_compiling()):
+            # Training: the same kernels, with fc2's input recomputed in backward instead of kept.
+            return fused_ops.swiglu_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
         h = self.fc1(x)  # (T, 2 * hidden)
         if self.fused and fused_ops.runs_fused(h):
             # One pass over h instead of three kernels (silu, product, and their reads of the halves).
@@ -210,6 +248,10 @@ class Attention(nn.Module):
                 # One kernel reads q and k where the matmul wrote them and writes both rotated,
                 # contiguous; the lines below are a strided pass and a cat for each.
                 q, k = fused_ops.rope_qk(q, k, cos, sin)
+                if TRAIN_SAVES_LESS and torch.is_grad_enabled():
+                    # Attention keeps q, k, v for backward: with v a view of qkv, the whole (T, 3D)
+                    # output would stay alive beside the rotated q and k. One (T, D) copy frees it.
+                    v = v.contiguous()
             else:
                 q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         o = attn(
@@ -251,8 +293,11 @@ class Block(nn.Module):
 
     def forward(
         self, x: torch.Tensor, meta: PackedMeta, rope: tuple[torch.Tensor, torch.Tensor] | None = None, *,
-        attn: AttentionImpl, checkpoint_mlp: bool = False,
-    ) -> torch.Tensor:
+        attn: AttentionImpl, checkpoint_mlp: bool = False, normed: torch.Tensor | None = None,
+        next_norm: tuple | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        if normed is not None:  # chained norms (``packvit.chained``): norm1(x) came with x
+            return self._forward_chained(x, normed, meta, rope, checkpoint_mlp, next_norm, attn)
         a = self.attn(self.norm1(x), meta, rope, attn=attn)
         if self._fuses(x, a):
             return self._forward_fused(x, a, checkpoint_mlp)
@@ -291,13 +336,34 @@ class Block(nn.Module):
         else:
             x, h = fused_ops.add_norm(x, a, gamma, n.weight, getattr(n, "bias", None), n.eps, rms=isinstance(n, RMSNorm))
         # With checkpointing, the normed h (T, D) is what the checkpoint keeps, in place of x.
-        m = checkpoint(self.mlp, h, use_reentrant=False) if checkpoint_mlp else self.mlp(h)
+        m = checkpoint(self.mlp, h, use_reentrant=False) if checkpoint_mlp else mlp_in_chunks(self.mlp, h)
         if isinstance(self.ls2, LayerScale):
             return torch.addcmul(x, m, self.ls2.scale)
         return x + m
 
+    def _forward_chained(self, x, h, meta, rope, checkpoint_mlp, next_norm, attn: AttentionImpl):
+        """The fused block with norm1 done by the caller: ``h`` is norm1(x), and the final
+        x + ls2(m) runs with the next block's norm1 (``next_norm`` = its ``norm_args``) as one
+        kernel each way. Returns (x, next block's normed input, or None after the last block)."""
+        a = self.attn(h, meta, rope, attn=attn)
+        n = self.norm2
+        gamma = self.ls1.scale if isinstance(self.ls1, LayerScale) else None
+        x, h = fused_ops.add_norm(x, a, gamma, *norm_args(n))
+        m = checkpoint(self.mlp, h, use_reentrant=False) if checkpoint_mlp else mlp_in_chunks(self.mlp, h)
+        gamma = self.ls2.scale if isinstance(self.ls2, LayerScale) else None
+        if next_norm is None:
+            return (torch.addcmul(x, m, gamma) if gamma is not None else x + m), None
+        return fused_ops.add_norm(x, m, gamma, *next_norm)
+
     def extra_repr(self) -> str:
         return f"fused_add_norm={self.fused_add_norm}" if self.fused_add_norm else ""
+
+
+def norm_args(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, float, bool]:
+    """(weight, bias, eps, rms) of a LayerNorm or ``RMSNorm``, as ``fused_ops.add_norm`` takes them."""
+    if isinstance(norm, RMSNorm):
+        return norm.weight, None, norm.eps, True
+    return norm.weight, norm.bias, norm.eps, False
 
 
 def pool_attention(

@@ -216,8 +216,9 @@ def _swiglu_fwd_kernel(Hx, O, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
 
 
 @triton.jit
-def _swiglu_bwd_kernel(DO, Hx, DH, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # dgate = do * up * silu'(gate), dup = do * silu(gate), written as one (M, 2N) gradient.
+def _swiglu_bwd_kernel(DO, Hx, DH, O, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_O: tl.constexpr):
+    # dgate = do * up * silu'(gate), dup = do * silu(gate), written as one (M, 2N) gradient; with
+    # HAS_O also the forward's output silu(gate) * up, recomputed for fc2's weight gradient.
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
@@ -231,6 +232,8 @@ def _swiglu_bwd_kernel(DO, Hx, DH, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.cons
     dgate = do * up * (sig * (1.0 + gate * (1.0 - sig)))
     tl.store(DH + h_off, dgate.to(DH.dtype.element_ty), mask=mask)
     tl.store(DH + h_off + N, (do * act).to(DH.dtype.element_ty), mask=mask)
+    if HAS_O:
+        tl.store(O + r64 * N + cols[None, :], (act * up).to(O.dtype.element_ty), mask=mask)
 
 
 _SWIGLU_BLOCK_M, _SWIGLU_BLOCK_N = 8, 256
@@ -250,14 +253,16 @@ def swiglu_fwd(h: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def swiglu_bwd(do: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """do (T, H), h (T, 2H) -> dh (T, 2H)."""
+def swiglu_bwd(do: torch.Tensor, h: torch.Tensor, with_output: bool = False):
+    """do (T, H), h (T, 2H) -> dh (T, 2H); with ``with_output`` also (dh, silu(gate) * up (T, H))."""
     do, h = do.contiguous(), h.contiguous()
     M, N = h.shape[0], h.shape[1] // 2
     dh = torch.empty_like(h)
+    o = h.new_empty(M, N) if with_output else dh
     if M:
-        _swiglu_bwd_kernel[_swiglu_grid(M, N)](do, h, dh, M, N, BLOCK_M=_SWIGLU_BLOCK_M, BLOCK_N=_SWIGLU_BLOCK_N, num_warps=4)
-    return dh
+        _swiglu_bwd_kernel[_swiglu_grid(M, N)](do, h, dh, o, M, N, BLOCK_M=_SWIGLU_BLOCK_M, BLOCK_N=_SWIGLU_BLOCK_N,
+                                               HAS_O=with_output, num_warps=4)
+    return (dh, o) if with_output else dh
 
 
 # --- RoPE on q and k ---------------------------------------------------------------------------------

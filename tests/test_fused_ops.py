@@ -37,9 +37,10 @@ def test_cpu_and_fp32_models_take_the_reference_path():
 def test_resolution_rules(monkeypatch):
     monkeypatch.setattr(fused_ops, "_triton_ok", lambda: True)
     monkeypatch.setattr(fused_ops, "_liger_ok", lambda: True)
+    monkeypatch.setattr(fused_ops, "_quack_ok", lambda: True)
     on = fused_ops.resolve_fused("auto", "cuda", torch.bfloat16, "fa4")
     assert on == {"add_layernorm": "triton", "add_rmsnorm": "triton", "rmsnorm": "triton", "swiglu": "triton",
-                  "rope": "triton"}
+                  "rope": "triton", "gelu_mlp": "quack"}
     assert set(fused_ops.resolve_fused("auto", "cuda", torch.bfloat16, "sdpa").values()) == {None}  # the reference
     assert fused_ops.resolve_fused("on", "cuda", torch.bfloat16, "sdpa") == on
     assert set(fused_ops.resolve_fused("on", "cuda", torch.float32, "fa4").values()) == {None}
@@ -49,6 +50,8 @@ def test_resolution_rules(monkeypatch):
     monkeypatch.setattr(fused_ops, "_liger_ok", lambda: False)  # a library missing: the next one, or the reference
     assert fused_ops.resolve_fused("auto", "cuda", torch.bfloat16, "fa4")["add_rmsnorm"] == "triton"
     monkeypatch.setattr(fused_ops, "_triton_ok", lambda: False)
+    assert set(fused_ops.resolve_fused("auto", "cuda", torch.float16, "torch").values()) == {None, "quack"}
+    monkeypatch.setattr(fused_ops, "_quack_ok", lambda: False)
     assert set(fused_ops.resolve_fused("auto", "cuda", torch.float16, "torch").values()) == {None}
     with pytest.raises(ValueError, match="fused_kernels must be one of"):
         fused_ops.resolve_fused("yes", "cuda", torch.bfloat16)
@@ -69,8 +72,10 @@ def test_model_hands_the_choice_to_its_modules(monkeypatch):
     # AIMv2 has no RoPE: no fused RoPE is chosen or shown.
     assert m.fused_kernels["rope"] is None and all(a.fused_rope is None for a in m.modules() if isinstance(a, Attention))
     d = DINOv3(DINOv3Config(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=96, num_register_tokens=1))
+    monkeypatch.setattr(fused_ops, "_quack_ok", lambda: True)
     d.set_fused_kernels("on")
     assert all(b.fused_add_norm == "triton" and b.attn.fused_rope == "triton" for b in d.blocks)
+    assert all(b.mlp.fused == "quack" for b in d.blocks) and "fused=quack" in repr(d)  # erf-GELU in fc1's epilogue
     assert "fused_rope=triton" in repr(d)
     # On CPU tensors the modules still run the reference ops, whatever they were told.
     x = torch.randn(7, 64)
@@ -208,7 +213,11 @@ for ref in (DINOv3(DINOv3Config(hidden_size=64, num_layers=2, num_heads=4, inter
         b.fused_add_norm = "triton"
         b.attn.fused_rope = "triton" if ref.uses_rope else None
     px = torch.randn(int((grid[:, 0] * grid[:, 1] * grid[:, 2]).sum()), ref.patch_dim)
-    for ckpt in (False, "mlp"):
+    # Chained norms (packvit.chained: each norm1 in the previous block's last kernel) on and off.
+    for ckpt, chain in ((False, True), ("mlp", True), (False, False)):
+        fused.chain_norms = chain
+        from packvit import chained
+        assert chained.chains(fused, torch.randn(3, ref.hidden_size), ckpt) == chain
         outs = []
         for m in (ref, fused):
             m.train().zero_grad()
@@ -220,7 +229,7 @@ for ref in (DINOv3(DINOv3Config(hidden_size=64, num_layers=2, num_heads=4, inter
         close(outs[1][0], outs[0][0], f"{type(ref).__name__} output", 1e-5)
         assert len(outs[0][1]) == len(outs[1][1])
         for i, (u, v) in enumerate(zip(outs[1][1], outs[0][1])):
-            close(u, v, f"{type(ref).__name__} grad {i} ckpt={ckpt}", 1e-4)
+            close(u, v, f"{type(ref).__name__} grad {i} ckpt={ckpt} chain={chain}", 1e-4)
 print("ok")
 """
 
@@ -272,3 +281,22 @@ def test_rope_op_compiles_in_one_graph_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     r = subprocess.run([sys.executable, "-c", _ROPE_COMPILED], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "ok" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
+
+
+def test_mlp_in_chunks(monkeypatch):
+    """Inference on the fused path runs the MLP over row chunks above 2 x MLP_CHUNK_TOKENS rows."""
+    from packvit import layers
+
+    mlp = layers.Mlp(16, 40, "gelu")
+    calls = []
+    mlp.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    monkeypatch.setattr(layers, "MLP_CHUNK_TOKENS", 8)
+    h = torch.randn(21, 16)
+    with torch.no_grad():
+        ref = mlp(h)
+        calls.clear()
+        out = layers.mlp_in_chunks(mlp, h)
+    assert calls == [8, 8, 5] and torch.allclose(out, ref, atol=1e-6)
+    calls.clear()
+    layers.mlp_in_chunks(mlp, h)  # autograd on: one call, whole
+    assert calls == [21]

@@ -26,7 +26,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from packvit import fused_ops
+from packvit import fused_ops, quack_mlp
 from packvit.attention import available_backends, varlen_attention
 from packvit.layers import Block, GatedMlp, Mlp, RMSNorm, apply_rope
 
@@ -227,18 +227,21 @@ def test_mlp_modules(D, H, act, gated):
     ref16 = copy.deepcopy(mlp)
     if gated:
         mlp.fused = "triton" if fused_ops._triton_ok() else None
+    else:  # the GELU in fc1's epilogue (quack), where quack runs here
+        mlp.fused = "quack" if quack_mlp.available() else None
     x = rand(T, D)
     outs = []
     for m in (mlp, ref16, mlp32):
         xi = x.detach().to(next(m.parameters()).dtype).requires_grad_()
         with torch.no_grad():
-            y_inf = m(xi)  # the inference route (cuBLASLt's epilogue for gelu-tanh)
+            y_inf = m(xi)  # the inference route (cuBLASLt's epilogue for gelu-tanh, or quack's)
         y = m(xi)
         dy = torch.randn_like(y, dtype=torch.float32).to(y.dtype)
-        gx, gw = torch.autograd.grad(y, [xi, m.fc1.weight], dy)
-        outs.append((y_inf, y, gx, gw))
-    for i, name in enumerate(["inference output", "output", "dx", "dfc1"]):
-        assert_as_good_as_bf16(outs[0][i], outs[1][i], outs[2][i], f"mlp {act} {H} {name}")
+        params = [m.fc1.weight, m.fc2.weight] + ([] if gated else [m.fc1.bias, m.fc2.bias])
+        outs.append((y_inf, y, *torch.autograd.grad(y, [xi, *params], dy)))
+    names = ["inference output", "output", "dx", "dfc1", "dfc2"] + ([] if gated else ["dfc1 bias", "dfc2 bias"])
+    for i, name in enumerate(names):
+        assert_as_good_as_bf16(outs[0][i], outs[1][i], outs[2][i], f"mlp {act} {H} fused={mlp.fused} {name}")
 
 
 # --- attention backends ----------------------------------------------------------------------------------
@@ -342,3 +345,14 @@ def test_fused_block_compiles_in_one_graph(family):
     y_e = blk(x, meta, rope, attn=model.attention)
     (gx_e,) = torch.autograd.grad(y_e.float().square().mean(), [x])
     assert rel(y_c, y_e) < 1e-2 and rel(gx_c, gx_e) < 2e-2
+    # The chained call (packvit.chained): norm1 given, the next block's norm1 fused into the last add.
+    from packvit.layers import norm_args
+
+    h = fused_ops.norm(x, *norm_args(blk.norm1))
+    nxt = norm_args(model.blocks[1].norm1)
+    xc, hc = compiled(x, meta, rope, False, h, nxt)
+    xe, he = blk(x, meta, rope, False, h, nxt)
+    (gx_c,) = torch.autograd.grad(xc.float().square().mean() + hc.float().sum(), [x])
+    (gx_e,) = torch.autograd.grad(xe.float().square().mean() + he.float().sum(), [x])
+    assert rel(xc, xe) < 1e-2 and rel(hc, he) < 1e-2 and rel(gx_c, gx_e) < 2e-2
+    assert rel(xe, y_e) < 1e-2  # the chained block's residual output is the block's output

@@ -9,9 +9,10 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .. import chained, quack_mlp
 from ..attention import AttentionImpl, FA4Backward, resolve_attention
 from ..fused_ops import resolve_fused
-from ..layers import Attention, Block, GatedMlp, RMSNorm
+from ..layers import Attention, Block, GatedMlp, Mlp, RMSNorm
 from ..packing import PackedMeta, build_meta, check_inputs, check_packed, grid_to_tuple, split_prefix
 
 
@@ -213,6 +214,8 @@ class PackedViT(nn.Module):
                 m.fused = fused["rmsnorm"]
             elif isinstance(m, GatedMlp):
                 m.fused = fused["swiglu"] if m.act_name == "silu" else None
+            elif isinstance(m, Mlp):
+                m.fused = fused["gelu_mlp"] if m.act_name in quack_mlp.ACTIVATIONS else None
             elif isinstance(m, Attention):
                 m.fused_rope = fused["rope"]
         return fused
@@ -353,7 +356,11 @@ class PackedViT(nn.Module):
         {i: hidden state i} for each i in ``keep`` (0: x itself, i: block i's output)."""
         layers = {0: x} if 0 in keep else {}
         ckpt = self.gradient_checkpointing if self.training and torch.is_grad_enabled() else False
-        for i, block in enumerate(self.blocks, start=1):
+        chain = chained.chains(self, x, ckpt)
+        if chain:  # the fused path: each norm1 in the previous block's last kernel (``packvit.chained``)
+            x, chained_layers = chained.run_blocks(self.blocks, x, meta, rope, keep, ckpt == "mlp", attn=self.attention)
+            layers.update(chained_layers)
+        for i, block in enumerate(() if chain else self.blocks, start=1):
             if ckpt == "mlp":
                 x = block(x, meta, rope, attn=self.attention, checkpoint_mlp=True)
             elif ckpt:
