@@ -350,8 +350,8 @@ def test_fused_block_compiles_in_one_graph(family):
 
     h = fused_ops.norm(x, *norm_args(blk.norm1))
     nxt = norm_args(model.blocks[1].norm1)
-    xc, hc = compiled(x, meta, rope, False, h, nxt)
-    xe, he = blk(x, meta, rope, False, h, nxt)
+    xc, hc = compiled(x, meta, rope, attn=model.attention, normed=h, next_norm=nxt)
+    xe, he = blk(x, meta, rope, attn=model.attention, normed=h, next_norm=nxt)
     (gx_c,) = torch.autograd.grad(xc.float().square().mean() + hc.float().sum(), [x])
     (gx_e,) = torch.autograd.grad(xe.float().square().mean() + he.float().sum(), [x])
     assert rel(xc, xe) < 1e-2 and rel(hc, he) < 1e-2 and rel(gx_c, gx_e) < 2e-2
