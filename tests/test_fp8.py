@@ -336,3 +336,23 @@ def test_fsdp2_keeps_the_fp8_linears(hf_checkpoints, tmp_path):
 
 if __name__ == "__main__":
     _worker(*sys.argv[1:3])
+
+
+def test_unfrozen_tower_trains_through_fp8(hf_checkpoints, monkeypatch):
+    from packvit.tower import PackedVisionTower
+
+    _, d = hf_checkpoints["dinov3"]
+    args = types.SimpleNamespace(mm_vision_select_layer=-2, unfreeze_mm_vision_tower=True)
+    tower = PackedVisionTower(d, args, fp8=True, dtype=torch.bfloat16).train()
+    monkeypatch.setattr(fp8, "check_device", lambda device, dtype: None)  # as on a GPU
+    monkeypatch.setattr(fp8, "CROSSOVER", {"infer": {}, "train": {}})
+    monkeypatch.setattr(fp8, "DEFAULT_MIN_TOKENS", {"infer": 0, "train": 0})
+    calls = []
+    monkeypatch.setattr(fp8._FP8Linear, "apply", staticmethod(lambda *a: calls.append(1) or _orig_apply(*a)))
+    feats = tower([torch.rand(3, 32, 48), torch.rand(3, 48, 32)], normalized=True)
+    torch.cat(feats).float().square().mean().backward()
+    assert tower.vision_tower.fp8 and len(calls) == 4 * len(tower.vision_tower.blocks)
+    assert all(p.grad is not None for p in tower.vision_tower.blocks.parameters())
+
+
+_orig_apply = fp8._FP8Linear.apply
