@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import fused_ops, quack_mlp
 from .attention import AttentionImpl
+from .fp8 import FP8Linear
 from .packing import PackedMeta
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -84,7 +85,7 @@ class Mlp(nn.Module):
         if self.fused == "quack" and quack_mlp.applies(self, x):
             return quack_mlp.gelu_mlp(self, x, self.act_name)
         if (self.fused_gelu_tanh and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
-                and not torch.is_grad_enabled()):
+                and not torch.is_grad_enabled() and not (isinstance(self.fc1, FP8Linear) and self.fc1.uses_fp8(x))):
             h = linear_gelu_tanh(x, self.fc1.weight, self.fc1.bias)  # (T, hidden)
         else:
             h = self.act(self.fc1(x))
@@ -240,7 +241,10 @@ class Attention(nn.Module):
         attn: AttentionImpl,
     ) -> torch.Tensor:
         T, D = x.shape
-        qkv = F.linear(x, self.qkv.weight, self.qkv_bias()).view(T, 3, self.num_heads, self.head_dim)
+        if isinstance(self.qkv, FP8Linear):  # the fused bias goes into the FP8 matmul (``packvit.fp8``)
+            qkv = self.qkv(x, self.qkv_bias()).view(T, 3, self.num_heads, self.head_dim)
+        else:
+            qkv = F.linear(x, self.qkv.weight, self.qkv_bias()).view(T, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(1)  # (T, H, Dh) each
         if rope is not None:
             cos, sin = rope  # (T, Dh) each

@@ -20,13 +20,21 @@ def from_pretrained(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     attn_backend: str = "auto",
+    fp8: bool = False,
     **kwargs,
 ) -> PackedViT:
     """Load a Hugging Face checkpoint (local folder or hub id); the family comes from config.json.
 
     Under DeepSpeed ZeRO-3 (an open ``deepspeed.zero.Init``, or transformers' stage-3 config) the
-    model is built partitioned and filled module by module (``packvit.zero3``)."""
+    model is built partitioned and filled module by module (``packvit.zero3``).
+    ``fp8=True``: FP8 matmuls in the blocks from each layer's token crossover on (``PackedViT.set_fp8``,
+    ``packvit.fp8``); needs ``device`` a CUDA GPU of compute capability >= 8.9 and ``dtype=torch.bfloat16``."""
     if zero3_enabled():
-        return zero3_from_pretrained(path_or_id, revision=revision, device=device, dtype=dtype,
-                                     attn_backend=attn_backend, **kwargs)
-    return load_model(path_or_id, revision=revision, device=device, dtype=dtype, attn_backend=attn_backend, **kwargs)
+        model = zero3_from_pretrained(path_or_id, revision=revision, device=device, dtype=dtype,
+                                      attn_backend=attn_backend, **kwargs)
+    else:
+        model = load_model(path_or_id, revision=revision, device=device, dtype=dtype, attn_backend=attn_backend,
+                           **kwargs)
+    if fp8:
+        model.set_fp8()
+    return model

@@ -124,7 +124,9 @@ class PackedVisionTower(nn.Module):
             weights are trained, so a ``delay_load`` tower loads at once (as LLaVA's own towers do:
             the fine-tuned weights then come from the LLaVA checkpoint) and starts trainable.
         mm_vision_preprocess_mode (None): "native" / "naflex" / "fixed"; overrides the name's prefix.
-    Keyword arguments ``device``, ``dtype``, ``attn_backend`` go to ``packvit.from_pretrained``.
+        mm_vision_fp8 (False): FP8 matmuls in the blocks (``PackedViT.set_fp8``), as the keyword ``fp8``.
+    Keyword arguments ``device``, ``dtype``, ``attn_backend`` go to ``packvit.from_pretrained``;
+    ``fp8=True`` is applied at the first forward, once LLaVA has moved the tower to its GPU in bf16.
     """
 
     def __init__(self, vision_tower: str | os.PathLike, args: Any = None, delay_load: bool = False, **load_kwargs):
@@ -141,6 +143,7 @@ class PackedVisionTower(nn.Module):
             raise ValueError(f"mm_vision_preprocess_mode must be 'native', 'naflex' or 'fixed', got {self.preprocess_mode!r}")
         tunable = getattr(args, "mm_tunable_parts", None) or ""
         self.tuned = bool(getattr(args, "unfreeze_mm_vision_tower", False)) or "mm_vision_tower" in tunable
+        self.fp8 = bool(load_kwargs.pop("fp8", False)) or bool(getattr(args, "mm_vision_fp8", False))
         self.load_kwargs = load_kwargs
         if not delay_load or self.tuned:
             self.load_model()
@@ -274,6 +277,8 @@ class PackedVisionTower(nn.Module):
             # LLaVA moves the tower (.to(device, dtype)) after loading it: choose the attention
             # kernel for where it now is (the model itself keeps its choice when moved).
             self.vision_tower.refresh_attention()
+        if self.fp8 and not self.vision_tower.fp8:  # now on the device and dtype it runs in
+            self.vision_tower.set_fp8()
         batch = self.prepare(grid_thw)
         feats = self._select(hidden_states.to(self.device, self.dtype, non_blocking=True), batch)
         if batched is not None:  # (B, N, D): every image has the same size

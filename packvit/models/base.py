@@ -95,6 +95,7 @@ class PackedViT(nn.Module):
         self.fused_kernels_request = "auto"
         self.fused_kernels: dict[str, str | None] = resolve_fused("off", "cpu", torch.float32, "sdpa")
         self.gradient_checkpointing = False  # False, True (whole blocks) or "mlp"; see the setter
+        self.fp8: list[str] = []  # the linears that run FP8 matmuls from their crossover on (``set_fp8``)
 
     # -- set-up ---------------------------------------------------------------------------------
 
@@ -220,9 +221,34 @@ class PackedViT(nn.Module):
                 m.fused_rope = fused["rope"]
         return fused
 
+    def set_fp8(
+        self, enabled: bool = True, *, skip=None, min_tokens: int | None = None,
+        min_tokens_train: int | None = None, dtype: torch.dtype | None = None,
+    ) -> list[str]:
+        """FP8 (e4m3, row-wise scales) matmuls for the blocks' qkv / proj / fc1 / fc2, each from its
+        token crossover on (bf16 below it); see ``packvit.fp8``. Returns the layers converted.
+
+        skip: layer names or kinds that stay bf16 (default: the family's, ``fp8.DEFAULT_SKIP``).
+        min_tokens / min_tokens_train: one crossover for every layer in place of the measured ones.
+        dtype: the compute dtype, if not the weights' (fp32 masters under FSDP2 mixed precision).
+        Needs a CUDA GPU of compute capability >= 8.9 and bf16 compute; ``set_fp8(False)`` undoes it.
+        """
+        from .. import fp8
+
+        if not enabled:
+            fp8.unconvert(self)
+            self.fp8 = []
+            return []
+        fp8.check_device(self.device, dtype or self.attn_compute_dtype or self.dtype)
+        fp8.unconvert(self)
+        self.fp8 = fp8.convert(self, skip=fp8.default_skip(self) if skip is None else skip,
+                               min_tokens=min_tokens, min_tokens_train=min_tokens_train)
+        return self.fp8
+
     def extra_repr(self) -> str:
         on = ", ".join(f"{k}={v}" for k, v in self.fused_kernels.items() if v) or "off"
-        return f"attention={self.attention!r}, fused_kernels=[{on}]"
+        fp8 = f", fp8=[{len(self.fp8)} linears]" if getattr(self, "fp8", None) else ""
+        return f"attention={self.attention!r}, fused_kernels=[{on}]{fp8}"
 
     def compile_blocks(self, **kwargs) -> "PackedViT":
         """Regional ``torch.compile``: each block's forward compiled in place (they share one code

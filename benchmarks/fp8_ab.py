@@ -1,0 +1,440 @@
+"""FP8 (packvit.fp8) against bf16 on a GPU: per-shape sweep, torchao try, model fidelity, timing, training.
+
+    python benchmarks/fp8_ab.py --part ops sweep torchao --out fp8.jsonl     # call 1
+    python benchmarks/fp8_ab.py --part fidelity models train --out fp8.jsonl # call 2
+
+ops:      torch._scaled_mm's schema, whether it takes a bias with row-wise scales, the Triton
+          quantisers against their torch references, one FP8 linear against a dequantised fp32 one.
+sweep:    each family's four block linears (K -> N) at M = 1k .. 64k tokens, bf16 against FP8
+          (activation quantisation included; the weight's e4m3 copy is cached as in inference),
+          forward under inference_mode and forward + backward; median ms of 5 repeats of 10 calls.
+          The per-shape crossover is the smallest M from which FP8 stays faster.
+torchao:  torchao's ``convert_to_float8_training`` (rowwise recipe, eager) on SigLIP2's MLP at
+          23k tokens against packvit.fp8 and bf16, if torchao imports (PYTHONPATH).
+fidelity: per family at the published size (random weights, ``build_pair``): per-patch min cosine
+          of the FP8 model (every layer FP8: min_tokens 0) against the same model in bf16 and in
+          fp32 (packvit fp32 is the HF stand-in: it matches HF to 1e-6 in the suite), on mixed32
+          random pixels and on the three real images of packvit/assets; below 0.999 a per-kind
+          and per-block search for the layers to keep in bf16.
+models:   mixed32 (23k tokens) and 64 images (about 46k), forward and training step, bf16 and FP8
+          with its default policy, same process, peak memory.
+train:    200 steps of a small regression task (a trainable linear head on the tower, its first 8 blocks, regresses a
+          fixed random projection of a frozen bf16 teacher's features; the tower is trained too),
+          FP8 (every layer, min_tokens 0) against bf16 from the same initial weights and data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from packvit import fp8
+from packvit.bench.models import build_pair
+from packvit.bench.timing import measure, model_step
+from packvit.bench.workloads import mixed32
+
+DEV = torch.device("cuda")
+BF16 = torch.bfloat16
+SHAPES = {  # family -> layer -> (K, N)
+    "siglip2": {"qkv": (1152, 3456), "proj": (1152, 1152), "fc1": (1152, 4304), "fc2": (4304, 1152)},
+    "dinov3": {"qkv": (1024, 3072), "proj": (1024, 1024), "fc1": (1024, 4096), "fc2": (4096, 1024)},
+    "aimv2": {"qkv": (1024, 3072), "proj": (1024, 1024), "fc1": (1024, 5632), "fc2": (2816, 1024)},
+}
+MS = (1024, 2048, 4096, 8192, 12288, 16384, 23103, 32768, 49152, 65536)
+OUT: list[dict] = []
+TRAIN_BLOCKS = 8
+
+
+def emit(row: dict) -> None:
+    OUT.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def timed(fn, reps: int = 5, calls: int = 10) -> float:
+    """Median over ``reps`` of the mean ms of ``calls`` back-to-back calls (host launch cost included)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(calls):
+            fn()
+        b.record()
+        torch.cuda.synchronize()
+        out.append(a.elapsed_time(b) / calls)
+    return statistics.median(out)
+
+
+# -- ops --------------------------------------------------------------------------------------------
+
+
+def part_ops() -> None:
+    emit({"part": "env", "torch": torch.__version__, "device": torch.cuda.get_device_name(),
+          "capability": list(torch.cuda.get_device_capability()),
+          "scaled_mm_schema": str(torch.ops.aten._scaled_mm.default._schema)})
+    g = torch.Generator(device=DEV).manual_seed(0)
+    x = (torch.randn(23103, 1152, device=DEV, generator=g) * torch.rand(1152, device=DEV, generator=g) * 4).to(BF16)
+    x[7] = 0
+    for name, kern, ref in (("rows", fp8.quantize_rows, fp8.quantize_rows_reference),
+                            ("cols_t", fp8.quantize_cols_t, fp8.quantize_cols_t_reference)):
+        q, s = kern(x)
+        qr, sr = ref(x)
+        emit({"part": "ops", "check": f"triton {name} vs torch reference", "shape": list(q.shape),
+              "shape_ref": list(qr.shape), "mismatch_frac": (q.float() != qr.float()).float().mean().item(),
+              "max_step": ((q.float() - qr.float()).abs() / qr.float().abs().clamp(min=2**-9)).max().item(),
+              "scale_rel": ((s - sr).abs() / sr).max().item()})
+    w = (torch.randn(4304, 1152, device=DEV, generator=g) * 0.02).to(BF16)
+    b = (torch.randn(4304, device=DEV, generator=g) * 0.1).to(BF16)
+    xq, sx = fp8.quantize_rows(x)
+    wq, sw = fp8.quantize_rows(w)
+    bias_ok = True
+    try:
+        torch._scaled_mm(xq, wq.t(), scale_a=sx, scale_b=sw.view(1, -1), bias=b, out_dtype=BF16)
+    except RuntimeError as e:
+        bias_ok = f"{type(e).__name__}: {str(e)[:200]}"
+    y = fp8.scaled_mm(xq, sx, wq, sw, b, BF16).float()
+    deq = (xq.float() * sx) @ (wq.float() * sw).t() + b.float()
+    full = x.float() @ w.float().t() + b.float()
+    emit({"part": "ops", "check": "scaled_mm rowwise + bias", "bias_in_call": bias_ok,
+          "rel_err_vs_dequant": ((y - deq).norm() / deq.norm()).item(),
+          "rel_err_vs_fp32": ((y - full).norm() / full.norm()).item(),
+          "min_cos_vs_fp32": F.cosine_similarity(y, full, dim=-1).min().item()})
+
+
+# -- gemm -------------------------------------------------------------------------------------------
+
+
+def part_gemm(ms=(23103, 65536)) -> None:
+    """The GEMM alone (operands already e4m3) and the activation quantiser alone, per shape."""
+    done = set()
+    for fam, layers in SHAPES.items():
+        for kind, (K, N) in layers.items():
+            if (K, N) in done:
+                continue
+            done.add((K, N))
+            w = torch.randn(N, K, device=DEV, dtype=BF16) * 0.02
+            wq, sw = fp8.quantize_rows(w)
+            one = torch.ones((), device=DEV)
+            for M in ms:
+                x = torch.randn(M, K, device=DEV, dtype=BF16)
+                xq, sx = fp8.quantize_rows(x)
+                row = {"part": "gemm", "family": fam, "layer": kind, "K": K, "N": N, "M": M,
+                       "bf16_ms": timed(lambda: x @ w.t()),
+                       "quant_rows_ms": timed(lambda: fp8.quantize_rows(x))}
+                for fast in (False, True):
+                    row[f"rowwise_fast{int(fast)}_ms"] = timed(
+                        lambda: torch._scaled_mm(xq, wq.t(), scale_a=sx, scale_b=sw.view(1, -1), out_dtype=BF16, use_fast_accum=fast))
+                    row[f"tensorwise_fast{int(fast)}_ms"] = timed(
+                        lambda: torch._scaled_mm(xq, wq.t(), scale_a=one, scale_b=one, out_dtype=BF16, use_fast_accum=fast))
+                flops = 2 * M * K * N
+                row.update({k: round(v, 4) for k, v in row.items() if k.endswith("_ms")})
+                row["bf16_tflops"] = round(flops / row["bf16_ms"] / 1e9, 1)
+                row["rowwise_fast1_tflops"] = round(flops / row["rowwise_fast1_ms"] / 1e9, 1)
+                row["tensorwise_fast1_tflops"] = round(flops / row["tensorwise_fast1_ms"] / 1e9, 1)
+                emit(row)
+
+
+# -- sweep ------------------------------------------------------------------------------------------
+
+
+def _layer(K: int, N: int, bias: bool) -> tuple[nn.Linear, nn.Linear]:
+    torch.manual_seed(0)
+    ref = nn.Linear(K, N, bias=bias, device=DEV, dtype=BF16)
+    lin = copy.deepcopy(ref)
+    lin.__class__ = fp8.FP8Linear
+    lin._init_fp8(0, 0)
+    return ref, lin
+
+
+def part_sweep(ms=MS) -> None:
+    done = set()
+    for fam, layers in SHAPES.items():
+        for kind, (K, N) in layers.items():
+            if (K, N) in done:
+                continue
+            done.add((K, N))
+            ref, lin = _layer(K, N, True)
+            for M in ms:
+                x = torch.randn(M, K, device=DEV, dtype=BF16)
+                dy = torch.randn(M, N, device=DEV, dtype=BF16)
+                with torch.inference_mode():
+                    t_bf = timed(lambda: ref(x))
+                    t_f8 = timed(lambda: lin(x))
+                xg = x.clone().requires_grad_(True)
+
+                def train(m):
+                    def step():
+                        m.zero_grad(set_to_none=True)
+                        xg.grad = None
+                        m(xg).backward(dy)
+                    return step
+                tt_bf = timed(train(ref), reps=3)
+                tt_f8 = timed(train(lin), reps=3)
+                emit({"part": "sweep", "family": fam, "layer": kind, "K": K, "N": N, "M": M,
+                      "infer_bf16_ms": round(t_bf, 4), "infer_fp8_ms": round(t_f8, 4), "infer_speedup": round(t_bf / t_f8, 3),
+                      "train_bf16_ms": round(tt_bf, 4), "train_fp8_ms": round(tt_f8, 4), "train_speedup": round(tt_bf / tt_f8, 3)})
+                del x, dy, xg
+    # Crossovers: the smallest M from which every larger M measured is faster in FP8.
+    rows = [r for r in OUT if r["part"] == "sweep"]
+    for K, N in sorted({(r["K"], r["N"]) for r in rows}):
+        rs = sorted((r for r in rows if (r["K"], r["N"]) == (K, N)), key=lambda r: r["M"])
+        cross = {}
+        for mode in ("infer", "train"):
+            c = None
+            for r in reversed(rs):
+                if r[f"{mode}_speedup"] > 1.0:
+                    c = r["M"]
+                else:
+                    break
+            cross[mode] = c
+            fp8.CROSSOVER[mode][(K, N)] = c  # what the model parts of this run use
+        emit({"part": "crossover", "K": K, "N": N, **cross})
+
+
+# -- torchao ----------------------------------------------------------------------------------------
+
+
+def part_torchao() -> None:
+    try:
+        import torchao
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except Exception as e:  # noqa: BLE001
+        emit({"part": "torchao", "import": f"{type(e).__name__}: {str(e)[:300]}"})
+        return
+    M = 23103
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(1152, 4304), nn.GELU(approximate="tanh"), nn.Linear(4304, 1152)).to(DEV, BF16)
+    ao = copy.deepcopy(base)
+    try:
+        convert_to_float8_training(ao, config=Float8LinearConfig.from_recipe_name("rowwise"))
+    except Exception as e:  # noqa: BLE001
+        emit({"part": "torchao", "version": torchao.__version__, "convert": f"{type(e).__name__}: {str(e)[:300]}"})
+        return
+    ours = copy.deepcopy(base)
+    for m in ours:
+        if isinstance(m, nn.Linear):
+            m.__class__ = fp8.FP8Linear
+            m._init_fp8(0, 0)
+    x = torch.randn(M, 1152, device=DEV, dtype=BF16, requires_grad=True)
+    dy = torch.randn(M, 1152, device=DEV, dtype=BF16)
+    row = {"part": "torchao", "version": torchao.__version__, "M": M, "what": "SigLIP2 MLP fc1-gelu-fc2, eager"}
+    ref_out = base(x).float()
+    for name, m in (("bf16", base), ("torchao_rowwise", ao), ("packvit_fp8", ours)):
+        try:
+            out = m(x).float()
+            row[f"{name}_min_cos"] = F.cosine_similarity(out, ref_out, dim=-1).min().item()
+
+            def step(m=m):
+                x.grad = None
+                m(x).backward(dy)
+            row[f"{name}_train_ms"] = round(timed(step, reps=3), 3)
+            with torch.inference_mode():
+                row[f"{name}_infer_ms"] = round(timed(lambda m=m: m(x)), 3)
+        except Exception as e:  # noqa: BLE001
+            row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    emit(row)
+
+
+# -- models -----------------------------------------------------------------------------------------
+
+
+def _pixels(model, grid, seed: int) -> torch.Tensor:
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    n = sum(t * h * w for t, h, w in grid)
+    return torch.randn(n, model.patch_dim, device=DEV, generator=g)
+
+
+def _asset_batch(model):
+    """The three real images of packvit/assets at their own aspect, about 1k-2.5k patches each, normalised."""
+    from PIL import Image
+
+    from packvit.packing import patchify
+
+    p = model.config.patch_size
+    ims, grid = [], []
+    for f in sorted((Path(__file__).resolve().parents[1] / "packvit" / "assets").glob("*.jpg")):
+        im = Image.open(f).convert("RGB")
+        scale = (1536 * p * p / (im.width * im.height)) ** 0.5
+        w, h = max(p, round(im.width * scale / p) * p), max(p, round(im.height * scale / p) * p)
+        t = torch.frombuffer(bytearray(im.resize((w, h)).tobytes()), dtype=torch.uint8).view(h, w, 3)
+        t = (t.permute(2, 0, 1).float() / 255 - 0.5) / 0.5
+        ims.append(t)
+    hs, grid = patchify(ims, p)
+    return hs.to(DEV), grid
+
+
+def _mincos(a, b) -> float:
+    return F.cosine_similarity(a.float(), b.float(), dim=-1).min().item()
+
+
+def _models(fam: str, backend: str):
+    _, m32 = build_pair(fam, None, DEV, torch.float32, "sdpa")  # fp32: the reference path
+    mbf = copy.deepcopy(m32).to(BF16)
+    mbf.set_attention_backend(backend)
+    m32.set_attention_backend("sdpa")  # the fp32 reference path
+    return m32, mbf
+
+
+def part_fidelity(families, backend: str) -> None:
+    for fam in families:
+        m32, mbf = _models(fam, backend)
+        m8 = copy.deepcopy(mbf)
+        m8.set_fp8(min_tokens=0)
+        with torch.inference_mode():
+            _fidelity(fam, m32, mbf, m8)
+        del m8, m32, mbf
+        torch.cuda.empty_cache()
+
+
+def _fidelity(fam, m32, mbf, m8) -> None:
+    if True:
+        inputs = {"mixed32": (_pixels(mbf, mixed32(mbf.config.patch_size).grid, 1), mixed32(mbf.config.patch_size).grid),
+                  "assets": _asset_batch(mbf)}
+        mdef = copy.deepcopy(mbf)
+        mdef.set_fp8()  # the default policy: only the layers faster at this token count
+        for wl, (px, grid) in inputs.items():
+            r32, rbf, r8, rdef = m32(px, grid), mbf(px, grid), m8(px, grid), mdef(px, grid)
+            emit({"part": "fidelity", "family": fam, "workload": wl, "tokens": int(px.shape[0]),
+                  "bf16_vs_fp32": _mincos(rbf, r32), "fp8_vs_bf16": _mincos(r8, rbf), "fp8_vs_fp32": _mincos(r8, r32),
+                  "fp8_default_vs_bf16": _mincos(rdef, rbf), "fp8_default_vs_fp32": _mincos(rdef, r32),
+                  "fp8_default_layers_run": sum(1 for l in mdef.modules() if isinstance(l, fp8.FP8Linear) and l.uses_fp8(px))})
+        del mdef
+        px, grid = inputs["mixed32"]
+        rbf = mbf(px, grid)
+        if _mincos(m8(px, grid), rbf) >= 0.999:
+            return
+        # Which layers: one kind kept bf16 at a time, then FP8 in one block at a time.
+        for kind in fp8.LAYERS:
+            m8.set_fp8(min_tokens=0, skip=(kind,))
+            emit({"part": "fidelity_search", "family": fam, "bf16_kept": kind, "fp8_vs_bf16": _mincos(m8(px, grid), rbf)})
+        for i in range(len(mbf.blocks)):
+            m8.set_fp8(min_tokens=0, skip=tuple(f"blocks.{j}" for j in range(len(mbf.blocks)) if j != i))
+            emit({"part": "fidelity_search", "family": fam, "fp8_only_block": i, "fp8_vs_bf16": _mincos(m8(px, grid), rbf)})
+
+
+def part_models(families, backend: str) -> None:
+    for fam in families:
+        _, mbf = build_pair(fam, None, DEV, BF16, backend)
+        mbf.set_attention_backend(backend)
+        p = mbf.config.patch_size
+        g32 = mixed32(p).grid
+        g64 = g32 + tuple((1, w, h) for _, h, w in g32)  # 64 images: the mixed32 sizes and their transposes
+        for wl, grid in (("mixed32", g32), ("mixed64", g64)):
+            px = _pixels(mbf, grid, 2)
+            res = {}
+            for name in ("bf16", "fp8", "fp8_all"):
+                if name == "fp8":
+                    mbf.set_fp8()
+                elif name == "fp8_all":  # every linear in FP8, whatever the crossover says
+                    mbf.set_fp8(min_tokens=0)
+                else:
+                    mbf.set_fp8(False)
+                for mode in ("infer",) if name == "fp8_all" else ("infer", "train"):
+                    torch.cuda.empty_cache()
+                    r = measure(model_step(mbf, px, grid, mode), DEV, warmup=4, iters=10)
+                    res[(name, mode)] = r
+                    emit({"part": "models", "family": fam, "workload": wl, "tokens": int(px.shape[0]), "impl": name,
+                          "mode": mode, "ms": round(r["ms"], 3), "p10": round(r["p10"], 3), "p90": round(r["p90"], 3),
+                          "peak_gib": r["peak_gib"] and round(r["peak_gib"], 3), "fp8_layers": len(mbf.fp8), "backend": mbf.attn_backend})
+            for mode in ("infer", "train"):
+                emit({"part": "models_ratio", "family": fam, "workload": wl, "mode": mode,
+                      "bf16_over_fp8": round(res[("bf16", mode)]["ms"] / res[("fp8", mode)]["ms"], 3),
+                      "bf16_over_fp8_all": round(res[("bf16", mode)]["ms"] / res[("fp8_all", mode)]["ms"], 3)
+                      if ("fp8_all", mode) in res else None})
+            mbf.set_fp8(False)
+        del mbf
+        torch.cuda.empty_cache()
+
+
+def part_train(families, backend: str, steps: int = 200, every: int = 20) -> None:
+    for fam in families:
+        _, teacher = build_pair(fam, None, DEV, BF16, backend)
+        teacher.truncate(TRAIN_BLOCKS)  # the first blocks only: 2 x 200 steps per family in a short device call
+        teacher.set_attention_backend(backend)
+        teacher.eval().requires_grad_(False)
+        p = teacher.config.patch_size
+        D = teacher.hidden_size
+        proj = torch.randn(D, 64, device=DEV, generator=torch.Generator(device=DEV).manual_seed(3)) / D**0.5
+        curves = {}
+        for name in ("bf16", "fp8"):
+            student = copy.deepcopy(teacher).requires_grad_(True).train()
+            torch.manual_seed(5)
+            with torch.no_grad():  # the student starts off the teacher
+                for q in student.blocks.parameters():
+                    q.add_(torch.randn_like(q) * 0.02 * q.float().std().to(q.dtype))
+            if name == "fp8":
+                student.set_fp8(min_tokens=0)
+            head = nn.Linear(D, 64, device=DEV, dtype=BF16)
+            nn.init.zeros_(head.bias)
+            opt = torch.optim.AdamW(list(student.parameters()) + list(head.parameters()), lr=1e-4, weight_decay=0.0)
+            g = torch.Generator().manual_seed(7)
+            losses = []
+            t0 = time.perf_counter()
+            for step in range(steps):
+                grid = [(1, int(torch.randint(12, 33, (1,), generator=g)), int(torch.randint(12, 33, (1,), generator=g)))
+                        for _ in range(12)]
+                px = _pixels(teacher, grid, 1000 + step)
+                with torch.no_grad():
+                    target = teacher(px, grid).float() @ proj
+                loss = F.mse_loss(head(student(px, grid)).float(), target)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+            curves[name] = losses
+            emit({"part": "train_run", "family": fam, "impl": name, "steps": steps, "s": round(time.perf_counter() - t0, 1),
+                  "fp8_layers": len(student.fp8)})
+            del student, opt, head
+            torch.cuda.empty_cache()
+        for s in range(0, steps, every):
+            w = slice(s, s + every)
+            emit({"part": "train_loss", "family": fam, "steps": f"{s + 1}-{s + every}",
+                  "bf16": round(statistics.mean(curves["bf16"][w]), 5), "fp8": round(statistics.mean(curves["fp8"][w]), 5)})
+        del teacher
+        torch.cuda.empty_cache()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", nargs="+", default=["ops", "sweep"],
+                    choices=["ops", "gemm", "sweep", "torchao", "fidelity", "models", "train"])
+    ap.add_argument("--family", nargs="+", default=list(SHAPES))
+    ap.add_argument("--backend", default="torch", help="attention backend of the model parts (default: torch's varlen)")
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--out", default=None, help="append the rows as JSON lines here")
+    args = ap.parse_args()
+    for part in args.part:
+        t0 = time.perf_counter()
+        if part == "ops":
+            part_ops()
+        elif part == "gemm":
+            part_gemm()
+        elif part == "sweep":
+            part_sweep()
+        elif part == "torchao":
+            part_torchao()
+        elif part == "fidelity":
+            part_fidelity(args.family, args.backend)
+        elif part == "models":
+            part_models(args.family, args.backend)
+        elif part == "train":
+            part_train(args.family, args.backend, args.steps)
+        print(f"# part {part}: {time.perf_counter() - t0:.1f} s", flush=True)
+    if args.out:
+        with open(args.out, "a") as f:
+            for r in OUT:
+                f.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+    main()

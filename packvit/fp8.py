@@ -1,0 +1,331 @@
+"""FP8 (e4m3) linears for the blocks' matmuls (qkv, proj, fc1, fc2), inference and training.
+
+    model = packvit.from_pretrained(path, device="cuda", dtype=torch.bfloat16, fp8=True)
+    model.set_fp8(False)                      # back to the bf16 path (same parameters)
+
+What runs: ``torch._scaled_mm`` with row-wise scales, the recipe of torchao's "rowwise" float8
+training. Each operand is cast to e4m3 with one fp32 scale per row of the reduction:
+
+    forward   y  = x @ W.T     x: one scale per token row,      W: one per output row
+    dgrad     dx = dy @ W      dy: one per token row,           W: one per input column
+    wgrad     dW = dy.T @ x    dy: one per output column,       x: one per input column (over tokens)
+
+with bf16 output and the bias in the matmul's epilogue. The parameters stay the bf16 (or, under
+FSDP2 mixed precision, fp32) master weights; their e4m3 copy is made once and cached for inference
+(keyed on the parameter's storage and its version counter, so ``optimizer.step()``, ``copy_`` or a
+``load_state_dict`` re-quantise it), and made afresh each training step. Patch embedding, pooling
+heads and attention itself stay bf16.
+
+**The policy.** FP8 pays only on large matmuls: quantising the activation is one extra pass over it
+and the e4m3 GEMM has its own fixed costs. Each linear has a token crossover (``min_tokens``): a
+batch of T >= min_tokens tokens runs the FP8 path, a smaller one the bf16 path, decided per call from
+``x.shape[0]`` (a Python int: no host sync). The crossovers come from the per-shape sweep on the
+H200 (``benchmarks/fp8_ab.py``, RESULTS.md "FP8"); see ``CROSSOVER``.
+
+**Where it runs.** CUDA devices of compute capability >= 8.9 (Ada, Hopper, Blackwell) with a bf16
+model; ``set_fp8`` refuses anything else with a message naming what is needed. (PyTorch also runs
+``_scaled_mm`` on the CPU, slowly; the tests use that to check the numerics against a dequantised
+reference.)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+EPS = 1e-12  # floor of a row's amax, so an all-zero row (padding) gets a finite scale, as torchao does
+LAYERS = ("qkv", "proj", "fc1", "fc2")
+
+# Token crossover per linear (in_features, out_features): at T >= this many tokens the FP8 path is
+# faster than bf16 on the H200 (benchmarks/fp8_ab.py, "sweep": median of 20 timed calls each, the
+# activation quantisation included). Shapes not listed get DEFAULT_MIN_TOKENS. "train" is the
+# forward + backward of the linear (three GEMMs and five quantisations).
+# None: not faster at any measured size (up to 64k tokens), so the layer stays bf16 (``convert``
+# leaves a layer that is None in both modes a plain nn.Linear). Measured 2026-12-03 on an H200
+# (torch 2.11, fast accumulation in the forward), M = 1k, 2k, 4k, 8k, 12k, 16k, 23k, 32k, 48k, 64k;
+# results/fp8-ab-gemm-sweep-fastaccum-h200-2026-12-03.jsonl. Speedups at mixed32's 23k tokens,
+# inference: qkv 1.12-1.35x, fc1 1.33-1.41x, fc2 1.03-1.19x, proj 0.48-0.70x (its quantisation
+# costs as much as its GEMM saves). Training (three GEMMs, five quantisations) pays only from 48k on.
+CROSSOVER: dict[str, dict[tuple[int, int], int | None]] = {
+    "infer": {
+        (1152, 3456): 8192, (1152, 1152): 32768, (1152, 4304): 8192, (4304, 1152): 12288,  # SigLIP2 so400m
+        (1024, 3072): 16384, (1024, 1024): 65536, (1024, 4096): 12288, (4096, 1024): 16384,  # DINOv3-L
+        (1024, 5632): 8192, (2816, 1024): 23103,  # AIMv2-L (qkv, proj as DINOv3's)
+    },
+    "train": {
+        (1152, 3456): 49152, (1152, 1152): None, (1152, 4304): None, (4304, 1152): None,
+        (1024, 3072): None, (1024, 1024): None, (1024, 4096): 65536, (4096, 1024): 49152,
+        (1024, 5632): 49152, (2816, 1024): None,
+    },
+}
+# Other shapes (other presets): the wide layers measured cross over at 8k-16k tokens for inference
+# and 48k-64k for training.
+DEFAULT_MIN_TOKENS = {"infer": 16384, "train": 65536}
+NEVER = 1 << 62  # min_tokens of a layer that never runs FP8 in that mode
+
+
+# -- quantisation -----------------------------------------------------------------------------------
+
+
+def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) -> e4m3 (M, K) and fp32 scales (M, 1) with x ~= q * scale, one scale per row.
+
+    The plain-torch definition; ``quantize_rows`` runs the Triton kernel on CUDA, to the same bits."""
+    x32 = x.float()
+    qscale = E4M3_MAX / x32.abs().amax(dim=1, keepdim=True).clamp(min=EPS)  # (M, 1)
+    q = (x32 * qscale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    return q, qscale.reciprocal()
+
+
+def quantize_cols_t_reference(x: torch.Tensor, pad_to: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, C) -> e4m3 x.T (C, Mp) contiguous with one scale per column of x, (C, 1) fp32.
+
+    The operand of a GEMM that reduces over M (the weight gradient). ``_scaled_mm`` needs the
+    reduction length to be a multiple of 16: Mp is M rounded up, the extra columns are zeros."""
+    M, C = x.shape
+    x32 = x.float()
+    qscale = E4M3_MAX / x32.abs().amax(dim=0).clamp(min=EPS)  # (C,)
+    q = (x32 * qscale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    Mp = -(-M // pad_to) * pad_to
+    out = torch.zeros(C, Mp, dtype=E4M3, device=x.device)
+    out[:, :M] = q.t()
+    return out, qscale.reciprocal()[:, None]
+
+
+def _triton_runs(x: torch.Tensor) -> bool:
+    if not x.is_cuda:
+        return False
+    from .fused_ops import _has
+
+    return _has("packvit.fp8_kernels")
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_rows_reference`` as one Triton kernel on CUDA (one read of x, one write of q)."""
+    if _triton_runs(x):
+        from .fp8_kernels import quantize_rows as kernel
+
+        return kernel(x)
+    return quantize_rows_reference(x)
+
+
+def quantize_cols_t(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_cols_t_reference`` as two Triton kernels on CUDA (column amax, then cast + transpose)."""
+    if _triton_runs(x):
+        from .fp8_kernels import quantize_cols_t as kernel
+
+        return kernel(x)
+    return quantize_cols_t_reference(x)
+
+
+# -- the matmuls ------------------------------------------------------------------------------------
+
+
+# The forward's GEMM accumulates in the tensor cores' fast (lower-precision) mode, as torchao's
+# float8 recipes do for the output; the gradients' GEMMs do not.
+FAST_ACCUM_FORWARD = True
+_BIAS_IN_MM = {}  # device type -> whether _scaled_mm takes a bias with row-wise scales (found at the first call)
+
+
+def scaled_mm(
+    a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor, bias: torch.Tensor | None, out_dtype,
+    fast_accum: bool = False,
+) -> torch.Tensor:
+    """(a * sa) @ (b * sb).T + bias: a (M, K) and b (N, K) e4m3 row-major, sa (M, 1), sb (N, 1) fp32."""
+    dev = a.device.type
+    kw = dict(scale_a=sa, scale_b=sb.view(1, -1), out_dtype=out_dtype, use_fast_accum=fast_accum)
+    if bias is not None and _BIAS_IN_MM.get(dev, True):
+        try:
+            out = torch._scaled_mm(a, b.t(), bias=bias, **kw)
+            _BIAS_IN_MM[dev] = True
+            return out
+        except RuntimeError:
+            if dev in _BIAS_IN_MM:
+                raise
+            _BIAS_IN_MM[dev] = False
+    out = torch._scaled_mm(a, b.t(), **kw)
+    return out if bias is None else out + bias
+
+
+def fp8_linear_inference(
+    x: torch.Tensor, wq: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x (M, K) bf16 and an already quantised weight -> (M, N) in x's dtype."""
+    xq, sx = quantize_rows(x)
+    return scaled_mm(xq, sx, wq, sw, None if bias is None else bias.to(x.dtype), x.dtype, FAST_ACCUM_FORWARD)
+
+
+class _FP8Linear(torch.autograd.Function):
+    """y = x @ W.T + b with all three GEMMs in e4m3 (torchao's rowwise recipe); bf16 is kept for
+    what is saved (x and W, quantised again along the other axis in backward) and for the grads."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        w = weight.to(x.dtype)  # FSDP2 mixed precision hands a bf16 weight already; fp32 masters are cast
+        xq, sx = quantize_rows(x)  # (M, K), (M, 1)
+        wq, sw = quantize_rows(w)  # (N, K), (N, 1)
+        ctx.save_for_backward(x, w)
+        ctx.has_bias = bias is not None
+        ctx.weight_dtype = weight.dtype
+        return scaled_mm(xq, sx, wq, sw, None if bias is None else bias.to(x.dtype), x.dtype, FAST_ACCUM_FORWARD)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, w = ctx.saved_tensors
+        dy = dy.contiguous()  # (M, N)
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dyq, sdy = quantize_rows(dy)  # per token row, over N
+            wtq, swt = quantize_rows(w.t().contiguous())  # (K, N): per input column of W, over N
+            dx = scaled_mm(dyq, sdy, wtq, swt, None, x.dtype)  # (M, K)
+        if ctx.needs_input_grad[1]:
+            dytq, sdyt = quantize_cols_t(dy)  # (N, Mp): per output column, over tokens
+            xtq, sxt = quantize_cols_t(x)  # (K, Mp): per input column, over tokens
+            dw = scaled_mm(dytq, sdyt, xtq, sxt, None, x.dtype).to(ctx.weight_dtype)  # (N, K)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy.sum(0)
+        return dx, dw, db
+
+
+# -- the module -------------------------------------------------------------------------------------
+
+
+class FP8Linear(nn.Linear):
+    """An ``nn.Linear`` (same parameters, same state dict) whose matmul runs in FP8 from
+    ``min_tokens`` tokens on (see the module docstring). Made by ``convert`` with an in-place class
+    swap, so optimizers, FSDP2 and checkpoints keep seeing the very same parameters."""
+
+    min_tokens: int
+    min_tokens_train: int
+
+    def _init_fp8(self, min_tokens: int, min_tokens_train: int) -> None:
+        self.min_tokens, self.min_tokens_train = min_tokens, min_tokens_train
+        self._fp8_weight: tuple | None = None  # (key, e4m3 weight, scales); not a buffer: no state dict entry
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None | str = "own") -> torch.Tensor:
+        """x (..., K) -> (..., N). ``bias`` replaces the layer's own (the fused qkv's is built from
+        per-projection biases, ``layers.Attention.qkv_bias``)."""
+        b = self.bias if isinstance(bias, str) else bias
+        if not self.uses_fp8(x):
+            return F.linear(x, self.weight, b)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        if self._training_call(x2, b):
+            y = _FP8Linear.apply(x2, self.weight, b)
+        else:
+            wq, sw = self.quantized_weight()
+            y = fp8_linear_inference(x2, wq, sw, b)
+        return y.view(*lead, y.shape[-1])
+
+    def uses_fp8(self, x: torch.Tensor) -> bool:
+        """Whether this call runs in FP8: the token count against this layer's crossover."""
+        tokens = x.numel() // x.shape[-1] if x.dim() != 2 else x.shape[0]
+        return tokens >= (self.min_tokens_train if torch.is_grad_enabled() else self.min_tokens)
+
+    def _training_call(self, x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+        return torch.is_grad_enabled() and (
+            x.requires_grad or self.weight.requires_grad or (bias is not None and bias.requires_grad)
+        )
+
+    def quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight in e4m3 with its per-output-row scales, quantised once per weight version."""
+        w = self.weight
+        # A weight made under inference_mode has no version counter (and cannot be changed in place
+        # outside it): its storage is the key.
+        key = (w.data_ptr(), None if w.is_inference() else w._version, w.dtype, w.device, tuple(w.shape))
+        if self._fp8_weight is None or self._fp8_weight[0] != key:
+            with torch.inference_mode(False), torch.no_grad():  # a cache that outlives inference_mode
+                wq, sw = quantize_rows(w.detach())
+            self._fp8_weight = (key, wq, sw)
+        return self._fp8_weight[1], self._fp8_weight[2]
+
+    def extra_repr(self) -> str:
+        def at(n):
+            return "never" if n >= NEVER else f"{n} tokens"
+        return super().extra_repr() + f", fp8=e4m3 rowwise from {at(self.min_tokens)} ({at(self.min_tokens_train)} training)"
+
+
+# Layers that stay bf16 under ``fp8=True``, per model class (names or kinds, as ``fp8_targets``
+# takes them): set from the fidelity check (benchmarks/fp8_ab.py, RESULTS.md "FP8").
+DEFAULT_SKIP: dict[str, tuple[str, ...]] = {}
+
+
+def default_skip(model: nn.Module) -> tuple[str, ...]:
+    return DEFAULT_SKIP.get(type(model).__name__, ())
+
+
+def crossover(in_features: int, out_features: int, mode: str) -> int:
+    c = CROSSOVER[mode].get((in_features, out_features), DEFAULT_MIN_TOKENS[mode])
+    return NEVER if c is None else c
+
+
+def fp8_targets(model: nn.Module, skip: frozenset[str] = frozenset()) -> dict[str, nn.Linear]:
+    """name -> linear for every qkv / proj / fc1 / fc2 of the model's blocks, but for names in
+    ``skip`` ("blocks.0.mlp.fc2", or a layer kind "fc2", or "blocks.3")."""
+    out = {}
+    for name, m in model.named_modules():
+        kind = name.rsplit(".", 1)[-1]
+        if not isinstance(m, nn.Linear) or kind not in LAYERS or ".blocks." not in f".{name}":
+            continue
+        if name in skip or kind in skip or any(name.startswith(s + ".") for s in skip):
+            continue
+        if m.in_features % 16 or m.out_features % 16:  # _scaled_mm's alignment; such a layer stays bf16
+            continue
+        out[name] = m
+    return out
+
+
+def convert(
+    model: nn.Module, *, skip=(), min_tokens: int | None = None, min_tokens_train: int | None = None
+) -> list[str]:
+    """Swap the blocks' qkv / proj / fc1 / fc2 to ``FP8Linear`` in place (no device check: see
+    ``check_device``); returns the names converted. ``min_tokens`` overrides every crossover (0: FP8
+    for every batch)."""
+    names = []
+    for name, m in fp8_targets(model, frozenset(skip)).items():
+        infer = crossover(m.in_features, m.out_features, "infer") if min_tokens is None else min_tokens
+        train = min_tokens_train if min_tokens_train is not None else (
+            min_tokens if min_tokens is not None else crossover(m.in_features, m.out_features, "train"))
+        if infer == train == NEVER:
+            continue
+        if type(m) is nn.Linear:
+            m.__class__ = FP8Linear
+        m._init_fp8(infer, train)
+        names.append(name)
+    return names
+
+
+def unconvert(model: nn.Module) -> None:
+    """Every ``FP8Linear`` back to a plain ``nn.Linear`` (same parameters)."""
+    for m in model.modules():
+        if isinstance(m, FP8Linear):
+            del m._fp8_weight, m.min_tokens, m.min_tokens_train
+            m.__class__ = nn.Linear
+
+
+def check_device(device: torch.device, dtype: torch.dtype) -> None:
+    """Raise where ``fp8=True`` cannot run: it needs a CUDA GPU of compute capability >= 8.9 and a
+    bf16 model (e4m3 matmuls with bf16 output)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(
+            f"fp8=True needs the model on a CUDA GPU of compute capability >= 8.9 (Ada, Hopper or newer); "
+            f"it is on {device}: move it first (model.to('cuda', torch.bfloat16)) or leave fp8 off"
+        )
+    cap = torch.cuda.get_device_capability(device)
+    if cap < (8, 9):
+        raise ValueError(
+            f"fp8=True needs a GPU of compute capability >= 8.9 (Ada, Hopper or newer) for e4m3 matmuls; "
+            f"{torch.cuda.get_device_name(device)} has {cap[0]}.{cap[1]}: leave fp8 off"
+        )
+    if dtype != torch.bfloat16:
+        raise ValueError(
+            f"fp8=True needs a bf16 model (dtype=torch.bfloat16): its matmuls write bf16; this model is "
+            f"{dtype}. FP8 training with fp32 master weights: keep fp32 parameters under FSDP2 mixed "
+            f"precision (param_dtype=torch.bfloat16) and pass compute_dtype=torch.bfloat16"
+        )

@@ -1,0 +1,161 @@
+"""packvit.fp8 on a GPU of compute capability >= 8.9 (skipped elsewhere):
+
+* the Triton quantisers against their torch definitions (same e4m3 values but for rare one-step
+  differences from Triton's fp32 division; same scales to 1e-6);
+* one FP8 linear at each family's shapes against fp32, forward and the three gradients;
+* each family's model at the published size (random weights) with ``set_fp8()`` on mixed32: per-patch
+  min cosine >= 0.999 against the same weights in fp32 on the reference path (packvit fp32 matches
+  HF to 1e-6 in the parity tests: it stands in for HF), and the layers that run FP8 are those whose
+  crossover the batch reaches;
+* the policy's premise: at twice its crossover, AIMv2's fc1 is faster in FP8 than in bf16;
+* ``set_fp8`` refuses an fp32 model; ``from_pretrained``-style ``.to`` then ``set_fp8`` works.
+
+Run on the GPU machine: ``python -m pytest -q -m gpu tests/test_gpu_fp8.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from packvit import fp8
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+        reason="needs a CUDA GPU of compute capability >= 8.9",
+    ),
+]
+
+DEV = "cuda"
+BF16 = torch.bfloat16
+
+
+def rel(a, ref) -> float:
+    return ((a.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.mark.parametrize("shape", [(23103, 1152), (1000, 4304), (37, 5632), (5, 1024)])
+def test_triton_quantisers_match_the_reference(shape):
+    g = torch.Generator(device=DEV).manual_seed(0)
+    x = (torch.randn(*shape, device=DEV, generator=g) * torch.rand(shape[1], device=DEV, generator=g) * 5).to(BF16)
+    x[0] = 0
+    for kern, ref in ((fp8.quantize_rows, fp8.quantize_rows_reference),
+                      (fp8.quantize_cols_t, fp8.quantize_cols_t_reference)):
+        q, s = kern(x)
+        qr, sr = ref(x)
+        assert q.shape == qr.shape and s.shape == sr.shape and q.dtype == torch.float8_e4m3fn
+        torch.testing.assert_close(s, sr, rtol=1e-6, atol=0)
+        diff = q.float() != qr.float()
+        assert diff.float().mean() < 1e-3, kern.__name__
+        # where they differ, by one e4m3 step (1/8 of the binade) at most
+        step = (q.float() - qr.float()).abs()[diff] / qr.float().abs()[diff].clamp(min=2**-9)
+        assert step.numel() == 0 or step.max() <= 0.34, kern.__name__
+
+
+SHAPES = [(1152, 3456), (4304, 1152), (1024, 5632), (2816, 1024)]
+
+
+@pytest.mark.parametrize("K,N", SHAPES)
+def test_fp8_linear_against_fp32(K, N):
+    torch.manual_seed(0)
+    M = 3000
+    ref = nn.Linear(K, N, device=DEV)
+    with torch.no_grad():
+        ref.weight.mul_(3.0)
+        ref.bias.normal_(0, 0.1)
+    lin = copy.deepcopy(ref).to(BF16)
+    lin.__class__ = fp8.FP8Linear
+    lin._init_fp8(0, 0)
+    x32 = torch.randn(M, K, device=DEV)
+    dy = torch.randn(M, N, device=DEV)
+    x32.requires_grad_(True)
+    ref(x32).backward(dy)
+    x = x32.detach().to(BF16).requires_grad_(True)
+    y = lin(x)
+    y.backward(dy.to(BF16))
+    y32 = ref(x32).detach()
+    assert F.cosine_similarity(y.float(), y32, dim=-1).min() > 0.998
+    assert rel(y, y32) < 0.05
+    for got, want, what in ((x.grad, x32.grad, "dx"), (lin.weight.grad, ref.weight.grad, "dW"),
+                            (lin.bias.grad, ref.bias.grad, "db")):
+        assert torch.isfinite(got).all(), what
+        assert rel(got, want) < 0.06, (what, rel(got, want))
+
+
+@pytest.fixture(scope="module")
+def models():
+    from packvit.bench.models import build_pair
+
+    out = {}
+    for fam in ("siglip2", "dinov3", "aimv2"):
+        _, m32 = build_pair(fam, None, torch.device(DEV), torch.float32, "sdpa")
+        out[fam] = m32
+    return out
+
+
+@pytest.mark.parametrize("family", ["siglip2", "dinov3", "aimv2"])
+def test_model_fidelity_and_policy(models, family):
+    from packvit.bench.workloads import mixed32
+
+    m32 = models[family]
+    m8 = copy.deepcopy(m32).to(BF16)
+    m8.set_attention_backend("auto")
+    names = m8.set_fp8()
+    assert names and "fp8=[" in repr(m8)
+    grid = mixed32(m32.config.patch_size).grid
+    g = torch.Generator(device=DEV).manual_seed(1)
+    px = torch.randn(sum(t * h * w for t, h, w in grid), m32.patch_dim, device=DEV, generator=g)
+    with torch.inference_mode():
+        ref = m32(px, grid)
+        out = m8(px, grid)
+    cos = F.cosine_similarity(out.float(), ref, dim=-1).min().item()
+    assert cos >= 0.999, (family, cos)
+    T = px.shape[0] + m8.num_prefix * len(grid)
+    for name, lin in m8.named_modules():
+        if isinstance(lin, fp8.FP8Linear):
+            with torch.no_grad():
+                assert lin.uses_fp8(torch.empty(T, lin.in_features, device="meta")) == (
+                    T >= fp8.crossover(lin.in_features, lin.out_features, "infer")), name
+
+
+def test_fp8_faster_past_the_crossover():
+    K, N = 1024, 5632
+    M = 2 * fp8.crossover(K, N, "infer")
+    ref = nn.Linear(K, N, bias=False, device=DEV, dtype=BF16)
+    lin = copy.deepcopy(ref)
+    lin.__class__ = fp8.FP8Linear
+    lin._init_fp8(0, 0)
+    x = torch.randn(M, K, device=DEV, dtype=BF16)
+
+    def ms(fn):
+        with torch.inference_mode():
+            for _ in range(5):
+                fn()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(20):
+                fn()
+            b.record()
+            torch.cuda.synchronize()
+        return a.elapsed_time(b)
+
+    assert ms(lambda: lin(x)) < ms(lambda: ref(x))
+
+
+def test_set_fp8_refuses_fp32_and_runs_in_bf16():
+    from packvit.bench.models import build_pair
+
+    _, m = build_pair("siglip2", None, torch.device(DEV), torch.float32, "sdpa", tiny=True)
+    with pytest.raises(ValueError, match="needs a bf16 model"):
+        m.set_fp8()
+    m.to(BF16)
+    assert len(m.set_fp8(min_tokens=0)) == 4 * len(m.blocks)
+    x = torch.randn(40, m.patch_dim, device=DEV)
+    with torch.inference_mode():
+        assert torch.isfinite(m(x, [(1, 5, 8)]).float()).all()
