@@ -190,7 +190,7 @@ def test_convert_swaps_only_the_block_linears_and_keeps_the_parameters(packvit_m
 
 
 def test_fp8_model_close_to_bf16_and_exact_below_the_crossover(packvit_models):
-    from conftest import PATCH, random_images
+    from helpers import PATCH, random_images
 
     import packvit
 
@@ -209,7 +209,7 @@ def test_fp8_model_close_to_bf16_and_exact_below_the_crossover(packvit_models):
 
 
 def test_fp8_training_step_on_cpu(packvit_models):
-    from conftest import PATCH, random_images
+    from helpers import PATCH, random_images
 
     import packvit
 
@@ -304,7 +304,7 @@ def _worker(ckpt: str, out: str) -> None:
 
 
 def test_fsdp2_keeps_the_fp8_linears(hf_checkpoints, tmp_path):
-    from conftest import torchrun
+    from helpers import torchrun
 
     from weights_conversion import load_model
 
