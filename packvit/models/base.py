@@ -9,10 +9,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .. import chained
+from .. import chained, quack_mlp
 from ..attention import resolve_backend
 from ..fused_ops import resolve_fused
-from .. import quack_mlp
 from ..layers import Attention, Block, GatedMlp, Mlp, RMSNorm
 from ..packing import PackedMeta, build_meta, check_inputs, check_packed, grid_to_tuple, split_prefix
 
