@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from . import chained
-from .models.base import HiddenStates, PackedBatch, PackedViT, PackedVisionOutput
+from .models.base import HiddenStates, PackedBatch, PackedVisionOutput, PackedViT
 from .packing import PackedMeta, check_inputs, check_packed, split_prefix
 
 # Above about 16k tokens the eager forward keeps the GPU busy (its ~15 ms of host time per forward

@@ -121,10 +121,11 @@ def linear_gelu_tanh(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) 
 # autograd of the plain modules keeps (for A/B runs).
 TRAIN_SAVES_LESS = True
 
-# Inference on the fused path runs the MLP over row chunks of this many tokens when a batch has more
-# than twice as many, so that its (T, hidden) activations (most of a forward's peak beyond the
-# weights) are never whole; 0 turns it off. 8192 rows keep the GEMMs at full speed (RESULTS.md).
-MLP_CHUNK_TOKENS = 8192
+# Inference on the fused path can run the MLP over row chunks of this many tokens when a batch has
+# more than twice as many, so that its (T, hidden) activations are never whole. Off (0) by default:
+# on the H200 at 23k tokens it saved no peak memory (the peak is elsewhere: weights, attention, the
+# (T, 3D) qkv output) and cost 1.7-4.5 ms of host launches per forward (RESULTS.md, s6-speed).
+MLP_CHUNK_TOKENS = 0
 
 
 def mlp_in_chunks(mlp: nn.Module, h: torch.Tensor) -> torch.Tensor:
