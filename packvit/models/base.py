@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .. import chained, quack_mlp
+from .. import chained, fp8, quack_mlp
 from ..attention import AttentionImpl, FA4Backward, resolve_attention
 from ..fused_ops import resolve_fused
 from ..layers import Attention, Block, GatedMlp, Mlp, RMSNorm
@@ -233,8 +233,6 @@ class PackedViT(nn.Module):
         dtype: the compute dtype, if not the weights' (fp32 masters under FSDP2 mixed precision).
         Needs a CUDA GPU of compute capability >= 8.9 and bf16 compute; ``set_fp8(False)`` undoes it.
         """
-        from .. import fp8
-
         if not enabled:
             fp8.unconvert(self)
             self.fp8 = []
