@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import statistics
 import time
@@ -114,6 +115,21 @@ def part_ops() -> None:
 # -- gemm -------------------------------------------------------------------------------------------
 
 
+def _gemm_steps(x, w) -> dict:
+    """The timed bf16 ops at one shape: the GEMM, and the activation quantiser alone."""
+    return {"bf16_ms": lambda: x @ w.t(), "quant_rows_ms": lambda: fp8.quantize_rows(x)}
+
+
+def _scaled_mm_steps(xq, sx, wq, sw, one, fast) -> dict:
+    """The timed FP8 GEMMs at one shape (operands already e4m3): row-wise and tensor-wise scales."""
+    return {
+        f"rowwise_fast{int(fast)}_ms":
+            lambda: torch._scaled_mm(xq, wq.t(), scale_a=sx, scale_b=sw.view(1, -1), out_dtype=BF16, use_fast_accum=fast),
+        f"tensorwise_fast{int(fast)}_ms":
+            lambda: torch._scaled_mm(xq, wq.t(), scale_a=one, scale_b=one, out_dtype=BF16, use_fast_accum=fast),
+    }
+
+
 def part_gemm(ms=(23103, 65536)) -> None:
     """The GEMM alone (operands already e4m3) and the activation quantiser alone, per shape."""
     done = set()
@@ -128,14 +144,12 @@ def part_gemm(ms=(23103, 65536)) -> None:
             for M in ms:
                 x = torch.randn(M, K, device=DEV, dtype=BF16)
                 xq, sx = fp8.quantize_rows(x)
-                row = {"part": "gemm", "family": fam, "layer": kind, "K": K, "N": N, "M": M,
-                       "bf16_ms": timed(lambda: x @ w.t()),
-                       "quant_rows_ms": timed(lambda: fp8.quantize_rows(x))}
+                row = {"part": "gemm", "family": fam, "layer": kind, "K": K, "N": N, "M": M}
+                for key, fn in _gemm_steps(x, w).items():
+                    row[key] = timed(fn)
                 for fast in (False, True):
-                    row[f"rowwise_fast{int(fast)}_ms"] = timed(
-                        lambda: torch._scaled_mm(xq, wq.t(), scale_a=sx, scale_b=sw.view(1, -1), out_dtype=BF16, use_fast_accum=fast))
-                    row[f"tensorwise_fast{int(fast)}_ms"] = timed(
-                        lambda: torch._scaled_mm(xq, wq.t(), scale_a=one, scale_b=one, out_dtype=BF16, use_fast_accum=fast))
+                    for key, fn in _scaled_mm_steps(xq, sx, wq, sw, one, fast).items():
+                        row[key] = timed(fn)
                 flops = 2 * M * K * N
                 row.update({k: round(v, 4) for k, v in row.items() if k.endswith("_ms")})
                 row["bf16_tflops"] = round(flops / row["bf16_ms"] / 1e9, 1)
@@ -156,6 +170,17 @@ def _layer(K: int, N: int, bias: bool) -> tuple[nn.Linear, nn.Linear]:
     return ref, lin
 
 
+def _train_step(m, xg, dy):
+    """One training step of layer m: its and the input's gradients cleared, forward, backward of dy."""
+
+    def step():
+        m.zero_grad(set_to_none=True)
+        xg.grad = None
+        m(xg).backward(dy)
+
+    return step
+
+
 def part_sweep(ms=MS) -> None:
     done = set()
     for fam, layers in SHAPES.items():
@@ -168,18 +193,11 @@ def part_sweep(ms=MS) -> None:
                 x = torch.randn(M, K, device=DEV, dtype=BF16)
                 dy = torch.randn(M, N, device=DEV, dtype=BF16)
                 with torch.inference_mode():
-                    t_bf = timed(lambda: ref(x))
-                    t_f8 = timed(lambda: lin(x))
+                    t_bf = timed(functools.partial(ref, x))
+                    t_f8 = timed(functools.partial(lin, x))
                 xg = x.clone().requires_grad_(True)
-
-                def train(m):
-                    def step():
-                        m.zero_grad(set_to_none=True)
-                        xg.grad = None
-                        m(xg).backward(dy)
-                    return step
-                tt_bf = timed(train(ref), reps=3)
-                tt_f8 = timed(train(lin), reps=3)
+                tt_bf = timed(_train_step(ref, xg, dy), reps=3)
+                tt_f8 = timed(_train_step(lin, xg, dy), reps=3)
                 emit({"part": "sweep", "family": fam, "layer": kind, "K": K, "N": N, "M": M,
                       "infer_bf16_ms": round(t_bf, 4), "infer_fp8_ms": round(t_f8, 4), "infer_speedup": round(t_bf / t_f8, 3),
                       "train_bf16_ms": round(tt_bf, 4), "train_fp8_ms": round(tt_f8, 4), "train_speedup": round(tt_bf / tt_f8, 3)})
@@ -202,6 +220,16 @@ def part_sweep(ms=MS) -> None:
 
 
 # -- torchao ----------------------------------------------------------------------------------------
+
+
+def _input_grad_step(m, x, dy):
+    """One training step of module m: the input's gradient cleared (not m's), forward, backward of dy."""
+
+    def step():
+        x.grad = None
+        m(x).backward(dy)
+
+    return step
 
 
 def part_torchao() -> None:
@@ -233,13 +261,9 @@ def part_torchao() -> None:
         try:
             out = m(x).float()
             row[f"{name}_min_cos"] = F.cosine_similarity(out, ref_out, dim=-1).min().item()
-
-            def step(m=m):
-                x.grad = None
-                m(x).backward(dy)
-            row[f"{name}_train_ms"] = round(timed(step, reps=3), 3)
+            row[f"{name}_train_ms"] = round(timed(_input_grad_step(m, x, dy), reps=3), 3)
             with torch.inference_mode():
-                row[f"{name}_infer_ms"] = round(timed(lambda m=m: m(x)), 3)
+                row[f"{name}_infer_ms"] = round(timed(functools.partial(m, x)), 3)
         except Exception as e:  # noqa: BLE001
             row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     emit(row)
@@ -307,7 +331,7 @@ def _fidelity(fam, m32, mbf, m8) -> None:
             emit({"part": "fidelity", "family": fam, "workload": wl, "tokens": int(px.shape[0]),
                   "bf16_vs_fp32": _mincos(rbf, r32), "fp8_vs_bf16": _mincos(r8, rbf), "fp8_vs_fp32": _mincos(r8, r32),
                   "fp8_default_vs_bf16": _mincos(rdef, rbf), "fp8_default_vs_fp32": _mincos(rdef, r32),
-                  "fp8_default_layers_run": sum(1 for l in mdef.modules() if isinstance(l, fp8.FP8Linear) and l.uses_fp8(px))})
+                  "fp8_default_layers_run": sum(1 for mod in mdef.modules() if isinstance(mod, fp8.FP8Linear) and mod.uses_fp8(px))})
         del mdef
         px, grid = inputs["mixed32"]
         rbf = mbf(px, grid)
@@ -362,7 +386,6 @@ def part_train(families, backend: str, steps: int = 200, every: int = 20) -> Non
         teacher.truncate(TRAIN_BLOCKS)  # the first blocks only: 2 x 200 steps per family in a short device call
         teacher.set_attention_backend(backend)
         teacher.eval().requires_grad_(False)
-        p = teacher.config.patch_size
         D = teacher.hidden_size
         proj = torch.randn(D, 64, device=DEV, generator=torch.Generator(device=DEV).manual_seed(3)) / D**0.5
         curves = {}

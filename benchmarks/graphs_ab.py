@@ -68,6 +68,16 @@ def host_ms(fn, n=20):
     return statistics.median(ts)
 
 
+def _inference_forward(m, px, grid_t):
+    """One forward of m (the eager model or its graphed wrapper) under inference_mode."""
+
+    def fn():
+        with torch.inference_mode():
+            m(px, grid_t)
+
+    return fn
+
+
 def run(args, record):
     for family in args.family:
         model = build(family, args.backend)
@@ -110,9 +120,7 @@ def run(args, record):
             row = dict(part="graphs", family=family, backend=model.attn_backend, workload=wname, patches=n,
                        cos_min=cos.min().item(), max_abs=(out - ref).abs().max().item(), bitwise=torch.equal(out, ref))
             for how, m in (("eager", model), ("graphs", graphed)):
-                def fn(m=m):
-                    with torch.inference_mode():
-                        m(px, grid_t)
+                fn = _inference_forward(m, px, grid_t)
                 r = measure(fn, DEV, args.warmup, args.iters)
                 row[f"{how}_ms"], row[f"{how}_p10"], row[f"{how}_p90"] = r["ms"], r["p10"], r["p90"]
                 row[f"{how}_host_ms"] = host_ms(fn)

@@ -46,6 +46,39 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def _cublas_steps(x, w, b, ref_act, act) -> dict:
+    """The timed cuBLAS ops of fc1: the GEMM + bias, then the activation pass; the cuBLASLt GELU epilogue for tanh."""
+    steps = {"cublas_gemm_ms": lambda: F.linear(x, w, b), "cublas_gemm_act_ms": lambda: ref_act(F.linear(x, w, b))}
+    if act == "gelu_tanh_approx":
+        steps["cublaslt_epilogue_ms"] = lambda: torch._addmm_activation(b, x, w.t(), use_gelu=True)
+    return steps
+
+
+def _quack_act_steps(gemm_act, x, w, b, act, tuned) -> dict:
+    """The timed quack ``gemm_act`` calls of fc1: without and with the pre-activation stored."""
+    return {
+        f"quack_gemm_act_ms_tuned{tuned}":
+            lambda: gemm_act(x, w.T, bias=b, activation=act, store_preact=False, tuned=tuned),
+        f"quack_gemm_act_preact_ms_tuned{tuned}":
+            lambda: gemm_act(x, w.T, bias=b, activation=act, store_preact=True, tuned=tuned),
+    }
+
+
+def _dact_steps(gemm_dact, pre, dout, w2, ref_act, act):
+    """The backward of h = act(pre) through fc2 (weight w2): torch's autograd, and quack's ``gemm_dact``."""
+
+    def torch_bwd():
+        pre_ = pre.detach().requires_grad_(True)
+        h = ref_act(pre_)
+        dh = dout @ w2
+        return torch.autograd.grad(h, pre_, dh)[0]
+
+    def quack_bwd():
+        return gemm_dact(dout, w2, pre, activation=act, tuned=False)
+
+    return torch_bwd, quack_bwd
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--label", default="")
@@ -74,19 +107,15 @@ def main():
         ref32 = ref_act(F.linear(x.float(), w.float(), b.float()))
         eager = ref_act(F.linear(x, w, b))
         row["eager_rel_err"] = rel(eager, ref32)
-        row["cublas_gemm_ms"] = ms(lambda: F.linear(x, w, b))
-        row["cublas_gemm_act_ms"] = ms(lambda: ref_act(F.linear(x, w, b)))
-        if act == "gelu_tanh_approx":
-            row["cublaslt_epilogue_ms"] = ms(lambda: torch._addmm_activation(b, x, w.t(), use_gelu=True))
+        for key, fn in _cublas_steps(x, w, b, ref_act, act).items():
+            row[key] = ms(fn)
         for tuned in (False,):
             try:
                 pre, post = gemm_act(x, w.T, bias=b, activation=act, store_preact=False, tuned=tuned)
                 torch.cuda.synchronize()
                 row[f"quack_rel_err_tuned{tuned}"] = rel(post, ref32)
-                row[f"quack_gemm_act_ms_tuned{tuned}"] = ms(lambda: gemm_act(x, w.T, bias=b, activation=act,
-                                                                            store_preact=False, tuned=tuned))
-                row[f"quack_gemm_act_preact_ms_tuned{tuned}"] = ms(lambda: gemm_act(x, w.T, bias=b, activation=act,
-                                                                                   store_preact=True, tuned=tuned))
+                for key, fn in _quack_act_steps(gemm_act, x, w, b, act, tuned).items():
+                    row[key] = ms(fn)
                 row["ok"] = True
             except Exception as e:
                 row.update(ok=False, error=repr(e)[:1500], tb=traceback.format_exc()[-2500:])
@@ -98,16 +127,7 @@ def main():
                 pre = F.linear(x, w, b)
                 w2 = (torch.randn(D, H, device=DEV) * H**-0.5).to(BF16)
                 dout = torch.randn(T, D, device=DEV, dtype=BF16)
-
-                def torch_bwd():
-                    pre_ = pre.detach().requires_grad_(True)
-                    h = ref_act(pre_)
-                    dh = dout @ w2
-                    return torch.autograd.grad(h, pre_, dh)[0]
-
-                def quack_bwd():
-                    return gemm_dact(dout, w2, pre, activation=act, tuned=False)
-
+                torch_bwd, quack_bwd = _dact_steps(gemm_dact, pre, dout, w2, ref_act, act)
                 dref = torch_bwd()
                 dq = quack_bwd()
                 dq = dq[0] if isinstance(dq, tuple) else dq

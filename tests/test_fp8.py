@@ -129,8 +129,8 @@ def test_crossover_table_and_convert_overrides(packvit_models):
     finally:
         del fp8.CROSSOVER["infer"][(64, 192)]
     fp8.convert(m, min_tokens=5)
-    assert {l.min_tokens for l in m.modules() if isinstance(l, FP8Linear)} == {5}
-    assert {l.min_tokens_train for l in m.modules() if isinstance(l, FP8Linear)} == {5}
+    assert {lin.min_tokens for lin in m.modules() if isinstance(lin, FP8Linear)} == {5}
+    assert {lin.min_tokens_train for lin in m.modules() if isinstance(lin, FP8Linear)} == {5}
 
 
 # -- the weight cache -------------------------------------------------------------------------------
@@ -190,9 +190,8 @@ def test_convert_swaps_only_the_block_linears_and_keeps_the_parameters(packvit_m
 
 
 def test_fp8_model_close_to_bf16_and_exact_below_the_crossover(packvit_models):
-    from helpers import PATCH, random_images
-
     import packvit
+    from helpers import PATCH, random_images
 
     for family, model in packvit_models.items():
         mbf = copy.deepcopy(model).to(torch.bfloat16)
@@ -209,9 +208,8 @@ def test_fp8_model_close_to_bf16_and_exact_below_the_crossover(packvit_models):
 
 
 def test_fp8_training_step_on_cpu(packvit_models):
-    from helpers import PATCH, random_images
-
     import packvit
+    from helpers import PATCH, random_images
 
     m = copy.deepcopy(packvit_models["aimv2"]).to(torch.bfloat16).train()
     fp8.convert(m, min_tokens=0)
@@ -305,7 +303,6 @@ def _worker(ckpt: str, out: str) -> None:
 
 def test_fsdp2_keeps_the_fp8_linears(hf_checkpoints, tmp_path):
     from helpers import torchrun
-
     from weights_conversion import load_model
 
     _, d = hf_checkpoints["dinov3"]
