@@ -40,12 +40,14 @@ def _attention_steps(q, k, v, dout, meta, backend):
 
     def fwd():
         with torch.no_grad():
-            varlen_attention(q, k, v, meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen,
-                             meta.max_seqlen, backend=backend)
+            varlen_attention(
+                q, k, v, meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen, meta.max_seqlen, backend=backend
+            )
 
     def fwd_bwd():
-        o = varlen_attention(q, k, v, meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen,
-                             meta.max_seqlen, backend=backend)
+        o = varlen_attention(
+            q, k, v, meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen, meta.max_seqlen, backend=backend
+        )
         torch.autograd.grad(o, (q, k, v), dout)
 
     return fwd, fwd_bwd
@@ -54,7 +56,9 @@ def _attention_steps(q, k, v, dout, meta, backend):
 def section_attention() -> None:
     have_fa4 = "fa4" in available_backends(DEV, torch.bfloat16)
     variants = ["torch"] + (["fa4 +fa4-bwd", "fa4 +fa2-bwd"] if have_fa4 else [])
-    print("| model | workload | tokens | mean segment | " + " | ".join(f"{v} fwd / fwd+bwd ms" for v in variants) + " |")
+    print(
+        "| model | workload | tokens | mean segment | " + " | ".join(f"{v} fwd / fwd+bwd ms" for v in variants) + " |"
+    )
     print("|---|---|---|---|" + "---|" * len(variants))
     for model, heads, dh, patch, prefix in MODELS:
         for wname in ("mixed32", "video", "highres", "fixed32_448"):
@@ -128,10 +132,14 @@ def section_norm() -> None:
     from packvit.layers import RMSNorm
 
     T = get("mixed32", 16).num_patches
-    print("| norm | eager add + norm ms | compiled, one kernel ms | one kernel's GB/s | max error vs fp32, eager / compiled |")
+    print(
+        "| norm | eager add + norm ms | compiled, one kernel ms | one kernel's GB/s | max error vs fp32, eager / compiled |"
+    )
     print("|---|---|---|---|---|")
-    for name, D, norm in (("LayerNorm 1152", 1152, torch.nn.LayerNorm(1152, eps=1e-6)),
-                          ("RMSNorm 1024 (fp32 inside)", 1024, RMSNorm(1024, eps=1e-5))):
+    for name, D, norm in (
+        ("LayerNorm 1152", 1152, torch.nn.LayerNorm(1152, eps=1e-6)),
+        ("RMSNorm 1024 (fp32 inside)", 1024, RMSNorm(1024, eps=1e-5)),
+    ):
         norm = norm.to(DEV, torch.bfloat16)
         x, a = (torch.randn(T, D, device=DEV, dtype=torch.bfloat16) for _ in range(2))
         add_norm = _add_then_norm(norm)

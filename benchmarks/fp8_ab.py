@@ -80,20 +80,35 @@ def timed(fn, reps: int = 5, calls: int = 10) -> float:
 
 
 def part_ops() -> None:
-    emit({"part": "env", "torch": torch.__version__, "device": torch.cuda.get_device_name(),
-          "capability": list(torch.cuda.get_device_capability()),
-          "scaled_mm_schema": str(torch.ops.aten._scaled_mm.default._schema)})
+    emit(
+        {
+            "part": "env",
+            "torch": torch.__version__,
+            "device": torch.cuda.get_device_name(),
+            "capability": list(torch.cuda.get_device_capability()),
+            "scaled_mm_schema": str(torch.ops.aten._scaled_mm.default._schema),
+        }
+    )
     g = torch.Generator(device=DEV).manual_seed(0)
     x = (torch.randn(23103, 1152, device=DEV, generator=g) * torch.rand(1152, device=DEV, generator=g) * 4).to(BF16)
     x[7] = 0
-    for name, kern, ref in (("rows", fp8.quantize_rows, fp8.quantize_rows_reference),
-                            ("cols_t", fp8.quantize_cols_t, fp8.quantize_cols_t_reference)):
+    for name, kern, ref in (
+        ("rows", fp8.quantize_rows, fp8.quantize_rows_reference),
+        ("cols_t", fp8.quantize_cols_t, fp8.quantize_cols_t_reference),
+    ):
         q, s = kern(x)
         qr, sr = ref(x)
-        emit({"part": "ops", "check": f"triton {name} vs torch reference", "shape": list(q.shape),
-              "shape_ref": list(qr.shape), "mismatch_frac": (q.float() != qr.float()).float().mean().item(),
-              "max_step": ((q.float() - qr.float()).abs() / qr.float().abs().clamp(min=2**-9)).max().item(),
-              "scale_rel": ((s - sr).abs() / sr).max().item()})
+        emit(
+            {
+                "part": "ops",
+                "check": f"triton {name} vs torch reference",
+                "shape": list(q.shape),
+                "shape_ref": list(qr.shape),
+                "mismatch_frac": (q.float() != qr.float()).float().mean().item(),
+                "max_step": ((q.float() - qr.float()).abs() / qr.float().abs().clamp(min=2**-9)).max().item(),
+                "scale_rel": ((s - sr).abs() / sr).max().item(),
+            }
+        )
     w = (torch.randn(4304, 1152, device=DEV, generator=g) * 0.02).to(BF16)
     b = (torch.randn(4304, device=DEV, generator=g) * 0.1).to(BF16)
     xq, sx = fp8.quantize_rows(x)
@@ -106,10 +121,16 @@ def part_ops() -> None:
     y = fp8.scaled_mm(xq, sx, wq, sw, b, BF16).float()
     deq = (xq.float() * sx) @ (wq.float() * sw).t() + b.float()
     full = x.float() @ w.float().t() + b.float()
-    emit({"part": "ops", "check": "scaled_mm rowwise + bias", "bias_in_call": bias_ok,
-          "rel_err_vs_dequant": ((y - deq).norm() / deq.norm()).item(),
-          "rel_err_vs_fp32": ((y - full).norm() / full.norm()).item(),
-          "min_cos_vs_fp32": F.cosine_similarity(y, full, dim=-1).min().item()})
+    emit(
+        {
+            "part": "ops",
+            "check": "scaled_mm rowwise + bias",
+            "bias_in_call": bias_ok,
+            "rel_err_vs_dequant": ((y - deq).norm() / deq.norm()).item(),
+            "rel_err_vs_fp32": ((y - full).norm() / full.norm()).item(),
+            "min_cos_vs_fp32": F.cosine_similarity(y, full, dim=-1).min().item(),
+        }
+    )
 
 
 # -- gemm -------------------------------------------------------------------------------------------
@@ -123,10 +144,12 @@ def _gemm_steps(x, w) -> dict:
 def _scaled_mm_steps(xq, sx, wq, sw, one, fast) -> dict:
     """The timed FP8 GEMMs at one shape (operands already e4m3): row-wise and tensor-wise scales."""
     return {
-        f"rowwise_fast{int(fast)}_ms":
-            lambda: torch._scaled_mm(xq, wq.t(), scale_a=sx, scale_b=sw.view(1, -1), out_dtype=BF16, use_fast_accum=fast),
-        f"tensorwise_fast{int(fast)}_ms":
-            lambda: torch._scaled_mm(xq, wq.t(), scale_a=one, scale_b=one, out_dtype=BF16, use_fast_accum=fast),
+        f"rowwise_fast{int(fast)}_ms": lambda: torch._scaled_mm(
+            xq, wq.t(), scale_a=sx, scale_b=sw.view(1, -1), out_dtype=BF16, use_fast_accum=fast
+        ),
+        f"tensorwise_fast{int(fast)}_ms": lambda: torch._scaled_mm(
+            xq, wq.t(), scale_a=one, scale_b=one, out_dtype=BF16, use_fast_accum=fast
+        ),
     }
 
 
@@ -198,9 +221,22 @@ def part_sweep(ms=MS) -> None:
                 xg = x.clone().requires_grad_(True)
                 tt_bf = timed(_train_step(ref, xg, dy), reps=3)
                 tt_f8 = timed(_train_step(lin, xg, dy), reps=3)
-                emit({"part": "sweep", "family": fam, "layer": kind, "K": K, "N": N, "M": M,
-                      "infer_bf16_ms": round(t_bf, 4), "infer_fp8_ms": round(t_f8, 4), "infer_speedup": round(t_bf / t_f8, 3),
-                      "train_bf16_ms": round(tt_bf, 4), "train_fp8_ms": round(tt_f8, 4), "train_speedup": round(tt_bf / tt_f8, 3)})
+                emit(
+                    {
+                        "part": "sweep",
+                        "family": fam,
+                        "layer": kind,
+                        "K": K,
+                        "N": N,
+                        "M": M,
+                        "infer_bf16_ms": round(t_bf, 4),
+                        "infer_fp8_ms": round(t_f8, 4),
+                        "infer_speedup": round(t_bf / t_f8, 3),
+                        "train_bf16_ms": round(tt_bf, 4),
+                        "train_fp8_ms": round(tt_f8, 4),
+                        "train_speedup": round(tt_bf / tt_f8, 3),
+                    }
+                )
                 del x, dy, xg
     # Crossovers: the smallest M from which every larger M measured is faster in FP8.
     rows = [r for r in OUT if r["part"] == "sweep"]
@@ -322,16 +358,30 @@ def part_fidelity(families, backend: str) -> None:
 
 def _fidelity(fam, m32, mbf, m8) -> None:
     if True:
-        inputs = {"mixed32": (_pixels(mbf, mixed32(mbf.config.patch_size).grid, 1), mixed32(mbf.config.patch_size).grid),
-                  "assets": _asset_batch(mbf)}
+        inputs = {
+            "mixed32": (_pixels(mbf, mixed32(mbf.config.patch_size).grid, 1), mixed32(mbf.config.patch_size).grid),
+            "assets": _asset_batch(mbf),
+        }
         mdef = copy.deepcopy(mbf)
         mdef.set_fp8()  # the default policy: only the layers faster at this token count
         for wl, (px, grid) in inputs.items():
             r32, rbf, r8, rdef = m32(px, grid), mbf(px, grid), m8(px, grid), mdef(px, grid)
-            emit({"part": "fidelity", "family": fam, "workload": wl, "tokens": int(px.shape[0]),
-                  "bf16_vs_fp32": _mincos(rbf, r32), "fp8_vs_bf16": _mincos(r8, rbf), "fp8_vs_fp32": _mincos(r8, r32),
-                  "fp8_default_vs_bf16": _mincos(rdef, rbf), "fp8_default_vs_fp32": _mincos(rdef, r32),
-                  "fp8_default_layers_run": sum(1 for mod in mdef.modules() if isinstance(mod, fp8.FP8Linear) and mod.uses_fp8(px))})
+            emit(
+                {
+                    "part": "fidelity",
+                    "family": fam,
+                    "workload": wl,
+                    "tokens": int(px.shape[0]),
+                    "bf16_vs_fp32": _mincos(rbf, r32),
+                    "fp8_vs_bf16": _mincos(r8, rbf),
+                    "fp8_vs_fp32": _mincos(r8, r32),
+                    "fp8_default_vs_bf16": _mincos(rdef, rbf),
+                    "fp8_default_vs_fp32": _mincos(rdef, r32),
+                    "fp8_default_layers_run": sum(
+                        1 for mod in mdef.modules() if isinstance(mod, fp8.FP8Linear) and mod.uses_fp8(px)
+                    ),
+                }
+            )
         del mdef
         px, grid = inputs["mixed32"]
         rbf = mbf(px, grid)
@@ -340,10 +390,19 @@ def _fidelity(fam, m32, mbf, m8) -> None:
         # Which layers: one kind kept bf16 at a time, then FP8 in one block at a time.
         for kind in fp8.LAYERS:
             m8.set_fp8(min_tokens=0, skip=(kind,))
-            emit({"part": "fidelity_search", "family": fam, "bf16_kept": kind, "fp8_vs_bf16": _mincos(m8(px, grid), rbf)})
+            emit(
+                {"part": "fidelity_search", "family": fam, "bf16_kept": kind, "fp8_vs_bf16": _mincos(m8(px, grid), rbf)}
+            )
         for i in range(len(mbf.blocks)):
             m8.set_fp8(min_tokens=0, skip=tuple(f"blocks.{j}" for j in range(len(mbf.blocks)) if j != i))
-            emit({"part": "fidelity_search", "family": fam, "fp8_only_block": i, "fp8_vs_bf16": _mincos(m8(px, grid), rbf)})
+            emit(
+                {
+                    "part": "fidelity_search",
+                    "family": fam,
+                    "fp8_only_block": i,
+                    "fp8_vs_bf16": _mincos(m8(px, grid), rbf),
+                }
+            )
 
 
 def part_models(families, backend: str) -> None:
@@ -367,14 +426,35 @@ def part_models(families, backend: str) -> None:
                     torch.cuda.empty_cache()
                     r = measure(model_step(mbf, px, grid, mode), DEV, warmup=4, iters=10)
                     res[(name, mode)] = r
-                    emit({"part": "models", "family": fam, "workload": wl, "tokens": int(px.shape[0]), "impl": name,
-                          "mode": mode, "ms": round(r["ms"], 3), "p10": round(r["p10"], 3), "p90": round(r["p90"], 3),
-                          "peak_gib": r["peak_gib"] and round(r["peak_gib"], 3), "fp8_layers": len(mbf.fp8), "backend": mbf.attn_backend})
+                    emit(
+                        {
+                            "part": "models",
+                            "family": fam,
+                            "workload": wl,
+                            "tokens": int(px.shape[0]),
+                            "impl": name,
+                            "mode": mode,
+                            "ms": round(r["ms"], 3),
+                            "p10": round(r["p10"], 3),
+                            "p90": round(r["p90"], 3),
+                            "peak_gib": r["peak_gib"] and round(r["peak_gib"], 3),
+                            "fp8_layers": len(mbf.fp8),
+                            "backend": mbf.attn_backend,
+                        }
+                    )
             for mode in ("infer", "train"):
-                emit({"part": "models_ratio", "family": fam, "workload": wl, "mode": mode,
-                      "bf16_over_fp8": round(res[("bf16", mode)]["ms"] / res[("fp8", mode)]["ms"], 3),
-                      "bf16_over_fp8_all": round(res[("bf16", mode)]["ms"] / res[("fp8_all", mode)]["ms"], 3)
-                      if ("fp8_all", mode) in res else None})
+                emit(
+                    {
+                        "part": "models_ratio",
+                        "family": fam,
+                        "workload": wl,
+                        "mode": mode,
+                        "bf16_over_fp8": round(res[("bf16", mode)]["ms"] / res[("fp8", mode)]["ms"], 3),
+                        "bf16_over_fp8_all": round(res[("bf16", mode)]["ms"] / res[("fp8_all", mode)]["ms"], 3)
+                        if ("fp8_all", mode) in res
+                        else None,
+                    }
+                )
             mbf.set_fp8(False)
         del mbf
         torch.cuda.empty_cache()
@@ -404,8 +484,10 @@ def part_train(families, backend: str, steps: int = 200, every: int = 20) -> Non
             losses = []
             t0 = time.perf_counter()
             for step in range(steps):
-                grid = [(1, int(torch.randint(12, 33, (1,), generator=g)), int(torch.randint(12, 33, (1,), generator=g)))
-                        for _ in range(12)]
+                grid = [
+                    (1, int(torch.randint(12, 33, (1,), generator=g)), int(torch.randint(12, 33, (1,), generator=g)))
+                    for _ in range(12)
+                ]
                 px = _pixels(teacher, grid, 1000 + step)
                 with torch.no_grad():
                     target = teacher(px, grid).float() @ proj
@@ -415,22 +497,41 @@ def part_train(families, backend: str, steps: int = 200, every: int = 20) -> Non
                 opt.step()
                 losses.append(loss.item())
             curves[name] = losses
-            emit({"part": "train_run", "family": fam, "impl": name, "steps": steps, "s": round(time.perf_counter() - t0, 1),
-                  "fp8_layers": len(student.fp8)})
+            emit(
+                {
+                    "part": "train_run",
+                    "family": fam,
+                    "impl": name,
+                    "steps": steps,
+                    "s": round(time.perf_counter() - t0, 1),
+                    "fp8_layers": len(student.fp8),
+                }
+            )
             del student, opt, head
             torch.cuda.empty_cache()
         for s in range(0, steps, every):
             w = slice(s, s + every)
-            emit({"part": "train_loss", "family": fam, "steps": f"{s + 1}-{s + every}",
-                  "bf16": round(statistics.mean(curves["bf16"][w]), 5), "fp8": round(statistics.mean(curves["fp8"][w]), 5)})
+            emit(
+                {
+                    "part": "train_loss",
+                    "family": fam,
+                    "steps": f"{s + 1}-{s + every}",
+                    "bf16": round(statistics.mean(curves["bf16"][w]), 5),
+                    "fp8": round(statistics.mean(curves["fp8"][w]), 5),
+                }
+            )
         del teacher
         torch.cuda.empty_cache()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", nargs="+", default=["ops", "sweep"],
-                    choices=["ops", "gemm", "sweep", "torchao", "fidelity", "models", "train"])
+    ap.add_argument(
+        "--part",
+        nargs="+",
+        default=["ops", "sweep"],
+        choices=["ops", "gemm", "sweep", "torchao", "fidelity", "models", "train"],
+    )
     ap.add_argument("--family", nargs="+", default=list(SHAPES))
     ap.add_argument("--backend", default="torch", help="attention backend of the model parts (default: torch's varlen)")
     ap.add_argument("--steps", type=int, default=200)

@@ -35,9 +35,9 @@ import sys
 
 import torch
 import torch.distributed as dist
+from train_tokens_per_s import build as build_random  # noqa: E402  (same directory)
 
 from packvit.distributed import global_token_count, loss_scale, shard_tower
-from train_tokens_per_s import build as build_random  # noqa: E402  (same directory)
 
 DEFAULT_PRESETS = ["siglip2-so400m-patch16-naflex", "dinov3-vitl16-pretrain-lvd1689m", "aimv2-large-patch14-native"]
 
@@ -136,7 +136,14 @@ def compare(dtype: str, loss, ref_loss, f32_loss, grads, ref, f32) -> dict:
     loss_lim = 1e-5 if dtype == "fp32" else 1e-2
     if not loss_rel <= loss_lim:
         fails.append(f"loss: rel diff {loss_rel:.3g} > {loss_lim:g}")
-    out = dict(loss=loss, ref_loss=ref_loss, loss_rel=loss_rel, worst_err_over_limit=worst, worst_param=worst_name, fails=fails[:10])
+    out = dict(
+        loss=loss,
+        ref_loss=ref_loss,
+        loss_rel=loss_rel,
+        worst_err_over_limit=worst,
+        worst_param=worst_name,
+        fails=fails[:10],
+    )
     if f32_loss is not None:
         out["fp32_loss"] = f32_loss
     return out
@@ -172,9 +179,14 @@ def run_one(preset, backend, args, rank, world, device) -> dict | None:
     else:
         ref = ref.to(device)
     ref_loss, ref_grads = single_device_step(ref, batches, device, torch.bfloat16 if half else torch.float32)
-    row = dict(preset=preset + (" (tiny)" if args.tiny else ""), world=world, dtype=args.dtype, attn=name,
-               tokens_per_rank=[int(b[0].shape[0]) for b in batches],
-               **compare(args.dtype, loss, ref_loss, f32_loss, grads, ref_grads, f32))
+    row = dict(
+        preset=preset + (" (tiny)" if args.tiny else ""),
+        world=world,
+        dtype=args.dtype,
+        attn=name,
+        tokens_per_rank=[int(b[0].shape[0]) for b in batches],
+        **compare(args.dtype, loss, ref_loss, f32_loss, grads, ref_grads, f32),
+    )
     row["ok"] = not row["fails"]
     return row
 
@@ -197,7 +209,11 @@ def main():
     torch.backends.cudnn.allow_tf32 = False
     dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device(args.device, int(os.environ.get("LOCAL_RANK", 0))) if args.device == "cuda" else torch.device("cpu")
+    device = (
+        torch.device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
+        if args.device == "cuda"
+        else torch.device("cpu")
+    )
     if device.type == "cuda":
         torch.cuda.set_device(device)
 
@@ -211,9 +227,12 @@ def main():
             if row is None:
                 continue
             rows.append(row)
-            print(f"{row['preset']:38s} {row['dtype']:>5s} {row['attn']:>6s} world {world}  tokens {row['tokens_per_rank']}  "
-                  f"loss rel {row['loss_rel']:.2e}  worst err/limit {row['worst_err_over_limit']:.3f}  "
-                  f"{'ok' if row['ok'] else 'FAIL ' + '; '.join(row['fails'])}", flush=True)
+            print(
+                f"{row['preset']:38s} {row['dtype']:>5s} {row['attn']:>6s} world {world}  tokens {row['tokens_per_rank']}  "
+                f"loss rel {row['loss_rel']:.2e}  worst err/limit {row['worst_err_over_limit']:.3f}  "
+                f"{'ok' if row['ok'] else 'FAIL ' + '; '.join(row['fails'])}",
+                flush=True,
+            )
     if rank == 0:
         for row in rows:
             row["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

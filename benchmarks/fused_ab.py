@@ -48,11 +48,18 @@ def _swiglu_ref(h):
 
 def op_cases(T: int):
     """name -> (reference fn, fused fn or None, input maker)."""
+
     def t(*shape, grad=True, scale=1.0, shift=0.0):
         return (torch.randn(*shape, device=DEV) * scale + shift).to(BF16).requires_grad_(grad)
 
     def ln_inputs(D, gamma):
-        return lambda: [t(T, D), t(T, D), t(D, grad=gamma, scale=0.1, shift=1), t(D, scale=0.1, shift=1), t(D, scale=0.1)]
+        return lambda: [
+            t(T, D),
+            t(T, D),
+            t(D, grad=gamma, scale=0.1, shift=1),
+            t(D, scale=0.1, shift=1),
+            t(D, scale=0.1),
+        ]
 
     liger = fused_ops._liger_ok()
 
@@ -64,6 +71,7 @@ def op_cases(T: int):
             cos = torch.where(keep, 1.0, ang.cos().tile(2)).to(BF16)
             sin = torch.where(keep, 0.0, ang.sin().tile(2)).to(BF16)
             return [t(T, 3, H, Dh), cos, sin]
+
         return make
 
     def rope_ref(qkv, cos, sin):
@@ -78,25 +86,37 @@ def op_cases(T: int):
     return {
         "add+LayerNorm D1152 (SigLIP2)": (
             lambda x, a, g, w, b: (lambda s: (s, F.layer_norm(s, (1152,), w, b, 1e-6)))(x + a),
-            {"triton": lambda x, a, g, w, b: fused_ops.add_layernorm(x, a, None, w, b, 1e-6)}, ln_inputs(1152, False)),
+            {"triton": lambda x, a, g, w, b: fused_ops.add_layernorm(x, a, None, w, b, 1e-6)},
+            ln_inputs(1152, False),
+        ),
         "add+LayerScale+LayerNorm D1024 (DINOv3)": (
             lambda x, a, g, w, b: (lambda s: (s, F.layer_norm(s, (1024,), w, b, 1e-5)))(x + a * g),
-            {"triton": lambda x, a, g, w, b: fused_ops.add_layernorm(x, a, g, w, b, 1e-5)}, ln_inputs(1024, True)),
+            {"triton": lambda x, a, g, w, b: fused_ops.add_layernorm(x, a, g, w, b, 1e-5)},
+            ln_inputs(1024, True),
+        ),
         "add+RMSNorm fp32 D1024 (AIMv2)": (
             lambda x, a, w: (lambda s: (s, _rms_ref(s, w)))(x + a),
-            {"triton": lambda x, a, w: fused_ops.add_norm(x, a, None, w, None, 1e-5, rms=True),
-             **({"liger": lambda x, a, w: fused_ops.add_rmsnorm(x, a, w, 1e-5)} if liger else {})},
-            lambda: [t(T, 1024), t(T, 1024), t(1024, shift=1)]),
+            {
+                "triton": lambda x, a, w: fused_ops.add_norm(x, a, None, w, None, 1e-5, rms=True),
+                **({"liger": lambda x, a, w: fused_ops.add_rmsnorm(x, a, w, 1e-5)} if liger else {}),
+            },
+            lambda: [t(T, 1024), t(T, 1024), t(1024, shift=1)],
+        ),
         "RMSNorm fp32 D1024 (AIMv2 norm1)": (
             lambda x, w: _rms_ref(x, w),
-            {"triton": lambda x, w: fused_ops.norm(x, w, None, 1e-5, rms=True),
-             **({"liger": lambda x, w: fused_ops.rmsnorm(x, w, 1e-5)} if liger else {})},
-            lambda: [t(T, 1024), t(1024, shift=1)]),
+            {
+                "triton": lambda x, w: fused_ops.norm(x, w, None, 1e-5, rms=True),
+                **({"liger": lambda x, w: fused_ops.rmsnorm(x, w, 1e-5)} if liger else {}),
+            },
+            lambda: [t(T, 1024), t(1024, shift=1)],
+        ),
         "SwiGLU 2x2816 (AIMv2)": (_swiglu_ref, {"triton": fused_ops.swiglu}, lambda: [t(T, 2 * 2816)]),
         "RoPE q,k from qkv H16 Dh64 (DINOv3-L)": (rope_ref, {"triton": rope_fused}, rope_inputs(16, 64)),
         "x + gamma*m D1024 (DINOv3 ls2)": (
-            lambda x, m, g: x + m * g, {"addcmul": lambda x, m, g: torch.addcmul(x, m, g)},
-            lambda: [t(T, 1024), t(T, 1024), t(1024, scale=0.1, shift=1)]),
+            lambda x, m, g: x + m * g,
+            {"addcmul": lambda x, m, g: torch.addcmul(x, m, g)},
+            lambda: [t(T, 1024), t(T, 1024), t(1024, scale=0.1, shift=1)],
+        ),
         "fc1+bias 4096, GEMM alone (DINOv3)": (lambda x, w, b: F.linear(x, w, b), {}, fc1),
         "fc1+bias+erf-GELU 4096 (DINOv3, unfused)": (lambda x, w, b: F.gelu(F.linear(x, w, b)), {}, fc1),
     }
@@ -104,9 +124,11 @@ def op_cases(T: int):
 
 def _step(fn, inputs, train):
     if not train:
+
         def run():
             with torch.inference_mode():
                 fn(*inputs)
+
         return run
     outs = fn(*inputs)
     outs = outs if isinstance(outs, tuple) else (outs,)
@@ -116,6 +138,7 @@ def _step(fn, inputs, train):
     def run():
         o = fn(*inputs)
         torch.autograd.grad(o if isinstance(o, tuple) else (o,), leaves, grads)
+
     return run
 
 
@@ -156,18 +179,34 @@ def run_sweep(args, record):
         for name, (_ref, impls, make) in cases.items():
             inputs = make()
             for train in (False, True):
-                record(dict(part="sweep", op=name, mode="fwd+bwd" if train else "fwd", tile_elems=elems, warps=warps,
-                            gpu_ms=gpu_ms(_step(impls["triton"], inputs, train))))
+                record(
+                    dict(
+                        part="sweep",
+                        op=name,
+                        mode="fwd+bwd" if train else "fwd",
+                        tile_elems=elems,
+                        warps=warps,
+                        gpu_ms=gpu_ms(_step(impls["triton"], inputs, train)),
+                    )
+                )
     K._TILE_ELEMS, K._NORM_WARPS = 4096, 8
     # The RoPE kernel's tile (elements of each half-tile) and warps; the defaults restored after.
     default = K._ROPE_TILE_ELEMS, K._ROPE_WARPS
-    (name, (ref, impls, make)), = ((k, v) for k, v in op_cases(args.tokens).items() if "RoPE" in k)
+    ((name, (ref, impls, make)),) = ((k, v) for k, v in op_cases(args.tokens).items() if "RoPE" in k)
     inputs = make()
     for elems, warps in [(1024, 4), (2048, 4), (4096, 4), (4096, 8), (8192, 8)]:
         K._ROPE_TILE_ELEMS, K._ROPE_WARPS = elems, warps
         for train in (False, True):
-            record(dict(part="sweep", op=name, mode="fwd+bwd" if train else "fwd", tile_elems=elems, warps=warps,
-                        gpu_ms=gpu_ms(_step(impls["triton"], inputs, train))))
+            record(
+                dict(
+                    part="sweep",
+                    op=name,
+                    mode="fwd+bwd" if train else "fwd",
+                    tile_elems=elems,
+                    warps=warps,
+                    gpu_ms=gpu_ms(_step(impls["triton"], inputs, train)),
+                )
+            )
     K._ROPE_TILE_ELEMS, K._ROPE_WARPS = default
 
 
@@ -185,8 +224,18 @@ def run_profile(args, record):
                 fn = model_step(model, px, grid, mode)
                 wall = measure(fn, DEV, 3, 10)["ms"]
                 total, top = top_kernels(fn)
-                record(dict(part="profile", family=family, backend=model.attn_backend, fused=fused, mode=mode,
-                            wall_ms=wall, kernel_ms=total, top=top))
+                record(
+                    dict(
+                        part="profile",
+                        family=family,
+                        backend=model.attn_backend,
+                        fused=fused,
+                        mode=mode,
+                        wall_ms=wall,
+                        kernel_ms=total,
+                        top=top,
+                    )
+                )
                 model.zero_grad(set_to_none=True)
         del model
         torch.cuda.empty_cache()
@@ -200,8 +249,14 @@ def run_ops(args, record):
         inputs = make()
         for train in (False, True):
             ref_ms = measure(_step(ref, inputs, train), DEV, args.warmup, args.iters)["ms"]
-            base = dict(part="op", op=name, mode="fwd+bwd" if train else "fwd", tokens=args.tokens, ref_ms=ref_ms,
-                        ref_gpu_ms=gpu_ms(_step(ref, inputs, train)))
+            base = dict(
+                part="op",
+                op=name,
+                mode="fwd+bwd" if train else "fwd",
+                tokens=args.tokens,
+                ref_ms=ref_ms,
+                ref_gpu_ms=gpu_ms(_step(ref, inputs, train)),
+            )
             if not impls:
                 record(base)
             for impl, fused in impls.items():
@@ -209,7 +264,9 @@ def run_ops(args, record):
                 with torch.no_grad():
                     r, f = ref(*inputs), fused(*inputs)
                 r, f = (r if isinstance(r, tuple) else (r,)), (f if isinstance(f, tuple) else (f,))
-                row["max_rel_err"] = max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(f, r))
+                row["max_rel_err"] = max(
+                    ((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(f, r)
+                )
                 row["fused_ms"] = measure(_step(fused, inputs, train), DEV, args.warmup, args.iters)["ms"]
                 row["fused_gpu_ms"] = gpu_ms(_step(fused, inputs, train))
                 row["speedup"] = row["ref_ms"] / row["fused_ms"]
@@ -235,7 +292,7 @@ def _build(family):
 
 
 def _set_fused(model, fused: str) -> None:
-    """"off", "auto", or "auto-norope": every fused kernel but the RoPE (its A/B inside the model)."""
+    """ "off", "auto", or "auto-norope": every fused kernel but the RoPE (its A/B inside the model)."""
     model.set_fused_kernels("auto" if fused == "auto-norope" else fused)
     if fused == "auto-norope":
         for m in model.modules():
@@ -260,7 +317,10 @@ def run_models(args, record, variants=None, families=None):
                 outs[fused] = model(px, grid).float()
         cos = F.cosine_similarity(outs["off"], outs["auto"], dim=-1)
         del outs
-        bounds = {m: bound_ms(model, wl, backend, m == "train", DEV, BF16, args.warmup, args.iters) for m in ("infer", "train")}
+        bounds = {
+            m: bound_ms(model, wl, backend, m == "train", DEV, BF16, args.warmup, args.iters)
+            for m in ("infer", "train")
+        }
         if variants is None:
             variants = [("eager", "off"), ("eager", "auto")] + ([("compiled", "auto")] if args.compile else [])
         for how, fused in variants:
@@ -271,11 +331,25 @@ def run_models(args, record, variants=None, families=None):
                 fn = model_step(model, px, grid, mode)
                 t0 = time.perf_counter()
                 r = measure(fn, DEV, args.warmup + (5 if how == "compiled" else 0), args.iters)
-                record(dict(part="model", family=family, workload=wl.name, tokens=wl.num_patches, backend=backend,
-                            how=how, fused=fused, fused_kernels={k: v for k, v in model.fused_kernels.items() if v},
-                            fused_rope=any(m.fused_rope for m in model.modules() if isinstance(m, Attention)),
-                            mode=mode, bound_ms=bounds[mode], x_bound=r["ms"] / bounds[mode],
-                            cos_min_off_vs_fused=cos.min().item(), wall_s=time.perf_counter() - t0, **r))
+                record(
+                    dict(
+                        part="model",
+                        family=family,
+                        workload=wl.name,
+                        tokens=wl.num_patches,
+                        backend=backend,
+                        how=how,
+                        fused=fused,
+                        fused_kernels={k: v for k, v in model.fused_kernels.items() if v},
+                        fused_rope=any(m.fused_rope for m in model.modules() if isinstance(m, Attention)),
+                        mode=mode,
+                        bound_ms=bounds[mode],
+                        x_bound=r["ms"] / bounds[mode],
+                        cos_min_off_vs_fused=cos.min().item(),
+                        wall_s=time.perf_counter() - t0,
+                        **r,
+                    )
+                )
                 model.zero_grad(set_to_none=True)
             if how == "compiled":
                 model.uncompile_blocks()
@@ -284,32 +358,48 @@ def run_models(args, record, variants=None, families=None):
 
 
 def table(rows):
-    lines = ["| op | mode | reference: call ms / kernels ms | fused | fused: call ms / kernels ms | kernel speedup | rel. err |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| op | mode | reference: call ms / kernels ms | fused | fused: call ms / kernels ms | kernel speedup | rel. err |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if r["part"] == "op":
             f = f"{r['fused_ms']:.3f} / {r['fused_gpu_ms']:.3f}" if "fused_ms" in r else "-"
             s = f"{r['gpu_speedup']:.2f}x" if "gpu_speedup" in r else "-"
             e = f"{r['max_rel_err']:.1e}" if "max_rel_err" in r else "-"
-            lines.append(f"| {r['op']} | {r['mode']} | {r['ref_ms']:.3f} / {r['ref_gpu_ms']:.3f} | {r.get('impl', '-')} | {f} | {s} | {e} |")
+            lines.append(
+                f"| {r['op']} | {r['mode']} | {r['ref_ms']:.3f} / {r['ref_gpu_ms']:.3f} | {r.get('impl', '-')} | {f} | {s} | {e} |"
+            )
     for r in rows:
         if r["part"] == "sweep":
-            lines.append(f"sweep {r['op'][:28]:28s} {r['mode']:8s} tile {r['tile_elems']:5d} warps {r['warps']}: {r['gpu_ms']:.3f} ms")
+            lines.append(
+                f"sweep {r['op'][:28]:28s} {r['mode']:8s} tile {r['tile_elems']:5d} warps {r['warps']}: {r['gpu_ms']:.3f} ms"
+            )
     for r in rows:
         if r["part"] == "profile":
-            lines.append(f"profile {r['family']} {r['backend']} fused={r['fused']} {r['mode']}: wall {r['wall_ms']:.1f} ms, "
-                         f"kernels {r['kernel_ms']:.1f} ms; " + "; ".join(f"{n[:40]} {t:.2f}" for n, t in r["top"][:8]))
-    lines += ["", "| family | mode | how | fused | ms (p10-p90) | bound ms | x bound | peak GiB |", "|---|---|---|---|---|---|---|---|"]
+            lines.append(
+                f"profile {r['family']} {r['backend']} fused={r['fused']} {r['mode']}: wall {r['wall_ms']:.1f} ms, "
+                f"kernels {r['kernel_ms']:.1f} ms; " + "; ".join(f"{n[:40]} {t:.2f}" for n, t in r["top"][:8])
+            )
+    lines += [
+        "",
+        "| family | mode | how | fused | ms (p10-p90) | bound ms | x bound | peak GiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if r["part"] == "model":
-            lines.append(f"| {r['family']} | {r['mode']} | {r['how']} {r['backend']} | {r['fused']} | {r['ms']:.1f} "
-                         f"({r['p10']:.1f}-{r['p90']:.1f}) | {r['bound_ms']:.1f} | {r['x_bound']:.2f} | {r['peak_gib']:.2f} |")
+            lines.append(
+                f"| {r['family']} | {r['mode']} | {r['how']} {r['backend']} | {r['fused']} | {r['ms']:.1f} "
+                f"({r['p10']:.1f}-{r['p90']:.1f}) | {r['bound_ms']:.1f} | {r['x_bound']:.2f} | {r['peak_gib']:.2f} |"
+            )
     return "\n".join(lines)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", nargs="+", default=["ops", "models"], choices=("ops", "sweep", "models", "rope", "profile"))
+    p.add_argument(
+        "--part", nargs="+", default=["ops", "models"], choices=("ops", "sweep", "models", "rope", "profile")
+    )
     p.add_argument("--ops-match", help="--part ops: only the ops whose name contains this (e.g. RoPE)")
     p.add_argument("--family", nargs="+", default=["siglip2", "dinov3", "aimv2"])
     p.add_argument("--workload", default="mixed32")

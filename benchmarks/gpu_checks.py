@@ -43,7 +43,9 @@ def kernels(device) -> bool:
         variants = [b for b in available_backends(device, torch.bfloat16) if b not in ("sdpa", "fa4")]
         if "fa4" in available_backends(device, torch.bfloat16):
             # FA4's forward with each backward kernel packvit may pick (attention.FA4Backward).
-            variants += ["fa4 +fa4-bwd", "fa4 +fa2-bwd"] + (["fa4 +fa4-bwd unpadded"] if dh not in (64, 96, 128) else [])
+            variants += ["fa4 +fa4-bwd", "fa4 +fa2-bwd"] + (
+                ["fa4 +fa4-bwd unpadded"] if dh not in (64, 96, 128) else []
+            )
         for backend in variants:
             rule = FA4Backward(
                 kernel="fa2" if "fa2-bwd" in backend else "fa4",
@@ -53,7 +55,9 @@ def kernels(device) -> bool:
             lv = [t.to(torch.bfloat16).requires_grad_() for t in (q, k, v)]
             out = varlen_attention(*lv, cu, cu, max(lens), max(lens), backend=impl)
             out.backward(dout.to(torch.bfloat16))
-            errs = [((a.float() - b).abs().max() / b.abs().max()).item() for a, b in zip([out] + [t.grad for t in lv], refs)]
+            errs = [
+                ((a.float() - b).abs().max() / b.abs().max()).item() for a, b in zip([out] + [t.grad for t in lv], refs)
+            ]
             good = all(e < 2e-2 for e in errs)
             ok &= good or backend.endswith("unpadded")  # documents the kernel bug the padding avoids
             print(f"| {backend} | {dh} | " + " | ".join(f"{e:.1e}" for e in errs) + f" | {'ok' if good else 'FAIL'} |")
@@ -80,15 +84,22 @@ def _lse_check(q, k, v, cu, lens) -> bool:
     _, lse = attention._fa4_fwd_op(
         qb, kb, vb, cu, cu, max(lens), max(lens), scale, rule.kernel, rule.min_mean_seqlen, list(rule.head_dims)
     )  # (H, T)
-    ref = torch.cat([
-        (torch.einsum("qhd,khd->hqk", qs.float(), ks.float()) * scale).logsumexp(-1)  # (H, L)
-        for qs, ks in zip(qb.split(lens), kb.split(lens))
-    ], dim=1)
+    ref = torch.cat(
+        [
+            (torch.einsum("qhd,khd->hqk", qs.float(), ks.float()) * scale).logsumexp(-1)  # (H, L)
+            for qs, ks in zip(qb.split(lens), kb.split(lens))
+        ],
+        dim=1,
+    )
     if lse.shape != ref.shape:
-        print(f"| fa4 forward LSE | {q.shape[-1]} | shape {tuple(lse.shape)}, expected (H, T) {tuple(ref.shape)} | | | | FAIL |")
+        print(
+            f"| fa4 forward LSE | {q.shape[-1]} | shape {tuple(lse.shape)}, expected (H, T) {tuple(ref.shape)} | | | | FAIL |"
+        )
         return False
     err = (lse - ref).abs().max().item()
-    print(f"| fa4 forward LSE, (H, T) natural log | {q.shape[-1]} | max abs err {err:.1e} | | | | {'ok' if err < 5e-2 else 'FAIL'} |")
+    print(
+        f"| fa4 forward LSE, (H, T) natural log | {q.shape[-1]} | max abs err {err:.1e} | | | | {'ok' if err < 5e-2 else 'FAIL'} |"
+    )
     return err < 5e-2
 
 
@@ -162,8 +173,10 @@ def _recompiles(device, tiny, backend) -> bool:
             pv(x, grid)
         graphs.append(dynamo_utils.counters["stats"]["unique_graphs"])
     breaks = dict(dynamo_utils.counters["graph_break"])
-    print(f"\ncompiled DINOv3 blocks ({backend}), 8 random batches of 2..32 images: graphs after each batch "
-          f"{graphs}; graph breaks: {breaks or 'none'}")
+    print(
+        f"\ncompiled DINOv3 blocks ({backend}), 8 random batches of 2..32 images: graphs after each batch "
+        f"{graphs}; graph breaks: {breaks or 'none'}"
+    )
     return graphs[-1] <= 2 and not breaks
 
 
@@ -173,7 +186,11 @@ def main() -> int:
     a = p.parse_args()
     device = torch.device("cuda")
     print(torch.__version__, torch.cuda.get_device_name(), "backends:", available_backends(device, torch.bfloat16))
-    results = {"kernels": kernels(device), "no host sync": no_sync(device, a.tiny), "recompiles": recompiles(device, a.tiny)}
+    results = {
+        "kernels": kernels(device),
+        "no host sync": no_sync(device, a.tiny),
+        "recompiles": recompiles(device, a.tiny),
+    }
     print("\n" + ", ".join(f"{k}: {'ok' if v else 'FAIL'}" for k, v in results.items()))
     return 0 if all(results.values()) else 1
 

@@ -26,8 +26,13 @@ PRESETS = [
     (DINOv3, DINOv3Config, "dinov3-vitl16-pretrain-lvd1689m"),
     (AIMv2, AIMv2Config, "aimv2-large-patch14-native"),
 ]
-GRIDS = {"1x1": [(1, 1, 1)], "1x512": [(1, 1, 512)], "512x1": [(1, 512, 1)], "256x256": [(1, 256, 256)],
-         "100 frames 16x16": [(100, 16, 16)]}
+GRIDS = {
+    "1x1": [(1, 1, 1)],
+    "1x512": [(1, 1, 512)],
+    "512x1": [(1, 512, 1)],
+    "256x256": [(1, 256, 256)],
+    "100 frames 16x16": [(100, 16, 16)],
+}
 GRIDS["all, packed"] = [row for g in GRIDS.values() for row in g]
 TINY = dict(hidden_size=16, num_layers=1, num_heads=1, intermediate_size=32)
 
@@ -36,9 +41,13 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
     g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            near_one = (p.dim() == 1 and "norm" in name and name.endswith("weight")) or name.endswith((".gamma", "ls1.scale", "ls2.scale"))
-            p.copy_(torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32).to(p.dtype) * 0.02
-                    + (1.0 if near_one else 0.0))
+            near_one = (p.dim() == 1 and "norm" in name and name.endswith("weight")) or name.endswith(
+                (".gamma", "ls1.scale", "ls2.scale")
+            )
+            p.copy_(
+                torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32).to(p.dtype) * 0.02
+                + (1.0 if near_one else 0.0)
+            )
 
 
 def main(argv: list[str] | None = None) -> int:

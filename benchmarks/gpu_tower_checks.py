@@ -23,9 +23,9 @@ import sys
 import time
 
 import torch
+from train_tokens_per_s import build, random_batch  # noqa: E402  (same directory)
 
 from packvit.models.base import PackedViT
-from train_tokens_per_s import build, random_batch  # noqa: E402  (same directory)
 
 
 def timed(fn, device, reps: int):
@@ -60,8 +60,11 @@ def bad(row, tol) -> bool:
 
 def report(row, tol) -> None:
     extra = "".join(f"  {k}={v}" for k, v in row.items() if k in ("first_call_s", "graphs", "error"))
-    print(f"{row['mode']:10s} {row['attn']:>10s} {row['ms']:11.2f} {row['feat_rel']:9.2e} {row['grad_rel']:9.2e} "
-          f"{row['finite']}{'  FAIL' if bad(row, tol) else ''}{extra}", flush=True)
+    print(
+        f"{row['mode']:10s} {row['attn']:>10s} {row['ms']:11.2f} {row['feat_rel']:9.2e} {row['grad_rel']:9.2e} "
+        f"{row['finite']}{'  FAIL' if bad(row, tol) else ''}{extra}",
+        flush=True,
+    )
 
 
 def compile_row(bf, cfg, x, grid, w, o32, g32, gen, device, args) -> dict:
@@ -85,12 +88,26 @@ def compile_row(bf, cfg, x, grid, w, o32, g32, gen, device, args) -> dict:
         for xo, go in others + [(x.cpu(), grid)]:  # new grids, then the first grid again
             xo = xo.to(device, torch.bfloat16)
             fwd_bwd(compiled, xo, bf.prepare(go), torch.ones(xo.shape[0], cfg.hidden_size, device=device), False)
-        return dict(mode="compile", attn=bf.attn_backend, ms=ms, feat_rel=rel(o, o32), grad_rel=rel(g, g32),
-                    finite=bool(torch.isfinite(g).all()), first_call_s=round(first, 1),
-                    graphs=f"{counters['stats']['unique_graphs']} for {args.grids} grids + a repeat")
+        return dict(
+            mode="compile",
+            attn=bf.attn_backend,
+            ms=ms,
+            feat_rel=rel(o, o32),
+            grad_rel=rel(g, g32),
+            finite=bool(torch.isfinite(g).all()),
+            first_call_s=round(first, 1),
+            graphs=f"{counters['stats']['unique_graphs']} for {args.grids} grids + a repeat",
+        )
     except Exception as e:  # noqa: BLE001
-        return dict(mode="compile", attn=bf.attn_backend, ms=float("nan"), feat_rel=float("inf"),
-                    grad_rel=float("inf"), finite=False, error=f"{type(e).__name__}: {str(e)[:400]}")
+        return dict(
+            mode="compile",
+            attn=bf.attn_backend,
+            ms=float("nan"),
+            feat_rel=float("inf"),
+            grad_rel=float("inf"),
+            finite=False,
+            error=f"{type(e).__name__}: {str(e)[:400]}",
+        )
 
 
 def main():
@@ -101,8 +118,12 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--grids", type=int, default=4, help="different batches fed to the compiled tower")
     ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                    help="also time torch.compile of the whole tower (minutes at real size)")
+    ap.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time torch.compile of the whole tower (minutes at real size)",
+    )
     ap.add_argument("--tol", type=float, default=5e-2, help="max relative error of bf16 vs fp32")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -124,25 +145,44 @@ def main():
     name = ref.set_attention_backend("auto", torch.bfloat16)  # autocast: fp32 weights, bf16 compute
     (o, g), ms = timed(lambda: fwd_bwd(ref, x, grid, w, True), device, args.reps)
     finite = all(torch.isfinite(p.grad).all().item() for p in ref.parameters() if p.grad is not None)
-    rows.append(dict(mode="autocast", attn=name if device.type == "cuda" else "sdpa", ms=ms,
-                     feat_rel=rel(o, o32), grad_rel=rel(g, g32), finite=finite))
+    rows.append(
+        dict(
+            mode="autocast",
+            attn=name if device.type == "cuda" else "sdpa",
+            ms=ms,
+            feat_rel=rel(o, o32),
+            grad_rel=rel(g, g32),
+            finite=finite,
+        )
+    )
     report(rows[-1], args.tol)
 
     bf = ref.to(torch.bfloat16)  # in place; keeps the attention chosen above, so choose again for bf16
     bf.set_attention_backend("auto")
     (o, g), ms = timed(lambda: fwd_bwd(bf, x, grid, w, False), device, args.reps)
     finite = all(torch.isfinite(p.grad).all().item() for p in bf.parameters() if p.grad is not None)
-    rows.append(dict(mode="pure_bf16", attn=bf.attn_backend, ms=ms, feat_rel=rel(o, o32), grad_rel=rel(g, g32),
-                     finite=finite))
+    rows.append(
+        dict(mode="pure_bf16", attn=bf.attn_backend, ms=ms, feat_rel=rel(o, o32), grad_rel=rel(g, g32), finite=finite)
+    )
     report(rows[-1], args.tol)
 
     if args.compile:
         rows.append(compile_row(bf, cfg, x, grid, w, o32, g32, gen, device, args))
         report(rows[-1], args.tol)
     ok = all(not bad(r, args.tol) for r in rows)
-    print(json.dumps(dict(preset=args.preset + (" (tiny)" if args.tiny else ""), tokens=x.shape[0],
-                          images=len(grid), device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                          torch=torch.__version__, ok=ok, rows=rows)))
+    print(
+        json.dumps(
+            dict(
+                preset=args.preset + (" (tiny)" if args.tiny else ""),
+                tokens=x.shape[0],
+                images=len(grid),
+                device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                torch=torch.__version__,
+                ok=ok,
+                rows=rows,
+            )
+        )
+    )
     sys.exit(0 if ok else 1)
 
 

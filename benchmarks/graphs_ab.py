@@ -95,8 +95,17 @@ def run(args, record):
             except Exception as e:  # report exactly what fails (FA4's launch under capture, say)
                 import traceback
 
-                record(dict(part="capture", family=family, backend=model.attn_backend, ok=False, without=without,
-                            error=repr(e)[:2000], tb=traceback.format_exc()[-3000:]))
+                record(
+                    dict(
+                        part="capture",
+                        family=family,
+                        backend=model.attn_backend,
+                        ok=False,
+                        without=without,
+                        error=repr(e)[:2000],
+                        tb=traceback.format_exc()[-3000:],
+                    )
+                )
                 torch.cuda.synchronize()
         if graphed is None:
             if args.switches:
@@ -105,10 +114,19 @@ def run(args, record):
             torch.cuda.empty_cache()
             continue
         torch.cuda.synchronize()
-        record(dict(part="capture", family=family, backend=model.attn_backend, ok=True, buckets=list(graphed.buckets),
-                    fused={k: v for k, v in model.fused_kernels.items() if v},
-                    capture_s=time.perf_counter() - t0, graphs_gib=(torch.cuda.memory_allocated() - base) / 2**30,
-                    reserved_gib=torch.cuda.memory_reserved() / 2**30))
+        record(
+            dict(
+                part="capture",
+                family=family,
+                backend=model.attn_backend,
+                ok=True,
+                buckets=list(graphed.buckets),
+                fused={k: v for k, v in model.fused_kernels.items() if v},
+                capture_s=time.perf_counter() - t0,
+                graphs_gib=(torch.cuda.memory_allocated() - base) / 2**30,
+                reserved_gib=torch.cuda.memory_reserved() / 2**30,
+            )
+        )
         for wname, grid in grids.items():
             n = sum(t * h * w for t, h, w in grid)
             px = torch.randn(n, model.patch_dim, generator=torch.Generator().manual_seed(0)).to(DEV, BF16)
@@ -117,8 +135,16 @@ def run(args, record):
                 ref = model(px, grid_t).float()
                 out = graphed(px, grid_t).float()
             cos = F.cosine_similarity(out, ref, dim=-1)
-            row = dict(part="graphs", family=family, backend=model.attn_backend, workload=wname, patches=n,
-                       cos_min=cos.min().item(), max_abs=(out - ref).abs().max().item(), bitwise=torch.equal(out, ref))
+            row = dict(
+                part="graphs",
+                family=family,
+                backend=model.attn_backend,
+                workload=wname,
+                patches=n,
+                cos_min=cos.min().item(),
+                max_abs=(out - ref).abs().max().item(),
+                bitwise=torch.equal(out, ref),
+            )
             for how, m in (("eager", model), ("graphs", graphed)):
                 fn = _inference_forward(m, px, grid_t)
                 r = measure(fn, DEV, args.warmup, args.iters)
@@ -163,7 +189,11 @@ def switches(args, model, family, record):
     has_gelu = model.fused_kernels.get("gelu_mlp") is not None and family != "aimv2"
     configs = [("main", set()), ("chain_norms", {"chain_norms"})]
     configs += [("gelu_mlp", {"gelu_mlp"})] if has_gelu else []
-    configs += [("saves_less", {"saves_less"}), ("all_but_chunks", set(SWITCHES) - {"mlp_chunks"}), ("all", set(SWITCHES))]
+    configs += [
+        ("saves_less", {"saves_less"}),
+        ("all_but_chunks", set(SWITCHES) - {"mlp_chunks"}),
+        ("all", set(SWITCHES)),
+    ]
     outs = {}
     for name, on in configs:
         set_switches(model, on)
@@ -209,8 +239,15 @@ def profile(args, model, graphed, family, record):
                     m(px, grid)
                 torch.cuda.synchronize()
         ev = sorted(((e.key, e.self_device_time_total / 3e3) for e in p.key_averages()), key=lambda x: -x[1])
-        record(dict(part="profile", family=family, how=how, kernel_ms=sum(t for _, t in ev),
-                    top=[(k[:60], round(t, 3)) for k, t in ev[:8]]))
+        record(
+            dict(
+                part="profile",
+                family=family,
+                how=how,
+                kernel_ms=sum(t for _, t in ev),
+                top=[(k[:60], round(t, 3)) for k, t in ev[:8]],
+            )
+        )
 
 
 def table(rows):
@@ -218,29 +255,46 @@ def table(rows):
     for r in rows:
         if r["part"] == "capture":
             if r["ok"]:
-                lines.append(f"capture {r['family']} {r['backend']}: {len(r['buckets'])} buckets {r['buckets'][0]}.."
-                             f"{r['buckets'][-1]} in {r['capture_s']:.1f} s, graphs hold {r['graphs_gib']:.2f} GiB")
+                lines.append(
+                    f"capture {r['family']} {r['backend']}: {len(r['buckets'])} buckets {r['buckets'][0]}.."
+                    f"{r['buckets'][-1]} in {r['capture_s']:.1f} s, graphs hold {r['graphs_gib']:.2f} GiB"
+                )
             else:
                 lines.append(f"capture {r['family']} {r['backend']} FAILED: {r['error'][:300]}")
-    lines += ["", "| family | attention | workload | patches | eager ms (host ms) | graphs ms (host ms) | speedup | cos min | max abs | bitwise |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| family | attention | workload | patches | eager ms (host ms) | graphs ms (host ms) | speedup | cos min | max abs | bitwise |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if r["part"] == "graphs":
-            lines.append(f"| {r['family']} | {r['backend']} | {r['workload']} | {r['patches']} | {r['eager_ms']:.2f} "
-                         f"({r['eager_host_ms']:.2f}) | {r['graphs_ms']:.2f} ({r['graphs_host_ms']:.2f}) | {r['speedup']:.2f}x "
-                         f"| {r['cos_min']:.5f} | {r['max_abs']:.3f} | {r['bitwise']} |")
-    lines += ["", "| family | attention | config | mode | ms (p10-p90) | peak GiB | saved by forward GiB |", "|---|---|---|---|---|---|---|"]
+            lines.append(
+                f"| {r['family']} | {r['backend']} | {r['workload']} | {r['patches']} | {r['eager_ms']:.2f} "
+                f"({r['eager_host_ms']:.2f}) | {r['graphs_ms']:.2f} ({r['graphs_host_ms']:.2f}) | {r['speedup']:.2f}x "
+                f"| {r['cos_min']:.5f} | {r['max_abs']:.3f} | {r['bitwise']} |"
+            )
+    lines += [
+        "",
+        "| family | attention | config | mode | ms (p10-p90) | peak GiB | saved by forward GiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if r["part"] == "switch":
             saved = f"{r['saved_gib']:.2f}" if "saved_gib" in r else ""
-            lines.append(f"| {r['family']} | {r['backend']} | {r['config']} | {r['mode']} | {r['ms']:.1f} "
-                         f"({r['p10']:.1f}-{r['p90']:.1f}) | {r['peak_gib']:.2f} | {saved} |")
+            lines.append(
+                f"| {r['family']} | {r['backend']} | {r['config']} | {r['mode']} | {r['ms']:.1f} "
+                f"({r['p10']:.1f}-{r['p90']:.1f}) | {r['peak_gib']:.2f} | {saved} |"
+            )
     for r in rows:
         if r["part"] == "switch_check":
-            lines.append(f"check {r['family']} {r['config']}: per-patch cosine against main's path, min {r['cos_min']:.5f}")
+            lines.append(
+                f"check {r['family']} {r['config']}: per-patch cosine against main's path, min {r['cos_min']:.5f}"
+            )
         if r["part"] == "profile":
-            lines.append(f"profile {r['family']} {r['how']}: kernels {r['kernel_ms']:.2f} ms; " +
-                         "; ".join(f"{k[:45]} {t}" for k, t in r["top"]))
+            lines.append(
+                f"profile {r['family']} {r['how']}: kernels {r['kernel_ms']:.2f} ms; "
+                + "; ".join(f"{k[:45]} {t}" for k, t in r["top"])
+            )
     return "\n".join(lines)
 
 

@@ -54,12 +54,15 @@ def main():
             im.save(buf, "JPEG", quality=90)
             blobs.append(buf.getvalue())
     procs = {
-        "siglip2 naflex 256": PreprocessConfig(patch_size=16, mode="naflex", image_mean=(0.5,) * 3,
-                                               image_std=(0.5,) * 3, max_num_patches=256),
-        "siglip2 naflex 1024": PreprocessConfig(patch_size=16, mode="naflex", image_mean=(0.5,) * 3,
-                                                image_std=(0.5,) * 3, max_num_patches=1024),
-        "dinov3 native <=1024": PreprocessConfig(patch_size=16, mode="native", image_mean=IMAGENET_MEAN,
-                                                 image_std=IMAGENET_STD),
+        "siglip2 naflex 256": PreprocessConfig(
+            patch_size=16, mode="naflex", image_mean=(0.5,) * 3, image_std=(0.5,) * 3, max_num_patches=256
+        ),
+        "siglip2 naflex 1024": PreprocessConfig(
+            patch_size=16, mode="naflex", image_mean=(0.5,) * 3, image_std=(0.5,) * 3, max_num_patches=1024
+        ),
+        "dinov3 native <=1024": PreprocessConfig(
+            patch_size=16, mode="native", image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD
+        ),
     }
     backends = ["pil", "torchvision"] if args.backend == "both" else [args.backend]
     procs = {f"{name} {b}": dataclasses.replace(cfg, backend=b) for name, cfg in procs.items() for b in backends}
@@ -75,8 +78,14 @@ def main():
             x, grid = proc(chunk)
             tokens += x.shape[0]
         dt = time.perf_counter() - t0
-        rows.append(dict(mode=name, images_per_s=round(len(images) / dt, 1), tokens_per_s=round(tokens / dt),
-                         tokens_per_image=round(tokens / len(images), 1)))
+        rows.append(
+            dict(
+                mode=name,
+                images_per_s=round(len(images) / dt, 1),
+                tokens_per_s=round(tokens / dt),
+                tokens_per_image=round(tokens / len(images), 1),
+            )
+        )
     print(f"{'mode':36s} {'images/s':>9s} {'tokens/s':>10s} {'tok/img':>8s}")
     for r in rows:
         print(f"{r['mode']:36s} {r['images_per_s']:9.1f} {r['tokens_per_s']:10d} {r['tokens_per_image']:8.1f}")

@@ -78,8 +78,10 @@ def main() -> None:
         grid = torch.tensor(wl.grid)
         for mode in ("infer", "train") if a.train else ("infer",):
             r = breakdown(model_step(pv, x, grid, mode))  # sets the model's train / eval mode
-            print(f"| {family} | {a.backend} | {a.compile} | {mode} | {r['wall']:.1f} | {r['matmul']:.1f} | "
-                  f"{r['attention']:.1f} | {r['other']:.1f} | {r['idle']:.1f} |")
+            print(
+                f"| {family} | {a.backend} | {a.compile} | {mode} | {r['wall']:.1f} | {r['matmul']:.1f} | "
+                f"{r['attention']:.1f} | {r['other']:.1f} | {r['idle']:.1f} |"
+            )
             details.append((family, mode, r["top_other"]))
         del pv
         torch.cuda.empty_cache()

@@ -57,10 +57,12 @@ def _cublas_steps(x, w, b, ref_act, act) -> dict:
 def _quack_act_steps(gemm_act, x, w, b, act, tuned) -> dict:
     """The timed quack ``gemm_act`` calls of fc1: without and with the pre-activation stored."""
     return {
-        f"quack_gemm_act_ms_tuned{tuned}":
-            lambda: gemm_act(x, w.T, bias=b, activation=act, store_preact=False, tuned=tuned),
-        f"quack_gemm_act_preact_ms_tuned{tuned}":
-            lambda: gemm_act(x, w.T, bias=b, activation=act, store_preact=True, tuned=tuned),
+        f"quack_gemm_act_ms_tuned{tuned}": lambda: gemm_act(
+            x, w.T, bias=b, activation=act, store_preact=False, tuned=tuned
+        ),
+        f"quack_gemm_act_preact_ms_tuned{tuned}": lambda: gemm_act(
+            x, w.T, bias=b, activation=act, store_preact=True, tuned=tuned
+        ),
     }
 
 
@@ -88,8 +90,11 @@ def main():
         import cutlass
         import quack
 
-        out.update(quack=getattr(quack, "__version__", "?"), cutlass=getattr(cutlass, "__version__", "?"),
-                   quack_file=quack.__file__)
+        out.update(
+            quack=getattr(quack, "__version__", "?"),
+            cutlass=getattr(cutlass, "__version__", "?"),
+            quack_file=quack.__file__,
+        )
         from quack.gemm_interface import gemm_act, gemm_dact
     except Exception as e:
         out.update(ok=False, error=f"import: {e!r}"[:800])
@@ -97,8 +102,10 @@ def main():
         return
     print(json.dumps(out), flush=True)
     torch.manual_seed(0)
-    cases = [("dinov3 fc1 erf-GELU", 1024, 4096, "gelu_erf", F.gelu),
-             ("siglip2 fc1 gelu-tanh", 1152, 4304, "gelu_tanh_approx", lambda t: F.gelu(t, approximate="tanh"))]
+    cases = [
+        ("dinov3 fc1 erf-GELU", 1024, 4096, "gelu_erf", F.gelu),
+        ("siglip2 fc1 gelu-tanh", 1152, 4304, "gelu_tanh_approx", lambda t: F.gelu(t, approximate="tanh")),
+    ]
     for name, D, H, act, ref_act in cases:
         row = dict(label=args.label, case=name, T=T)
         x = torch.randn(T, D, device=DEV, dtype=BF16)

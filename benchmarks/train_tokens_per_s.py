@@ -76,7 +76,11 @@ def measure(preset: str, backend: str, args, rank: int, device) -> dict:
         model = ddp_tower(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     gen = torch.Generator().manual_seed(1234 + rank)
-    autocast = torch.autocast("cuda", torch.bfloat16) if (half and args.wrap != "fsdp2") else torch.autocast("cpu", enabled=False)
+    autocast = (
+        torch.autocast("cuda", torch.bfloat16)
+        if (half and args.wrap != "fsdp2")
+        else torch.autocast("cpu", enabled=False)
+    )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -105,8 +109,11 @@ def measure(preset: str, backend: str, args, rank: int, device) -> dict:
             tokens += x.shape[0]
 
     per_gpu = torch.tensor([tokens / elapsed], dtype=torch.float64, device=device)
-    mem = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0],
-                       dtype=torch.float64, device=device)
+    mem = torch.tensor(
+        [torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0],
+        dtype=torch.float64,
+        device=device,
+    )
     world = dist.get_world_size() if dist.is_initialized() else 1
     if dist.is_initialized():
         dist.all_reduce(per_gpu)
@@ -116,13 +123,24 @@ def measure(preset: str, backend: str, args, rank: int, device) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return dict(
-        preset=preset + (" (tiny)" if args.tiny else ""), world=world, wrap=args.wrap,
-        dtype="bf16" if half else "fp32", attn=attn, grad_ckpt=args.grad_ckpt, blocks_per_unit=args.blocks_per_unit,
-        compile=args.compile, max_tokens=args.max_tokens, steps=args.steps,
-        same_batch=args.same_batch, step_ms=round(elapsed / args.steps * 1e3, 1),
+        preset=preset + (" (tiny)" if args.tiny else ""),
+        world=world,
+        wrap=args.wrap,
+        dtype="bf16" if half else "fp32",
+        attn=attn,
+        grad_ckpt=args.grad_ckpt,
+        blocks_per_unit=args.blocks_per_unit,
+        compile=args.compile,
+        max_tokens=args.max_tokens,
+        steps=args.steps,
+        same_batch=args.same_batch,
+        step_ms=round(elapsed / args.steps * 1e3, 1),
         host_ms_rank0=round(host / args.steps * 1e3, 1),
-        host_fwd_bwd_ms_rank0=round(host_fb / args.steps * 1e3, 1), tokens_per_s_per_gpu=round(per_gpu.item(), 1), peak_mem_gib_max_rank=round(mem.item(), 2),
-        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", torch=torch.__version__,
+        host_fwd_bwd_ms_rank0=round(host_fb / args.steps * 1e3, 1),
+        tokens_per_s_per_gpu=round(per_gpu.item(), 1),
+        peak_mem_gib_max_rank=round(mem.item(), 2),
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        torch=torch.__version__,
     )
 
 
@@ -130,20 +148,31 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", nargs="+", default=["siglip2-so400m-patch16-naflex"])
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"],
-                    help="bf16: FSDP2 mixed precision (bf16 params/compute, fp32 master weights and reduce)")
+    ap.add_argument(
+        "--dtype",
+        default="bf16",
+        choices=["bf16", "fp32"],
+        help="bf16: FSDP2 mixed precision (bf16 params/compute, fp32 master weights and reduce)",
+    )
     ap.add_argument("--wrap", default="fsdp2", choices=["fsdp2", "ddp", "none"])
     ap.add_argument("--backend", nargs="+", default=["auto"], help="attention backends, one row each")
     ap.add_argument("--max-tokens", type=int, default=16384, help="patch tokens per rank per step")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--grad-ckpt", default="off", choices=["off", "mlp", "block"],
-                    help="activation checkpointing: none, the MLPs only, or whole blocks")
+    ap.add_argument(
+        "--grad-ckpt",
+        default="off",
+        choices=["off", "mlp", "block"],
+        help="activation checkpointing: none, the MLPs only, or whole blocks",
+    )
     ap.add_argument("--blocks-per-unit", type=int, default=1, help="FSDP2: consecutive blocks per fully_shard unit")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="compile the blocks")
     ap.add_argument("--tiny", action="store_true", help="tiny config for a CPU smoke test")
-    ap.add_argument("--same-batch", action="store_true",
-                    help="repeat one batch (cached position tables) instead of drawing a new one per step")
+    ap.add_argument(
+        "--same-batch",
+        action="store_true",
+        help="repeat one batch (cached position tables) instead of drawing a new one per step",
+    )
     ap.add_argument("--out", help="append the JSON rows to this file")
     args = ap.parse_args()
 
@@ -151,7 +180,11 @@ def main():
     if distributed:
         dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
     rank = dist.get_rank() if distributed else 0
-    device = torch.device(args.device, int(os.environ.get("LOCAL_RANK", 0))) if args.device == "cuda" else torch.device(args.device)
+    device = (
+        torch.device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
+        if args.device == "cuda"
+        else torch.device(args.device)
+    )
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if args.wrap != "none" and not distributed:
@@ -162,15 +195,21 @@ def main():
         distributed = True
 
     if rank == 0:
-        print(f"{'preset':40s} {'world':>5s} {'wrap':>6s} {'dtype':>5s} {'attn':>6s} {'tok/s/GPU':>12s} {'step ms':>8s} "
-              f"{'host ms':>8s} {'peak GiB':>9s}", flush=True)
+        print(
+            f"{'preset':40s} {'world':>5s} {'wrap':>6s} {'dtype':>5s} {'attn':>6s} {'tok/s/GPU':>12s} {'step ms':>8s} "
+            f"{'host ms':>8s} {'peak GiB':>9s}",
+            flush=True,
+        )
     for preset in args.preset:
         for backend in args.backend:
             row = measure(preset, backend, args, rank, device)
             if rank == 0:
-                print(f"{row['preset']:40s} {row['world']:5d} {args.wrap:>6s} {row['dtype']:>5s} {row['attn']:>6s} "
-                      f"{row['tokens_per_s_per_gpu']:12.1f} {row['step_ms']:8.1f} {row['host_ms_rank0']:8.1f} "
-                      f"{row['peak_mem_gib_max_rank']:9.2f}", flush=True)
+                print(
+                    f"{row['preset']:40s} {row['world']:5d} {args.wrap:>6s} {row['dtype']:>5s} {row['attn']:>6s} "
+                    f"{row['tokens_per_s_per_gpu']:12.1f} {row['step_ms']:8.1f} {row['host_ms_rank0']:8.1f} "
+                    f"{row['peak_mem_gib_max_rank']:9.2f}",
+                    flush=True,
+                )
                 print(json.dumps(row), flush=True)
                 if args.out:
                     with open(args.out, "a") as f:

@@ -123,7 +123,6 @@ def run_one(checkpoint: str, device: torch.device, out_dir: Path, fails: list) -
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_grad
 
-    import packvit
     from packvit import zero3
     from packvit.tower import PackedVisionTower
     from weights_conversion import load_model
@@ -149,14 +148,23 @@ def run_one(checkpoint: str, device: torch.device, out_dir: Path, fails: list) -
         model = TinyLlava(checkpoint)
     params = dict(model.named_parameters())
     partitioned = all(hasattr(p, "ds_id") and p.numel() == 0 for p in params.values())
-    check(f"{family} built inside zero.Init", partitioned,
-          f"{len(params)} tensors partitioned, {sum(p.ds_numel for p in params.values())} elements", fails)
+    check(
+        f"{family} built inside zero.Init",
+        partitioned,
+        f"{len(params)} tensors partitioned, {sum(p.ds_numel for p in params.values())} elements",
+        fails,
+    )
     loaded = zero3.full_state_dict(model)
-    ref.projector.load_state_dict({k.removeprefix("projector."): v for k, v in loaded.items()
-                                   if k.startswith("projector.")})  # zero.Init broadcast rank 0's random init
+    ref.projector.load_state_dict(
+        {k.removeprefix("projector."): v for k, v in loaded.items() if k.startswith("projector.")}
+    )  # zero.Init broadcast rank 0's random init
     same = all(torch.equal(loaded[k], v.cpu()) for k, v in ref.state_dict().items())
-    check(f"{family} partitioned weights == checkpoint", same and loaded.keys() == ref.state_dict().keys(),
-          "every tensor gathered equals the plain load, bit for bit", fails)
+    check(
+        f"{family} partitioned weights == checkpoint",
+        same and loaded.keys() == ref.state_dict().keys(),
+        "every tensor gathered equals the plain load, bit for bit",
+        fails,
+    )
 
     # The reference step.
     batches = [rank_batch(ref.tower.vision_tower.patch_dim, r, device) for r in range(world)]
@@ -196,11 +204,15 @@ def run_one(checkpoint: str, device: torch.device, out_dir: Path, fails: list) -
             bad.append(f"{k}: {e:.1e} of {m:.1e}")
     n_tower = sum(k.startswith(TOWER_PREFIX) and k not in zero_keys for k in ref_grads)
     bad += [] if n_tower else ["no tower tensor has a gradient: the tower did not train"]
-    check(f"{family} gradients", not bad,
-          f"{len(ref_grads)} tensors ({n_tower} of the tower's with a gradient), "
-          f"worst max|z-r|/max|r| {worst:.1e} ({worst_key}); "
-          f"{len(zero_keys)} zero in exact arithmetic, all <= 1e-6 of the largest {top:.1e}"
-          + (f"; {bad[:3]}" if bad else ""), fails)
+    check(
+        f"{family} gradients",
+        not bad,
+        f"{len(ref_grads)} tensors ({n_tower} of the tower's with a gradient), "
+        f"worst max|z-r|/max|r| {worst:.1e} ({worst_key}); "
+        f"{len(zero_keys)} zero in exact arithmetic, all <= 1e-6 of the largest {top:.1e}"
+        + (f"; {bad[:3]}" if bad else ""),
+        fails,
+    )
 
     engine.step()
     stepped = zero3.full_state_dict(engine.module)
@@ -217,9 +229,13 @@ def run_one(checkpoint: str, device: torch.device, out_dir: Path, fails: list) -
             bad.append(f"{k}: {e:.1e} where the update is {d:.1e}")
         if d > 0 and e / d > worst[0]:
             worst = (e / d, e / (eps * w), k)
-    check(f"{family} one SGD step (clipped at {ZERO3['gradient_clipping']})", not bad,
-          f"{moved} tensors moved; worst max|z-r| {worst[0]:.1e} of the update = {worst[1]:.1f} ulp of the weights "
-          f"({worst[2]}); max|z-r| <= 1e-5 max|update| + 2 ulp" + (f"; {bad[:3]}" if bad else ""), fails)
+    check(
+        f"{family} one SGD step (clipped at {ZERO3['gradient_clipping']})",
+        not bad,
+        f"{moved} tensors moved; worst max|z-r| {worst[0]:.1e} of the update = {worst[1]:.1f} ulp of the weights "
+        f"({worst[2]}); max|z-r| <= 1e-5 max|update| + 2 ulp" + (f"; {bad[:3]}" if bad else ""),
+        fails,
+    )
 
     # Save as transformers' Trainer does under ZeRO-3, reload into a fresh tower without DeepSpeed.
     save_dir = out_dir / family
@@ -228,11 +244,16 @@ def run_one(checkpoint: str, device: torch.device, out_dir: Path, fails: list) -
     if rank == 0:
         saved = torch.load(save_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
         fresh = PackedVisionTower(checkpoint, SimpleNamespace(mm_vision_select_layer=SELECT_LAYER), attn_backend="sdpa")
-        fresh.load_state_dict({k.removeprefix(TOWER_PREFIX): v for k, v in saved.items() if k.startswith(TOWER_PREFIX)},
-                              strict=True)
+        fresh.load_state_dict(
+            {k.removeprefix(TOWER_PREFIX): v for k, v in saved.items() if k.startswith(TOWER_PREFIX)}, strict=True
+        )
         exact = all(torch.equal(v, stepped[TOWER_PREFIX + k]) for k, v in fresh.state_dict().items())
-        check(f"{family} save_16bit_model -> fresh tower", exact,
-              f"{len(fresh.state_dict())} tower tensors reloaded equal to the trained ones, bit for bit", fails)
+        check(
+            f"{family} save_16bit_model -> fresh tower",
+            exact,
+            f"{len(fresh.state_dict())} tower tensors reloaded equal to the trained ones, bit for bit",
+            fails,
+        )
     # The transformers layout (packvit export-hf) straight from the partitioned tower: the trained
     # blocks, and the parts past select_layer from the source checkpoint.
     engine.module.tower.export_hf(out_dir / f"{family}-export")
@@ -242,9 +263,14 @@ def run_one(checkpoint: str, device: torch.device, out_dir: Path, fails: list) -
         source = load_model(checkpoint, attn_backend="sdpa").state_dict()
         trained = {k: v for k, v in back.items() if "tower.vision_tower." + k in stepped}
         exact = all(torch.equal(v, stepped["tower.vision_tower." + k]) for k, v in trained.items()) and all(
-            torch.equal(v, source[k]) for k, v in back.items() if k not in trained)
-        check(f"{family} tower.export_hf -> load_model", exact and len(trained) == len(fresh.state_dict()),
-              f"{len(trained)} trained tensors bit for bit, {len(back) - len(trained)} from the source", fails)
+            torch.equal(v, source[k]) for k, v in back.items() if k not in trained
+        )
+        check(
+            f"{family} tower.export_hf -> load_model",
+            exact and len(trained) == len(fresh.state_dict()),
+            f"{len(trained)} trained tensors bit for bit, {len(back) - len(trained)} from the source",
+            fails,
+        )
 
     # LLaVA's initialize_vision_modules: no zero.Init open, transformers' HfDeepSpeedConfig alive.
     try:
@@ -258,7 +284,8 @@ def run_one(checkpoint: str, device: torch.device, out_dir: Path, fails: list) -
     plain = load_model(checkpoint, attn_backend="sdpa")
     got = zero3.full_state_dict(tower)
     ok = all(hasattr(p, "ds_id") and p.numel() == 0 for p in tower.parameters()) and all(
-        torch.equal(got[k], v) for k, v in plain.state_dict().items())
+        torch.equal(got[k], v) for k, v in plain.state_dict().items()
+    )
     check(f"{family} HfDeepSpeedConfig, no zero.Init open", ok, "partitioned, checkpoint values", fails)
     run_hf_from_pretrained(checkpoint, family, stepped, out_dir, fails)
     del hf_cfg
@@ -284,14 +311,16 @@ def run_frozen(checkpoint: str, family: str, device: torch.device, fails: list) 
             model = TinyLlava(checkpoint, trainable=False)
     finally:
         packvit.from_pretrained = original
-    ref.projector.load_state_dict({k.removeprefix("projector."): v for k, v in zero3.full_state_dict(model).items()
-                                   if k.startswith("projector.")})
+    ref.projector.load_state_dict(
+        {k.removeprefix("projector."): v for k, v in zero3.full_state_dict(model).items() if k.startswith("projector.")}
+    )
     batches = [rank_batch(ref.tower.vision_tower.patch_dim, r, device) for r in range(world)]
     ref_losses = [ref(*b) for b in batches]
     torch.stack(ref_losses).mean().backward()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(trainable, lr=LR),
-                                      model_parameters=trainable, config=ZERO3)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=torch.optim.SGD(trainable, lr=LR), model_parameters=trainable, config=ZERO3
+    )
     loss = engine(*batches[rank])
     engine.backward(loss)
     losses = [torch.zeros((), device=device) for _ in range(world)]
@@ -306,9 +335,13 @@ def run_frozen(checkpoint: str, family: str, device: torch.device, fails: list) 
         worst = max(worst, e / m)
         bad += [k] if e > 1e-5 * m else []
     n_frozen = sum(not p.requires_grad for p in model.parameters())
-    check(f"{family} frozen tower", err <= 1e-6 and not bad and n_frozen == len(list(ref.tower.parameters())),
-          f"loss relative error {err:.1e}; projector gradients worst {worst:.1e}; "
-          f"{n_frozen} tower tensors frozen, none with a gradient" + (f"; bad: {bad[:3]}" if bad else ""), fails)
+    check(
+        f"{family} frozen tower",
+        err <= 1e-6 and not bad and n_frozen == len(list(ref.tower.parameters())),
+        f"loss relative error {err:.1e}; projector gradients worst {worst:.1e}; "
+        f"{n_frozen} tower tensors frozen, none with a gradient" + (f"; bad: {bad[:3]}" if bad else ""),
+        fails,
+    )
 
 
 def run_hf_from_pretrained(checkpoint: str, family: str, trained: dict, out_dir: Path, fails: list) -> None:
@@ -321,7 +354,6 @@ def run_hf_from_pretrained(checkpoint: str, family: str, trained: dict, out_dir:
     import torch.distributed as dist
     import transformers
 
-    import packvit
     from packvit import zero3
     from weights_conversion import load_model
 
@@ -353,13 +385,23 @@ def run_hf_from_pretrained(checkpoint: str, family: str, trained: dict, out_dir:
     got = zero3.full_state_dict(reloaded.model)
     ok = all(hasattr(p, "ds_id") and p.numel() == 0 for p in reloaded.parameters()) and got.keys() == trained.keys()
     ok = ok and all(torch.equal(got[k], v) for k, v in trained.items())
-    check(f"{family} transformers from_pretrained under ZeRO-3", ok,
-          f"partitioned, {len(trained)} tensors equal to the saved trained weights", fails)
+    check(
+        f"{family} transformers from_pretrained under ZeRO-3",
+        ok,
+        f"partitioned, {len(trained)} tensors equal to the saved trained weights",
+        fails,
+    )
     got = zero3.full_state_dict(fresh.model.tower)
     plain = load_model(checkpoint, attn_backend="sdpa").state_dict()
-    same = [k for k, v in got.items() if torch.equal(v, plain[k.removeprefix("vision_tower.")])]  # the tower is truncated at select_layer
-    check(f"{family} transformers _from_config under ZeRO-3", len(same) == len(got),
-          f"{len(same)} of {len(got)} tower tensors keep the tower checkpoint's values", fails)
+    same = [
+        k for k, v in got.items() if torch.equal(v, plain[k.removeprefix("vision_tower.")])
+    ]  # the tower is truncated at select_layer
+    check(
+        f"{family} transformers _from_config under ZeRO-3",
+        len(same) == len(got),
+        f"{len(same)} of {len(got)} tower tensors keep the tower checkpoint's values",
+        fails,
+    )
 
 
 def make_tiny(root: Path) -> list[str]:
@@ -379,8 +421,11 @@ def make_tiny(root: Path) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoints", nargs="*", help="transformers vision checkpoint folders")
-    ap.add_argument("--tiny", action="store_true",
-                    help="also check tiny random checkpoints of the three families (tests/conftest.py; needs transformers)")
+    ap.add_argument(
+        "--tiny",
+        action="store_true",
+        help="also check tiny random checkpoints of the three families (tests/conftest.py; needs transformers)",
+    )
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--out", default=None, help="folder for the saved weights (default: a temporary one)")
     a = ap.parse_args()

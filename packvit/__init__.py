@@ -13,18 +13,43 @@ import importlib
 
 from ._version import __version__
 from .attention import (
-    BACKENDS, AttentionImpl, FA4Backward, available_backends, resolve_attention, resolve_backend, varlen_attention,
+    BACKENDS,
+    AttentionImpl,
+    FA4Backward,
+    available_backends,
+    resolve_attention,
+    resolve_backend,
+    varlen_attention,
 )
 from .models import (
-    AIMv2, AIMv2Config, DINOv3, DINOv3Config, PackedBatch, PackedViT, PackedVisionOutput, Siglip2, Siglip2Config,
+    AIMv2,
+    AIMv2Config,
+    DINOv3,
+    DINOv3Config,
+    PackedBatch,
+    PackedVisionOutput,
+    PackedViT,
+    Siglip2,
+    Siglip2Config,
 )
 from .packing import (
-    PackedMeta, build_meta, cache_bytes, clear_caches, convert_to_packing_format, grid_to_tuple, patchify,
-    set_cache_limit, split_by_image, unpatchify,
+    PackedMeta,
+    build_meta,
+    cache_bytes,
+    clear_caches,
+    convert_to_packing_format,
+    grid_to_tuple,
+    patchify,
+    set_cache_limit,
+    split_by_image,
+    unpatchify,
 )
+
 # name -> the module defining it; these modules import weights_conversion (see the docstring).
 _LOADERS = {
-    "from_pretrained": "packvit.pretrained", "AIMv2Packing": "packvit.seed", "DINOv3ViTPacking": "packvit.seed",
+    "from_pretrained": "packvit.pretrained",
+    "AIMv2Packing": "packvit.seed",
+    "DINOv3ViTPacking": "packvit.seed",
     "Siglip2NaflexPacking": "packvit.seed",
 }
 
@@ -42,8 +67,35 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "AIMv2", "AIMv2Config", "DINOv3", "DINOv3Config", "Siglip2", "Siglip2Config", "PackedViT", "PackedVisionOutput", "PackedBatch",
-    "AIMv2Packing", "DINOv3ViTPacking", "Siglip2NaflexPacking", "from_pretrained", "BACKENDS", "available_backends",
-    "__version__", "AttentionImpl", "FA4Backward", "resolve_attention", "resolve_backend", "varlen_attention", "PackedMeta", "build_meta", "convert_to_packing_format", "grid_to_tuple",
-    "patchify", "unpatchify", "split_by_image", "cache_bytes", "clear_caches", "set_cache_limit",
+    "AIMv2",
+    "AIMv2Config",
+    "DINOv3",
+    "DINOv3Config",
+    "Siglip2",
+    "Siglip2Config",
+    "PackedViT",
+    "PackedVisionOutput",
+    "PackedBatch",
+    "AIMv2Packing",
+    "DINOv3ViTPacking",
+    "Siglip2NaflexPacking",
+    "from_pretrained",
+    "BACKENDS",
+    "available_backends",
+    "__version__",
+    "AttentionImpl",
+    "FA4Backward",
+    "resolve_attention",
+    "resolve_backend",
+    "varlen_attention",
+    "PackedMeta",
+    "build_meta",
+    "convert_to_packing_format",
+    "grid_to_tuple",
+    "patchify",
+    "unpatchify",
+    "split_by_image",
+    "cache_bytes",
+    "clear_caches",
+    "set_cache_limit",
 ]

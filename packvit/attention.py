@@ -142,7 +142,7 @@ class FA4Backward:
         object.__setattr__(self, "head_dims", tuple(sorted(dims)))
 
     def kernel_for(self, num_tokens: int, num_segments: int) -> str:
-        """"fa4" or "fa2" for a batch of ``num_tokens`` in ``num_segments`` segments."""
+        """ "fa4" or "fa2" for a batch of ``num_tokens`` in ``num_segments`` segments."""
         if self.kernel != "auto":
             return self.kernel
         return "fa4" if num_tokens >= self.min_mean_seqlen * num_segments else "fa2"
@@ -151,8 +151,9 @@ class FA4Backward:
         return _padded_head_dim(head_dim, self.head_dims)
 
     def __repr__(self) -> str:
-        return (f"FA4Backward(kernel={self.kernel!r}, min_mean_seqlen={self.min_mean_seqlen}, "
-                f"head_dims={self.head_dims})")
+        return (
+            f"FA4Backward(kernel={self.kernel!r}, min_mean_seqlen={self.min_mean_seqlen}, head_dims={self.head_dims})"
+        )
 
 
 def _padded_head_dim(head_dim: int, head_dims: Sequence[int]) -> int:
@@ -214,13 +215,32 @@ class AttentionImpl:
             )
 
     def __call__(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-        cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *, softmax_scale: float | None = None,
-        seqlens_q=None, seqlens_k=None,
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        cu_seqlens_k: torch.Tensor,
+        max_seqlen_q: int,
+        max_seqlen_k: int,
+        *,
+        softmax_scale: float | None = None,
+        seqlens_q=None,
+        seqlens_k=None,
     ) -> torch.Tensor:
         return _KERNELS[self.name](
-            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, seqlens_q, seqlens_k,
-            self.fn, self.fa4_backward,
+            q,
+            k,
+            v,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            max_seqlen_q,
+            max_seqlen_k,
+            softmax_scale,
+            seqlens_q,
+            seqlens_k,
+            self.fn,
+            self.fa4_backward,
         )
 
     def __repr__(self) -> str:
@@ -330,14 +350,20 @@ def _(q, k, v, lens_q, lens_k, scale):
 
 @torch.library.custom_op("packvit::varlen_sdpa_backward", mutates_args=())
 def _sdpa_backward_op(
-    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    lens_q: torch.Tensor, lens_k: torch.Tensor, scale: float,
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lens_q: torch.Tensor,
+    lens_k: torch.Tensor,
+    scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # Autograd is off inside a custom op, so the softmax-attention gradient is written out:
     # P = softmax(s QK^T), dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = s dS K, dK = s dS^T Q.
     dq, dk, dv = [], [], []
-    spans = zip(q.split(lens_q.tolist()), k.split(lens_k.tolist()), v.split(lens_k.tolist()),
-                dout.split(lens_q.tolist()))
+    spans = zip(
+        q.split(lens_q.tolist()), k.split(lens_k.tolist()), v.split(lens_k.tolist()), dout.split(lens_q.tolist())
+    )
     for qi, ki, vi, gi in spans:  # (L, H, Dh) each
         qh, kh, vh, gh = (t.transpose(0, 1) for t in (qi, ki, vi, gi))  # (H, L, Dh)
         p = torch.softmax((qh @ kh.transpose(1, 2)).float() * scale, dim=-1)  # (H, Lq, Lk)
@@ -399,13 +425,29 @@ def _classic_flash(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens_q, seqlens_
 # autograd formula hands to the backward op: the op reads no module state.
 @torch.library.custom_op("packvit::fa4_varlen_fwd", mutates_args=(), device_types="cuda")
 def _fa4_fwd_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
-    max_q: int, max_k: int, scale: float, bwd_kernel: str, bwd_min_mean_seqlen: int, bwd_head_dims: Sequence[int],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_q: torch.Tensor,
+    cu_k: torch.Tensor,
+    max_q: int,
+    max_k: int,
+    scale: float,
+    bwd_kernel: str,
+    bwd_min_mean_seqlen: int,
+    bwd_head_dims: Sequence[int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     fwd, _bwd = _fa4_funcs()
     out, lse, *_ = fwd(
-        q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
-        softmax_scale=scale, return_lse=True,  # the backward needs the log-sum-exp
+        q,
+        k,
+        v,
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k,
+        max_seqlen_q=max_q,
+        max_seqlen_k=max_k,
+        softmax_scale=scale,
+        return_lse=True,  # the backward needs the log-sum-exp
     )
     return out, lse
 
@@ -420,16 +462,40 @@ def _(q, k, v, cu_q, cu_k, max_q, max_k, scale, bwd_kernel, bwd_min_mean_seqlen,
 def _fa2_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale):
     no_dropout = torch.zeros(2, dtype=torch.uint64, device=q.device)  # philox state, unused at p = 0
     return torch.ops.aten._flash_attention_backward(
-        dout.contiguous(), q, k, v, out, lse, cu_q, cu_k, max_q, max_k, 0.0, False,
-        no_dropout, q.new_empty(0), scale=scale,
+        dout.contiguous(),
+        q,
+        k,
+        v,
+        out,
+        lse,
+        cu_q,
+        cu_k,
+        max_q,
+        max_k,
+        0.0,
+        False,
+        no_dropout,
+        q.new_empty(0),
+        scale=scale,
     )
 
 
 @torch.library.custom_op("packvit::fa4_varlen_bwd", mutates_args=(), device_types="cuda")
 def _fa4_bwd_op(
-    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int, scale: float,
-    bwd_kernel: str, bwd_min_mean_seqlen: int, bwd_head_dims: Sequence[int],
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_q: torch.Tensor,
+    cu_k: torch.Tensor,
+    max_q: int,
+    max_k: int,
+    scale: float,
+    bwd_kernel: str,
+    bwd_min_mean_seqlen: int,
+    bwd_head_dims: Sequence[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # The rule is applied here, at run time, where the token and segment counts are plain ints
     # (deciding in the traced forward would specialise a compiled graph on the batch's size).
@@ -444,8 +510,19 @@ def _fa4_bwd_op(
         # gradient columns are exactly zero and are dropped.
         q, k, v, out, dout = (F.pad(t, (0, pad)) for t in (q, k, v, out, dout))
     dq, dk, dv = bwd(
-        q, k, v, out, dout.contiguous(), lse, scale, False, 0.0,
-        cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
+        q,
+        k,
+        v,
+        out,
+        dout.contiguous(),
+        lse,
+        scale,
+        False,
+        0.0,
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k,
+        max_seqlen_q=max_q,
+        max_seqlen_k=max_k,
     )
     if pad:
         dq, dk, dv = (t[..., :dh].contiguous() for t in (dq, dk, dv))

@@ -21,7 +21,9 @@ import torch
 from torch.utils.data import Sampler
 
 
-def pack_batches(lengths: Sequence[int], order: Sequence[int], max_tokens: int, max_images: int | None) -> list[list[int]]:
+def pack_batches(
+    lengths: Sequence[int], order: Sequence[int], max_tokens: int, max_images: int | None
+) -> list[list[int]]:
     """Greedy packing in ``order``: start a new batch when the next sample would break a cap."""
     batches: list[list[int]] = []
     cur: list[int] = []
@@ -68,7 +70,9 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
     ):
         if num_replicas is None or rank is None:
             dist = torch.distributed.is_available() and torch.distributed.is_initialized()
-            num_replicas = num_replicas if num_replicas is not None else (torch.distributed.get_world_size() if dist else 1)
+            num_replicas = (
+                num_replicas if num_replicas is not None else (torch.distributed.get_world_size() if dist else 1)
+            )
             rank = rank if rank is not None else (torch.distributed.get_rank() if dist else 0)
         if num_replicas < 1 or not 0 <= rank < num_replicas:
             raise ValueError(f"rank must be in [0, num_replicas), got rank={rank}, num_replicas={num_replicas}")
@@ -148,7 +152,9 @@ def collate_packed(samples: Sequence[Any]) -> Any:
         out[key], out["grid_thw"] = _cat_packed([(s[key], s["grid_thw"]) for s in samples])
         return out
     if not isinstance(first, (tuple, list)) or len(first) < 2:
-        raise TypeError("each sample must be (hidden_states, grid_thw, ...) or a dict with 'pixel_values' and 'grid_thw'")
+        raise TypeError(
+            "each sample must be (hidden_states, grid_thw, ...) or a dict with 'pixel_values' and 'grid_thw'"
+        )
     x, grid = _cat_packed([(s[0], s[1]) for s in samples])
     rest = tuple(_gather([s[j] for s in samples]) for j in range(2, len(first)))
     return (x, grid) + rest
@@ -160,7 +166,9 @@ def _cat_packed(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[tor
         g = torch.as_tensor(g, dtype=torch.int64).reshape(-1, 3)
         n = int((g[:, 0] * g[:, 1] * g[:, 2]).sum())
         if x.dim() != 2 or x.shape[0] != n:
-            raise ValueError(f"sample {i}: hidden_states has shape {list(x.shape)} but its grid_thw describes {n} patches")
+            raise ValueError(
+                f"sample {i}: hidden_states has shape {list(x.shape)} but its grid_thw describes {n} patches"
+            )
         grids.append(g)
     return torch.cat([x for x, _ in pairs], 0), torch.cat(grids, 0)
 

@@ -45,7 +45,13 @@ def chains(model: nn.Module, x: torch.Tensor, checkpointing: bool | str = False)
 
 
 def run_blocks(
-    blocks, x: torch.Tensor, meta: PackedMeta, rope, want: set[int] = frozenset(), checkpoint_mlp: bool = False, *,
+    blocks,
+    x: torch.Tensor,
+    meta: PackedMeta,
+    rope,
+    want: set[int] = frozenset(),
+    checkpoint_mlp: bool = False,
+    *,
     attn: AttentionImpl,
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """The blocks with chained norms: (T, D) -> (T, D) residual stream after the last block, and

@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .commands import align, convert, export
 
     parser = argparse.ArgumentParser(
-        prog="packvit", description="Packed Vision Transformers (AIMv2, DINOv3, SigLIP2): convert, export, check, benchmark.",
+        prog="packvit",
+        description="Packed Vision Transformers (AIMv2, DINOv3, SigLIP2): convert, export, check, benchmark.",
         epilog=EXIT_CODES + "\nRun 'packvit COMMAND --help' for a command's options.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -84,14 +85,23 @@ def _bench_device(rest: list[str]) -> list[str] | None:
     runs on the CPU; a full run is refused with what to do instead (None)."""
     import torch
 
-    if rest[:1] == ["render"] or "--device" in rest or any(a.startswith("--device=") for a in rest) or \
-            "-h" in rest or "--help" in rest or torch.cuda.is_available():
+    if (
+        rest[:1] == ["render"]
+        or "--device" in rest
+        or any(a.startswith("--device=") for a in rest)
+        or "-h" in rest
+        or "--help" in rest
+        or torch.cuda.is_available()
+    ):
         return rest
     if "--tiny" in rest:
         print("packvit bench: no CUDA device here, so the smoke test runs on the CPU (--device cpu)", file=sys.stderr)
         return rest + ["--device", "cpu"]
-    print("packvit bench: error: no CUDA device here, and the benchmark suite times GPUs (default --device cuda). "
-          "For a CPU smoke test: packvit bench --tiny --device cpu", file=sys.stderr)
+    print(
+        "packvit bench: error: no CUDA device here, and the benchmark suite times GPUs (default --device cuda). "
+        "For a CPU smoke test: packvit bench --tiny --device cpu",
+        file=sys.stderr,
+    )
     return None
 
 

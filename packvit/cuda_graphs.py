@@ -57,13 +57,19 @@ DEFAULT_MAX_FRAMES = 128
 PAD_SEGMENT = 256  # longest padding segment: attention over padding costs T_pad * 256 at most
 
 
-def token_buckets(max_tokens: int = DEFAULT_MAX_TOKENS, min_tokens: int = DEFAULT_MIN_TOKENS, step: float = DEFAULT_STEP,
-                  multiple: int = 256) -> tuple[int, ...]:
+def token_buckets(
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    min_tokens: int = DEFAULT_MIN_TOKENS,
+    step: float = DEFAULT_STEP,
+    multiple: int = 256,
+) -> tuple[int, ...]:
     """Bucket sizes from ``min_tokens`` to ``max_tokens``, each ``step`` times the last, rounded up
     to ``multiple``: with 1.125 a batch pads by at most 12.5% (6% on average)."""
     if max_tokens < 1 or min_tokens < 1 or step <= 1.0 or multiple < 1:
-        raise ValueError(f"token_buckets needs max_tokens, min_tokens, multiple >= 1 and step > 1, got "
-                         f"{max_tokens}, {min_tokens}, {multiple}, {step}")
+        raise ValueError(
+            f"token_buckets needs max_tokens, min_tokens, multiple >= 1 and step > 1, got "
+            f"{max_tokens}, {min_tokens}, {multiple}, {step}"
+        )
     out: list[int] = []
     t = float(min(min_tokens, max_tokens))
     while True:
@@ -75,13 +81,15 @@ def token_buckets(max_tokens: int = DEFAULT_MAX_TOKENS, min_tokens: int = DEFAUL
         t *= step
 
 
-def pad_cu_seqlens(cu: torch.Tensor, num_tokens: int, steps: torch.Tensor, tokens: int, out: torch.Tensor) -> torch.Tensor:
+def pad_cu_seqlens(
+    cu: torch.Tensor, num_tokens: int, steps: torch.Tensor, tokens: int, out: torch.Tensor
+) -> torch.Tensor:
     """Write into ``out`` (S_b + 1,) the batch's F + 1 offsets ``cu``, then the ends of padding
     segments ``num_tokens + steps`` up to ``tokens`` (T_b), then T_b repeated (empty segments).
     ``steps`` (S_b,) is ``pad_segment * (1, 2, ...)``. Two small device ops, no host-to-device copy."""
     F = cu.shape[0] - 1
     out[: F + 1].copy_(cu)
-    torch.clamp(steps[: out.shape[0] - 1 - F] + num_tokens, max=tokens, out=out[F + 1:])
+    torch.clamp(steps[: out.shape[0] - 1 - F] + num_tokens, max=tokens, out=out[F + 1 :])
     return out
 
 
@@ -107,8 +115,13 @@ class CudaGraphedViT(nn.Module):
     Called like the model; attributes it does not have are read from the model (``config``,
     ``prepare``, ``hidden_size``...). ``graphed.model`` is the model itself."""
 
-    def __init__(self, model: PackedViT, buckets: Sequence[int], max_frames: int = DEFAULT_MAX_FRAMES,
-                 pad_segment: int = PAD_SEGMENT):
+    def __init__(
+        self,
+        model: PackedViT,
+        buckets: Sequence[int],
+        max_frames: int = DEFAULT_MAX_FRAMES,
+        pad_segment: int = PAD_SEGMENT,
+    ):
         super().__init__()
         if not isinstance(model, PackedViT):
             raise TypeError(f"model must be a packvit PackedViT, got {type(model).__name__}")
@@ -135,8 +148,10 @@ class CudaGraphedViT(nn.Module):
             return getattr(self._modules["model"], name)
 
     def extra_repr(self) -> str:
-        return (f"cuda_graphs: buckets={list(self.buckets)} tokens, max_frames={self.max_frames}, "
-                f"captured={sorted(self._graphs)}")
+        return (
+            f"cuda_graphs: buckets={list(self.buckets)} tokens, max_frames={self.max_frames}, "
+            f"captured={sorted(self._graphs)}"
+        )
 
     # -- which calls a graph serves ---------------------------------------------------------------
 
@@ -147,8 +162,14 @@ class CudaGraphedViT(nn.Module):
 
     def can_graph(self, hidden_states: torch.Tensor) -> bool:
         m = self.model
-        return (isinstance(hidden_states, torch.Tensor) and hidden_states.is_cuda and not m.training
-                and not torch.is_grad_enabled() and m.attn_backend != "sdpa" and m.device.type == "cuda")
+        return (
+            isinstance(hidden_states, torch.Tensor)
+            and hidden_states.is_cuda
+            and not m.training
+            and not torch.is_grad_enabled()
+            and m.attn_backend != "sdpa"
+            and m.device.type == "cuda"
+        )
 
     def segments_for(self, tokens: int) -> int:
         """S_b of a bucket: ``max_frames`` real segments plus the padding segments it can need."""
@@ -203,10 +224,19 @@ class CudaGraphedViT(nn.Module):
             dh = D // m.config.num_heads
             rope = (self._shared("cos", (T_max, dh), 1.0)[:tokens], self._shared("sin", (T_max, dh), 0.0)[:tokens])
         meta = PackedMeta(
-            grid=(), num_prefix=P, seqlens=tuple(lens), cu_seqlens=cu, max_seqlen=tokens, num_frames=S,
-            seqlens_cpu=torch.tensor(lens, dtype=torch.long), frame_hw=(), num_patches=tokens - S * P,
-            patch_index=None, prefix_index=None,
-            cu_frames=torch.arange(S + 1, dtype=torch.int32, device=dev), frame_of_token=torch.zeros(tokens, dtype=torch.long, device=dev),
+            grid=(),
+            num_prefix=P,
+            seqlens=tuple(lens),
+            cu_seqlens=cu,
+            max_seqlen=tokens,
+            num_frames=S,
+            seqlens_cpu=torch.tensor(lens, dtype=torch.long),
+            frame_hw=(),
+            num_patches=tokens - S * P,
+            patch_index=None,
+            prefix_index=None,
+            cu_frames=torch.arange(S + 1, dtype=torch.int32, device=dev),
+            frame_of_token=torch.zeros(tokens, dtype=torch.long, device=dev),
         )
         steps = torch.arange(1, S + 1, dtype=torch.int32, device=dev) * self.pad_segment
         return _Graph(tokens, S, self._shared("x", (T_max, D), 0.0)[:tokens], cu, steps, rope, meta)
@@ -317,8 +347,12 @@ class CudaGraphedViT(nn.Module):
         if m.num_prefix:
             prefix_layers = HiddenStates({n: prefix} if want else {}, n + 1)
         return PackedVisionOutput(
-            last_hidden_state=patches, pooler_output=pooled, prefix_tokens=prefix,
-            hidden_states=layers, prefix_hidden_states=prefix_layers, meta=meta,
+            last_hidden_state=patches,
+            pooler_output=pooled,
+            prefix_tokens=prefix,
+            hidden_states=layers,
+            prefix_hidden_states=prefix_layers,
+            meta=meta,
         )
 
     def _eager(self, hidden_states, grid_thw, output_layers, return_dict):
@@ -345,8 +379,10 @@ def capture(
     graphed = CudaGraphedViT(model, buckets or token_buckets(max_tokens), max_frames, pad_segment)
     if not lazy:
         if model.device.type != "cuda" or model.attn_backend == "sdpa":
-            raise ValueError(f"CUDA graphs need the model on a CUDA device with a fused attention backend; it is on "
-                             f"{model.device} with {model.attn_backend!r} (pass lazy=True to wrap it anyway: every "
-                             "call then runs eagerly)")
+            raise ValueError(
+                f"CUDA graphs need the model on a CUDA device with a fused attention backend; it is on "
+                f"{model.device} with {model.attn_backend!r} (pass lazy=True to wrap it anyway: every "
+                "call then runs eagerly)"
+            )
         graphed.capture()
     return graphed

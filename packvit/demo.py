@@ -1,8 +1,8 @@
 """Encode a mixed-resolution batch of real photos with a packed ViT, and check it against transformers.
 
-    python -m packvit.demo                                  # tiny random SigLIP2 checkpoint, CPU
-    python -m packvit.demo --family dinov3                  # ... or DINOv3 / AIMv2
-    python -m packvit.demo --ckpt google/siglip2-base-patch16-naflex --device cuda --dtype bfloat16
+python -m packvit.demo                                  # tiny random SigLIP2 checkpoint, CPU
+python -m packvit.demo --family dinov3                  # ... or DINOv3 / AIMv2
+python -m packvit.demo --ckpt google/siglip2-base-patch16-naflex --device cuda --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from PIL import Image
 
 import packvit
@@ -80,11 +79,14 @@ def main(argv: list[str] | None = None) -> int:
             path = path if path.is_dir() else path.parent
 
         t0 = time.perf_counter()
-        model = packvit.from_pretrained(path, device=args.device, dtype=getattr(torch, args.dtype),
-                                        attn_backend=args.backend)
+        model = packvit.from_pretrained(
+            path, device=args.device, dtype=getattr(torch, args.dtype), attn_backend=args.backend
+        )
         family, patch = model_family(model), model.config.patch_size
-        print(f"converted {family} checkpoint in {time.perf_counter() - t0:.2f} s "
-              f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, {model.dtype}, {model.device})")
+        print(
+            f"converted {family} checkpoint in {time.perf_counter() - t0:.2f} s "
+            f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, {model.dtype}, {model.device})"
+        )
 
         images = build_batch(family, patch)
         hidden_states, grid_thw = packvit.patchify(images, patch)

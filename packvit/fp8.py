@@ -60,14 +60,28 @@ LAYERS = ("qkv", "proj", "fc1", "fc2")
 # costs as much as its GEMM saves). Training (three GEMMs, five quantisations) pays only from 48k on.
 CROSSOVER: dict[str, dict[tuple[int, int], int | None]] = {
     "infer": {
-        (1152, 3456): 8192, (1152, 1152): 32768, (1152, 4304): 8192, (4304, 1152): 12288,  # SigLIP2 so400m
-        (1024, 3072): 16384, (1024, 1024): 65536, (1024, 4096): 12288, (4096, 1024): 16384,  # DINOv3-L
-        (1024, 5632): 8192, (2816, 1024): 23103,  # AIMv2-L (qkv, proj as DINOv3's)
+        (1152, 3456): 8192,
+        (1152, 1152): 32768,
+        (1152, 4304): 8192,
+        (4304, 1152): 12288,  # SigLIP2 so400m
+        (1024, 3072): 16384,
+        (1024, 1024): 65536,
+        (1024, 4096): 12288,
+        (4096, 1024): 16384,  # DINOv3-L
+        (1024, 5632): 8192,
+        (2816, 1024): 23103,  # AIMv2-L (qkv, proj as DINOv3's)
     },
     "train": {
-        (1152, 3456): 49152, (1152, 1152): None, (1152, 4304): None, (4304, 1152): None,
-        (1024, 3072): None, (1024, 1024): None, (1024, 4096): 65536, (4096, 1024): 49152,
-        (1024, 5632): 49152, (2816, 1024): None,
+        (1152, 3456): 49152,
+        (1152, 1152): None,
+        (1152, 4304): None,
+        (4304, 1152): None,
+        (1024, 3072): None,
+        (1024, 1024): None,
+        (1024, 4096): 65536,
+        (4096, 1024): 49152,
+        (1024, 5632): 49152,
+        (2816, 1024): None,
     },
 }
 # Other shapes (other presets): the wide layers measured cross over at 8k-16k tokens for inference
@@ -140,7 +154,12 @@ _BIAS_IN_MM = {}  # device type -> whether _scaled_mm takes a bias with row-wise
 
 
 def scaled_mm(
-    a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor, bias: torch.Tensor | None, out_dtype,
+    a: torch.Tensor,
+    sa: torch.Tensor,
+    b: torch.Tensor,
+    sb: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype,
     fast_accum: bool = False,
 ) -> torch.Tensor:
     """(a * sa) @ (b * sb).T + bias: a (M, K) and b (N, K) e4m3 row-major, sa (M, 1), sb (N, 1) fp32."""
@@ -256,7 +275,11 @@ class FP8Linear(nn.Linear):
     def extra_repr(self) -> str:
         def at(n):
             return "never" if n >= NEVER else f"{n} tokens"
-        return super().extra_repr() + f", fp8=e4m3 rowwise from {at(self.min_tokens)} ({at(self.min_tokens_train)} training)"
+
+        return (
+            super().extra_repr()
+            + f", fp8=e4m3 rowwise from {at(self.min_tokens)} ({at(self.min_tokens_train)} training)"
+        )
 
 
 # Layers that stay bf16 under ``fp8=True``, per model class (names or kinds, as ``fp8_targets``
@@ -298,8 +321,11 @@ def convert(
     names = []
     for name, m in fp8_targets(model, frozenset(skip)).items():
         infer = crossover(m.in_features, m.out_features, "infer") if min_tokens is None else min_tokens
-        train = min_tokens_train if min_tokens_train is not None else (
-            min_tokens if min_tokens is not None else crossover(m.in_features, m.out_features, "train"))
+        train = (
+            min_tokens_train
+            if min_tokens_train is not None
+            else (min_tokens if min_tokens is not None else crossover(m.in_features, m.out_features, "train"))
+        )
         if infer == train == NEVER:
             continue
         if type(m) is nn.Linear:

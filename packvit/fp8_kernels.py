@@ -43,7 +43,16 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     block_k = triton.next_power_of_2(K)
     block_m = max(1, min(64, 16384 // block_k))
     _rows_kernel[(triton.cdiv(M, block_m),)](
-        x, q, s, M, K, BLOCK_M=block_m, BLOCK_K=block_k, FMAX=E4M3_MAX, EPS=EPS, num_warps=8,
+        x,
+        q,
+        s,
+        M,
+        K,
+        BLOCK_M=block_m,
+        BLOCK_K=block_k,
+        FMAX=E4M3_MAX,
+        EPS=EPS,
+        num_warps=8,
     )
     return q, s
 
@@ -89,6 +98,17 @@ def quantize_cols_t(x: torch.Tensor, pad_to: int = 16) -> tuple[torch.Tensor, to
     if M:
         _cols_amax_kernel[(triton.cdiv(M, bm), triton.cdiv(C, bc))](x, amax, M, C, BLOCK_M=bm, BLOCK_C=bc, num_warps=4)
     _cols_cast_t_kernel[(max(1, triton.cdiv(Mp, bm)), triton.cdiv(C, bc))](
-        x, amax, qt, s, M, Mp, C, BLOCK_M=bm, BLOCK_C=bc, FMAX=E4M3_MAX, EPS=EPS, num_warps=4,
+        x,
+        amax,
+        qt,
+        s,
+        M,
+        Mp,
+        C,
+        BLOCK_M=bm,
+        BLOCK_C=bc,
+        FMAX=E4M3_MAX,
+        EPS=EPS,
+        num_warps=4,
     )
     return qt, s

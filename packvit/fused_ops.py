@@ -109,8 +109,13 @@ def _empty(t: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("packvit::add_norm", mutates_args=(), device_types="cuda")
 def _add_norm_op(
-    x: torch.Tensor, a: Optional[torch.Tensor], gamma: Optional[torch.Tensor], weight: torch.Tensor,
-    bias: Optional[torch.Tensor], eps: float, rms: bool,
+    x: torch.Tensor,
+    a: Optional[torch.Tensor],
+    gamma: Optional[torch.Tensor],
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    eps: float,
+    rms: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     s, y, mean, rstd = _kernels().norm_fwd(x, a, gamma, weight, bias, eps, rms)
     # Without a residual the kernel's s is x itself; an op may not return its input, so an empty stands in.
@@ -126,21 +131,38 @@ def _(x, a, gamma, weight, bias, eps, rms):
 
 @torch.library.custom_op("packvit::add_norm_backward", mutates_args=(), device_types="cuda")
 def _add_norm_bwd_op(
-    dy: torch.Tensor, ds: Optional[torch.Tensor], s: torch.Tensor, a: Optional[torch.Tensor],
-    gamma: Optional[torch.Tensor], weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, has_bias: bool,
+    dy: torch.Tensor,
+    ds: Optional[torch.Tensor],
+    s: torch.Tensor,
+    a: Optional[torch.Tensor],
+    gamma: Optional[torch.Tensor],
+    weight: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    has_bias: bool,
     rms: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     # A custom op returns tensors only: the absent gradients travel as empty tensors.
     dx, da, dg, dw, db = _kernels().norm_bwd(dy, ds, s, a, gamma, weight, mean, rstd, has_bias, rms)
-    return dx, da if da is not None else _empty(s), dg if dg is not None else _empty(weight), dw, \
-        db if db is not None else _empty(weight)
+    return (
+        dx,
+        da if da is not None else _empty(s),
+        dg if dg is not None else _empty(weight),
+        dw,
+        db if db is not None else _empty(weight),
+    )
 
 
 @_add_norm_bwd_op.register_fake
 def _(dy, ds, s, a, gamma, weight, mean, rstd, has_bias, rms):
     g = gamma is not None
-    return (torch.empty_like(s), torch.empty_like(s) if g else _empty(s), torch.empty_like(gamma) if g else _empty(weight),
-            torch.empty_like(weight), torch.empty_like(weight) if has_bias else _empty(weight))
+    return (
+        torch.empty_like(s),
+        torch.empty_like(s) if g else _empty(s),
+        torch.empty_like(gamma) if g else _empty(weight),
+        torch.empty_like(weight),
+        torch.empty_like(weight) if has_bias else _empty(weight),
+    )
 
 
 # The backward formulas take the kernel to call: the backward custom op when they are the op's
@@ -193,8 +215,13 @@ class _AddNormFn(torch.autograd.Function):
 
 
 def add_norm(
-    x: torch.Tensor, a: torch.Tensor, gamma: torch.Tensor | None, weight: torch.Tensor,
-    bias: torch.Tensor | None, eps: float, rms: bool = False,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    gamma: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float,
+    rms: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(T, D) residual x and branch output a -> (s = x + gamma * a, norm(s)), one kernel each way.
     ``rms``: AIMv2's RMSNorm (``layers.RMSNorm``); else LayerNorm."""
@@ -204,7 +231,9 @@ def add_norm(
     return _AddNormFn.apply(x, a, gamma, weight, bias, eps, rms)
 
 
-def norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, rms: bool = False) -> torch.Tensor:
+def norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, rms: bool = False
+) -> torch.Tensor:
     """(T, D) -> norm(x) with the same kernel, no residual."""
     if torch.compiler.is_compiling():
         return _add_norm_op(x, None, None, weight, bias, eps, rms)[1]
@@ -298,7 +327,9 @@ class _AddRMSNormFn(torch.autograd.Function):
         return _add_rmsnorm_grads(ctx.saved_tensors, ds, dy, _add_rmsnorm_bwd)
 
 
-def add_rmsnorm(x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rmsnorm(
+    x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(T, D) residual x and branch output a -> (s = x + a, rms_norm(s)) as ``layers.RMSNorm`` computes it."""
     if torch.compiler.is_compiling():
         s, y, _ = _add_rmsnorm_op(x, a, weight, eps)
@@ -319,8 +350,17 @@ def _rmsnorm_bwd(dy, x, weight, rstd):
 
     block, warps = _liger_settings(x.shape[-1])
     dx, dw = rms_norm_backward(
-        dy.contiguous(), x.contiguous(), weight, rstd, 0.0, _str_to_casting_mode["llama"], block, warps,
-        False, None, needs_dw=True,
+        dy.contiguous(),
+        x.contiguous(),
+        weight,
+        rstd,
+        0.0,
+        _str_to_casting_mode["llama"],
+        block,
+        warps,
+        False,
+        None,
+        needs_dw=True,
     )
     return dx, dw
 
@@ -458,8 +498,9 @@ class _SwiGLUMlpFn(torch.autograd.Function):
         return (dh @ w1, dw1, dh.sum(0) if ctx.has_b1 else None, dw2, dout.sum(0) if ctx.has_b2 else None)
 
 
-def swiglu_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
-               b2: torch.Tensor | None) -> torch.Tensor:
+def swiglu_mlp(
+    x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor, b2: torch.Tensor | None
+) -> torch.Tensor:
     """fc2(silu(gate) * up) with fc1 = [gate; up], x (T, D) -> (T, D), keeping x and fc1's output only."""
     return _SwiGLUMlpFn.apply(x.contiguous(), w1, b1, w2, b2)
 
@@ -473,12 +514,16 @@ def swiglu_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: t
 
 def _check_rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> None:
     if cos.requires_grad or sin.requires_grad:
-        raise ValueError("rope_qk: cos and sin must not require grad (the fused RoPE has no gradient for the "
-                         "position tables); use layers.apply_rope for trainable tables")
+        raise ValueError(
+            "rope_qk: cos and sin must not require grad (the fused RoPE has no gradient for the "
+            "position tables); use layers.apply_rope for trainable tables"
+        )
 
 
 @torch.library.custom_op("packvit::rope_qk", mutates_args=(), device_types="cuda")
-def _rope_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _rope_op(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     return _kernels().rope_qk(q, k, cos, sin)
 
 
@@ -488,7 +533,9 @@ def _(q, k, cos, sin):
 
 
 @torch.library.custom_op("packvit::rope_qk_backward", mutates_args=(), device_types="cuda")
-def _rope_bwd_op(dq: torch.Tensor, dk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _rope_bwd_op(
+    dq: torch.Tensor, dk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     return _kernels().rope_qk(dq, dk, cos, sin, backward=True)
 
 
@@ -524,7 +571,9 @@ class _RopeFn(torch.autograd.Function):
         return _rope_grads(*ctx.saved_tensors, dq, dk, functools.partial(_kernels().rope_qk, backward=True))
 
 
-def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_qk(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """q, k (T, H, Dh) (strided views of the qkv output are read in place), cos, sin (T, Dh) ->
     ``layers.apply_rope`` of each, contiguous (T, H, Dh), in one kernel each way."""
     _check_rope_tables(cos, sin)

@@ -84,8 +84,13 @@ class Mlp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, D) -> (T, D)
         if self.fused == "quack" and quack_mlp.applies(self, x):
             return quack_mlp.gelu_mlp(self, x, self.act_name)
-        if (self.fused_gelu_tanh and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
-                and not torch.is_grad_enabled() and not (isinstance(self.fc1, FP8Linear) and self.fc1.uses_fp8(x))):
+        if (
+            self.fused_gelu_tanh
+            and x.is_cuda
+            and x.dtype in (torch.float16, torch.bfloat16)
+            and not torch.is_grad_enabled()
+            and not (isinstance(self.fc1, FP8Linear) and self.fc1.uses_fp8(x))
+        ):
             h = linear_gelu_tanh(x, self.fc1.weight, self.fc1.bias)  # (T, hidden)
         else:
             h = self.act(self.fc1(x))
@@ -153,8 +158,15 @@ class GatedMlp(nn.Module):
         self.fused: str | None = None  # a fused silu(gate) * up, set by the model for act == "silu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.fused and TRAIN_SAVES_LESS and torch.is_grad_enabled() and type(self.fc1) is nn.Linear and type(self.fc2) is nn.Linear
-                and fused_ops.runs_fused(x, self.fc1.weight) and not torch.compiler.is_compiling()):
+        if (
+            self.fused
+            and TRAIN_SAVES_LESS
+            and torch.is_grad_enabled()
+            and type(self.fc1) is nn.Linear
+            and type(self.fc2) is nn.Linear
+            and fused_ops.runs_fused(x, self.fc1.weight)
+            and not torch.compiler.is_compiling()
+        ):
             # Training: the same kernels, with fc2's input recomputed in backward instead of kept.
             return fused_ops.swiglu_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
         h = self.fc1(x)  # (T, 2 * hidden)
@@ -238,7 +250,11 @@ class Attention(nn.Module):
         return torch.cat([p if p is not None else zeros for p in parts])
 
     def forward(
-        self, x: torch.Tensor, meta: PackedMeta, rope: tuple[torch.Tensor, torch.Tensor] | None = None, *,
+        self,
+        x: torch.Tensor,
+        meta: PackedMeta,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        *,
         attn: AttentionImpl,
     ) -> torch.Tensor:
         T, D = x.shape
@@ -249,7 +265,11 @@ class Attention(nn.Module):
         q, k, v = qkv.unbind(1)  # (T, H, Dh) each
         if rope is not None:
             cos, sin = rope  # (T, Dh) each
-            if self.fused_rope and fused_ops.runs_fused(q, k, cos, sin) and not (cos.requires_grad or sin.requires_grad):
+            if (
+                self.fused_rope
+                and fused_ops.runs_fused(q, k, cos, sin)
+                and not (cos.requires_grad or sin.requires_grad)
+            ):
                 # One kernel reads q and k where the matmul wrote them and writes both rotated,
                 # contiguous; the lines below are a strided pass and a cat for each.
                 q, k = fused_ops.rope_qk(q, k, cos, sin)
@@ -260,8 +280,15 @@ class Attention(nn.Module):
             else:
                 q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         o = attn(
-            q, k, v, meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen, meta.max_seqlen,
-            seqlens_q=meta.seqlens_cpu, seqlens_k=meta.seqlens_cpu,
+            q,
+            k,
+            v,
+            meta.cu_seqlens,
+            meta.cu_seqlens,
+            meta.max_seqlen,
+            meta.max_seqlen,
+            seqlens_q=meta.seqlens_cpu,
+            seqlens_k=meta.seqlens_cpu,
         )  # (T, H, Dh)
         return self.proj(o.reshape(T, D))
 
@@ -297,8 +324,14 @@ class Block(nn.Module):
         self.fused_add_norm: str | None = None
 
     def forward(
-        self, x: torch.Tensor, meta: PackedMeta, rope: tuple[torch.Tensor, torch.Tensor] | None = None, *,
-        attn: AttentionImpl, checkpoint_mlp: bool = False, normed: torch.Tensor | None = None,
+        self,
+        x: torch.Tensor,
+        meta: PackedMeta,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        *,
+        attn: AttentionImpl,
+        checkpoint_mlp: bool = False,
+        normed: torch.Tensor | None = None,
         next_norm: tuple | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         if normed is not None:  # chained norms (``packvit.chained``): norm1(x) came with x
@@ -339,7 +372,9 @@ class Block(nn.Module):
         if self.fused_add_norm == "liger":
             x, h = fused_ops.add_rmsnorm(x, a, n.weight, n.eps)
         else:
-            x, h = fused_ops.add_norm(x, a, gamma, n.weight, getattr(n, "bias", None), n.eps, rms=isinstance(n, RMSNorm))
+            x, h = fused_ops.add_norm(
+                x, a, gamma, n.weight, getattr(n, "bias", None), n.eps, rms=isinstance(n, RMSNorm)
+            )
         # With checkpointing, the normed h (T, D) is what the checkpoint keeps, in place of x.
         m = checkpoint(self.mlp, h, use_reentrant=False) if checkpoint_mlp else mlp_in_chunks(self.mlp, h)
         if isinstance(self.ls2, LayerScale):
@@ -376,6 +411,13 @@ def pool_attention(
 ) -> torch.Tensor:
     """One query per frame attending to that frame's tokens: q (F, H, Dh), k/v (T, H, Dh) -> (F, H, Dh)."""
     return attn(
-        q, k, v, meta.cu_frames, meta.cu_seqlens, 1, meta.max_seqlen,
-        seqlens_q=meta.seqlens_cpu.new_ones(meta.num_frames), seqlens_k=meta.seqlens_cpu,
+        q,
+        k,
+        v,
+        meta.cu_frames,
+        meta.cu_seqlens,
+        1,
+        meta.max_seqlen,
+        seqlens_q=meta.seqlens_cpu.new_ones(meta.num_frames),
+        seqlens_k=meta.seqlens_cpu,
     )

@@ -39,9 +39,13 @@ class PackedPixels(torch.Tensor):
             raise ValueError(f"PackedPixels data must be (Tp, D) or (N, n, D), got shape {list(data.shape)}")
         tokens = grid.prod(1)
         if data.dim() == 2 and int(tokens.sum()) != data.shape[0]:
-            raise ValueError(f"grid_thw {grid.tolist()} counts {int(tokens.sum())} patches but data has {data.shape[0]} rows")
+            raise ValueError(
+                f"grid_thw {grid.tolist()} counts {int(tokens.sum())} patches but data has {data.shape[0]} rows"
+            )
         if data.dim() == 3 and (grid.shape[0] != data.shape[0] or bool((tokens != data.shape[1]).any())):
-            raise ValueError(f"stacked data {list(data.shape)} needs one grid row of {data.shape[1]} patches per image, got {grid.tolist()}")
+            raise ValueError(
+                f"stacked data {list(data.shape)} needs one grid row of {data.shape[1]} patches per image, got {grid.tolist()}"
+            )
         out = data.as_subclass(cls)
         out.grid_thw = grid
         return out
@@ -92,7 +96,12 @@ class PackedPixels(torch.Tensor):
         with torch._C.DisableTorchFunctionSubclass():
             out = func(*args, **kwargs)
         src = next((a for a in args if isinstance(a, PackedPixels)), None)
-        if src is not None and isinstance(out, torch.Tensor) and out.shape == src.shape and func is not torch.Tensor.__setitem__:
+        if (
+            src is not None
+            and isinstance(out, torch.Tensor)
+            and out.shape == src.shape
+            and func is not torch.Tensor.__setitem__
+        ):
             return PackedPixels(out, src.grid_thw)  # same layout: .to(), .pin_memory(), .half(), clone, ...
         return out
 
@@ -112,7 +121,9 @@ def _imagewise(func, args, kwargs):
             return tuple(t for t in x.as_subclass(torch.Tensor).unbind(*args[1:], **kwargs))
         return tuple(x.images())
     index = args[1]
-    if isinstance(index, int) or (isinstance(index, torch.Tensor) and index.dim() == 0 and not index.is_floating_point()):
+    if isinstance(index, int) or (
+        isinstance(index, torch.Tensor) and index.dim() == 0 and not index.is_floating_point()
+    ):
         return x.image(int(index))
     if isinstance(index, slice):
         picked = x.images()[index]
@@ -129,6 +140,8 @@ def _join(func, seq: Sequence[PackedPixels]) -> PackedPixels:
     with torch._C.DisableTorchFunctionSubclass():
         if func is torch.stack:
             if len({p.shape for p in plain}) != 1 or plain[0].dim() != 2:
-                raise ValueError(f"torch.stack of PackedPixels needs single images of one token count, got {[list(p.shape) for p in plain]}")
+                raise ValueError(
+                    f"torch.stack of PackedPixels needs single images of one token count, got {[list(p.shape) for p in plain]}"
+                )
             return PackedPixels(torch.stack(plain), grid)
         return PackedPixels(torch.cat([p.reshape(-1, p.shape[-1]) for p in plain]), grid)

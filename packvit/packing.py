@@ -285,8 +285,10 @@ def build_meta(grid: Grid, num_prefix: int, device: torch.device) -> PackedMeta:
     frame_hw = tuple((h, w) for t, h, w in grid for _ in range(t))
     seqlens = tuple(num_prefix + h * w for h, w in frame_hw)
     if sum(seqlens) > MAX_TOKENS:
-        raise ValueError(f"grid_thw with {num_prefix} prefix tokens per frame gives {sum(seqlens)} tokens; "
-                         f"a packed batch holds at most {MAX_TOKENS} (int32 offsets)")
+        raise ValueError(
+            f"grid_thw with {num_prefix} prefix tokens per frame gives {sum(seqlens)} tokens; "
+            f"a packed batch holds at most {MAX_TOKENS} (int32 offsets)"
+        )
     frame, within = _layout(frame_hw, num_prefix)
     patch_index = prefix_index = None
     if num_prefix:
@@ -317,9 +319,7 @@ def check_inputs(hidden_states: torch.Tensor, num_patches: int, patch_dim: int) 
     if not hidden_states.is_floating_point():
         raise TypeError(f"hidden_states must be floating point, got dtype {hidden_states.dtype}")
     if hidden_states.dim() != 2:
-        raise ValueError(
-            f"hidden_states must have shape [total_patches, patch_dim], got {list(hidden_states.shape)}"
-        )
+        raise ValueError(f"hidden_states must have shape [total_patches, patch_dim], got {list(hidden_states.shape)}")
     if hidden_states.shape[1] != patch_dim:
         raise ValueError(
             f"hidden_states has patch_dim {hidden_states.shape[1]}, expected {patch_dim} "
@@ -373,9 +373,7 @@ def convert_to_packing_format(images: torch.Tensor, patch_size: int) -> torch.Te
     return x.reshape(b * h * w, patch_size * patch_size * c)
 
 
-def patchify(
-    images: torch.Tensor | Sequence[torch.Tensor], patch_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def patchify(images: torch.Tensor | Sequence[torch.Tensor], patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Images -> ``(hidden_states, grid_thw)``.
 
     ``images`` is a (B, C, H, W) batch, or a list whose items are (C, H, W) images or (t, C, H, W)
@@ -401,7 +399,10 @@ def patchify(
 
 
 def unpatchify(
-    hidden_states: torch.Tensor, grid_thw: torch.Tensor | Sequence[Sequence[int]], patch_size: int, num_channels: int = 3
+    hidden_states: torch.Tensor,
+    grid_thw: torch.Tensor | Sequence[Sequence[int]],
+    patch_size: int,
+    num_channels: int = 3,
 ) -> list[torch.Tensor]:
     """Inverse of ``patchify``: a list of (C, H, W) images, or (t, C, H, W) for entries with t > 1."""
     grid = grid_to_tuple(grid_thw)

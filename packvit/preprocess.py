@@ -41,8 +41,6 @@ from PIL import Image
 
 from weights_conversion.checkpoint_io import read_json_object, resolve
 from weights_conversion.families import FAMILIES
-from weights_conversion.families.aimv2 import CLIP_MEAN as OPENAI_CLIP_MEAN
-from weights_conversion.families.aimv2 import CLIP_STD as OPENAI_CLIP_STD
 from weights_conversion.families.dinov3 import IMAGENET_MEAN, IMAGENET_STD
 from weights_conversion.native import describe_native
 
@@ -97,7 +95,9 @@ class PreprocessConfig:
         if len(self.image_mean) != len(self.image_std):
             raise ValueError(f"image_mean {self.image_mean} and image_std {self.image_std} differ in length")
         if self.mode == "fixed" and not ({"height", "width"} <= set(self.size) or "shortest_edge" in self.size):
-            raise ValueError(f"fixed mode needs size={{'height', 'width'}} or {{'shortest_edge'}}, got size={self.size}")
+            raise ValueError(
+                f"fixed mode needs size={{'height', 'width'}} or {{'shortest_edge'}}, got size={self.size}"
+            )
 
     @property
     def num_channels(self) -> int:
@@ -140,8 +140,13 @@ class PreprocessConfig:
             vision = cfg.get("vision_config", cfg)  # the dual-tower SigLIP2 nests the vision config
         d = FAMILIES[family].preprocess
         kw: dict[str, Any] = dict(
-            patch_size=int(vision["patch_size"]), mode=mode or d.mode, image_mean=d.image_mean, image_std=d.image_std,
-            resample=d.resample, backend=backend, rescale_first=d.rescale_first,
+            patch_size=int(vision["patch_size"]),
+            mode=mode or d.mode,
+            image_mean=d.image_mean,
+            image_std=d.image_std,
+            resample=d.resample,
+            backend=backend,
+            rescale_first=d.rescale_first,
         )
         pp = path / "preprocessor_config.json"
         if pp.is_file():
@@ -156,8 +161,18 @@ class PreprocessConfig:
 
 def _from_processor_json(d: dict) -> dict:
     out: dict[str, Any] = {}
-    for key in ("do_resize", "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb", "resample",
-                "max_num_patches", "min_pixels", "max_pixels", "patch_size"):
+    for key in (
+        "do_resize",
+        "do_rescale",
+        "rescale_factor",
+        "do_normalize",
+        "do_convert_rgb",
+        "resample",
+        "max_num_patches",
+        "min_pixels",
+        "max_pixels",
+        "patch_size",
+    ):
         if d.get(key) is not None:
             out[key] = d[key]
     for key in ("image_mean", "image_std"):
@@ -292,8 +307,9 @@ class ImageProcessor:
     def __init__(self, config: PreprocessConfig):
         self.config = c = config
         if c.backend == "torchvision":
-            lut = tv.level_table(c.num_channels, c.do_rescale, c.rescale_factor, c.do_normalize,
-                                 c.image_mean, c.image_std).numpy()
+            lut = tv.level_table(
+                c.num_channels, c.do_rescale, c.rescale_factor, c.do_normalize, c.image_mean, c.image_std
+            ).numpy()
         else:
             # (C, 256) float32: rescale (float64, then cast) and normalise (float32), as transformers does.
             levels = np.arange(256, dtype=np.float64)
@@ -313,10 +329,15 @@ class ImageProcessor:
 
     def __repr__(self) -> str:
         c = self.config
-        sizing = {"naflex": f"max_num_patches={c.max_num_patches}", "native": f"pixels={c.bounds}",
-                  "fixed": f"size={c.size}" + (f", crop_size={c.crop_size}" if c.crop_size else "")}[c.mode]
-        return (f"ImageProcessor(backend={c.backend!r}, mode={c.mode!r}, patch_size={c.patch_size}, {sizing}, "
-                f"resample={Image.Resampling(c.resample).name}, image_mean={c.image_mean}, image_std={c.image_std})")
+        sizing = {
+            "naflex": f"max_num_patches={c.max_num_patches}",
+            "native": f"pixels={c.bounds}",
+            "fixed": f"size={c.size}" + (f", crop_size={c.crop_size}" if c.crop_size else ""),
+        }[c.mode]
+        return (
+            f"ImageProcessor(backend={c.backend!r}, mode={c.mode!r}, patch_size={c.patch_size}, {sizing}, "
+            f"resample={Image.Resampling(c.resample).name}, image_mean={c.image_mean}, image_std={c.image_std})"
+        )
 
     @property
     def backend(self) -> str:
@@ -406,9 +427,12 @@ class ImageProcessor:
         if not c.do_resize:
             return img
         if c.mode == "fixed" and c.crop_size:
-            img = img.resize(_shortest_edge_size(img.height, img.width, int(c.size["shortest_edge"]))[::-1]
-                             if "shortest_edge" in c.size else (int(c.size["width"]), int(c.size["height"])),
-                             resample=c.resample)
+            img = img.resize(
+                _shortest_edge_size(img.height, img.width, int(c.size["shortest_edge"]))[::-1]
+                if "shortest_edge" in c.size
+                else (int(c.size["width"]), int(c.size["height"])),
+                resample=c.resample,
+            )
             ch, cw = int(c.crop_size["height"]), int(c.crop_size["width"])
             if ch > img.height or cw > img.width:
                 raise ValueError(f"crop_size {ch}x{cw} is larger than the resized image {img.height}x{img.width}")
@@ -481,7 +505,9 @@ class ImageProcessor:
         for i, sample in enumerate(images):
             frames = [np.asarray(resize(f)) for f in self._frames(sample, i)]  # (H, W, C) uint8 each
             if frames[0].ndim != 3 or frames[0].shape[2] != c.num_channels:
-                raise ValueError(f"images[{i}] has shape {list(frames[0].shape)}, expected {c.num_channels} channels last")
+                raise ValueError(
+                    f"images[{i}] has shape {list(frames[0].shape)}, expected {c.num_channels} channels last"
+                )
             v = torch.from_numpy(np.stack(frames))  # (t, H, W, C) uint8
             if c.backend == "torchvision":
                 v = self._torchvision_pixels(v.permute(0, 3, 1, 2).contiguous()).permute(0, 2, 3, 1)
@@ -523,4 +549,3 @@ class ImageProcessor:
             raise ValueError(f"return_tensors must be 'pt' (packvit returns torch tensors), got {return_tensors!r}")
         hidden_states, grid_thw = self(images, **kwargs)
         return {"pixel_values": PackedPixels(hidden_states, grid_thw), "grid_thw": grid_thw}
-

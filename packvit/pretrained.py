@@ -30,11 +30,13 @@ def from_pretrained(
     ``fp8=True``: FP8 matmuls in the blocks from each layer's token crossover on (``PackedViT.set_fp8``,
     ``packvit.fp8``); needs ``device`` a CUDA GPU of compute capability >= 8.9 and ``dtype=torch.bfloat16``."""
     if zero3_enabled():
-        model = zero3_from_pretrained(path_or_id, revision=revision, device=device, dtype=dtype,
-                                      attn_backend=attn_backend, **kwargs)
+        model = zero3_from_pretrained(
+            path_or_id, revision=revision, device=device, dtype=dtype, attn_backend=attn_backend, **kwargs
+        )
     else:
-        model = load_model(path_or_id, revision=revision, device=device, dtype=dtype, attn_backend=attn_backend,
-                           **kwargs)
+        model = load_model(
+            path_or_id, revision=revision, device=device, dtype=dtype, attn_backend=attn_backend, **kwargs
+        )
     if fp8:
         model.set_fp8()
     return model

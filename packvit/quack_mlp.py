@@ -62,9 +62,16 @@ MIN_TOKENS = 8192
 
 
 def applies(mlp: nn.Module, x: torch.Tensor) -> bool:
-    return (x.shape[0] >= MIN_TOKENS and type(mlp.fc1) is nn.Linear and type(mlp.fc2) is nn.Linear and mlp.fc1.bias is not None
-            and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and x.dtype == mlp.fc1.weight.dtype
-            and not torch.compiler.is_compiling())
+    return (
+        x.shape[0] >= MIN_TOKENS
+        and type(mlp.fc1) is nn.Linear
+        and type(mlp.fc2) is nn.Linear
+        and mlp.fc1.bias is not None
+        and x.is_cuda
+        and x.dtype in (torch.float16, torch.bfloat16)
+        and x.dtype == mlp.fc1.weight.dtype
+        and not torch.compiler.is_compiling()
+    )
 
 
 class _GeluMlp(torch.autograd.Function):
@@ -100,6 +107,7 @@ def gelu_mlp(mlp: nn.Module, x: torch.Tensor, act: str) -> torch.Tensor:
         return _GeluMlp.apply(x.contiguous(), fc1.weight, fc1.bias, fc2.weight, fc2.bias, ACTIVATIONS[act])
     from quack.gemm_interface import gemm_act
 
-    _, post = gemm_act(x.contiguous(), fc1.weight.T, bias=fc1.bias, activation=ACTIVATIONS[act], store_preact=False,
-                       tuned=False)
+    _, post = gemm_act(
+        x.contiguous(), fc1.weight.T, bias=fc1.bias, activation=ACTIVATIONS[act], store_preact=False, tuned=False
+    )
     return F.linear(post, fc2.weight, fc2.bias)

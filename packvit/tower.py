@@ -52,7 +52,7 @@ def parse_tower_name(name: str) -> tuple[str, str | None, bool]:
     """``packvit:<ckpt>`` / ``packvit-fixed:<ckpt>`` / ``<ckpt>`` -> (checkpoint, mode or None, prefixed)."""
     for prefix, mode in PREFIXES.items():
         if name.startswith(prefix):
-            return name[len(prefix):], mode, True
+            return name[len(prefix) :], mode, True
     return name, None, False
 
 
@@ -65,8 +65,10 @@ def _device_from_map(device_map: Any) -> torch.device | str | None:
     if isinstance(device_map, dict):
         devices = set(device_map.values())
         if len(devices) != 1:
-            raise ValueError(f"device_map puts the vision tower on several devices {sorted(map(str, devices))}; "
-                             "packvit's tower runs on one device: give one device or 'auto'")
+            raise ValueError(
+                f"device_map puts the vision tower on several devices {sorted(map(str, devices))}; "
+                "packvit's tower runs on one device: give one device or 'auto'"
+            )
         return _device_from_map(devices.pop())
     if isinstance(device_map, int):
         return torch.device("cuda", device_map)
@@ -103,7 +105,9 @@ class LlavaImageProcessor:
             raise ValueError(f"return_tensors must be 'pt' (packvit returns torch tensors), got {return_tensors!r}")
         hidden_states, grid_thw = self.processor(images, **kwargs)
         if self.mode == "fixed":  # one size: (B, C, S, S) frames, which LLaVA's fixed-size paths expect
-            frames = unpatchify(hidden_states, frame_grid(grid_thw), self.patch_size, self.config.num_channels)  # (C, S, S) each
+            frames = unpatchify(
+                hidden_states, frame_grid(grid_thw), self.patch_size, self.config.num_channels
+            )  # (C, S, S) each
             return {"pixel_values": torch.stack(frames)}
         return {"pixel_values": PackedPixels(hidden_states, grid_thw), "grid_thw": grid_thw}
 
@@ -140,7 +144,9 @@ class PackedVisionTower(nn.Module):
             raise ValueError(f"mm_vision_select_feature must be one of {SELECT_FEATURES}, got {self.select_feature!r}")
         self.preprocess_mode = getattr(args, "mm_vision_preprocess_mode", None) or mode
         if self.preprocess_mode not in (None, "native", "naflex", "fixed"):
-            raise ValueError(f"mm_vision_preprocess_mode must be 'native', 'naflex' or 'fixed', got {self.preprocess_mode!r}")
+            raise ValueError(
+                f"mm_vision_preprocess_mode must be 'native', 'naflex' or 'fixed', got {self.preprocess_mode!r}"
+            )
         tunable = getattr(args, "mm_tunable_parts", None) or ""
         self.tuned = bool(getattr(args, "unfreeze_mm_vision_tower", False)) or "mm_vision_tower" in tunable
         self.fp8 = bool(load_kwargs.pop("fp8", False)) or bool(getattr(args, "mm_vision_fp8", False))
@@ -163,7 +169,9 @@ class PackedVisionTower(nn.Module):
     def _load(self, device_map: Any = None, **kwargs) -> None:
         dtype = kwargs.pop("torch_dtype", None) or kwargs.pop("dtype", None)
         if kwargs:
-            raise TypeError(f"load_model got unsupported arguments {sorted(kwargs)}; it takes device_map and torch_dtype")
+            raise TypeError(
+                f"load_model got unsupported arguments {sorted(kwargs)}; it takes device_map and torch_dtype"
+            )
         load_kwargs = dict(self.load_kwargs)
         if device_map is not None and "device" not in load_kwargs:
             load_kwargs["device"] = _device_from_map(device_map)
@@ -175,7 +183,9 @@ class PackedVisionTower(nn.Module):
         core = ImageProcessor.from_pretrained(path, mode=None if fixed else self.preprocess_mode)
         size = _fixed_size(core)
         if fixed:  # the checkpoint's own fixed recipe, or S x S when it has none
-            core = ImageProcessor(replace(core.config, mode="fixed", size=core.config.size or {"height": size, "width": size}))
+            core = ImageProcessor(
+                replace(core.config, mode="fixed", size=core.config.size or {"height": size, "width": size})
+            )
         self.image_processor = LlavaImageProcessor(core, "fixed" if fixed else "native", size)
         if self.select_feature == "cls_patch" and model.num_prefix == 0:
             raise ValueError(
@@ -284,7 +294,9 @@ class PackedVisionTower(nn.Module):
         if batched is not None:  # (B, N, D): every image has the same size
             return feats.view(batched, -1, feats.shape[-1])
         if packed:
-            return feats, grid_thw if isinstance(grid_thw, PackedBatch) else torch.as_tensor(grid_thw, dtype=torch.int64)
+            return feats, grid_thw if isinstance(grid_thw, PackedBatch) else torch.as_tensor(
+                grid_thw, dtype=torch.int64
+            )
         return list(feats.split(self.feature_lengths(batch), 0))
 
     def export_hf(self, dst: str | os.PathLike, **kwargs):
@@ -384,7 +396,7 @@ class PackedVisionTower(nn.Module):
     @property
     def num_patches(self) -> int:
         self._need_fixed("num_patches")
-        return self.num_patches_per_side ** 2
+        return self.num_patches_per_side**2
 
     def __getattr__(self, name: str):
         # A property that raises AttributeError falls through to here; keep its message.

@@ -26,7 +26,6 @@ import torch
 import triton
 import triton.language as tl
 
-
 # --- residual add + norm (+ LayerScale) --------------------------------------------------------------
 #
 # One kernel for LayerNorm and for AIMv2's RMSNorm (IS_RMS), with or without the residual add
@@ -36,9 +35,24 @@ import triton.language as tl
 
 @triton.jit
 def _norm_fwd_kernel(
-    X, A, G, W, B, S, Y, MEAN, RSTD, M, N, eps,
-    HAS_RES: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BIAS: tl.constexpr, IS_RMS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    X,
+    A,
+    G,
+    W,
+    B,
+    S,
+    Y,
+    MEAN,
+    RSTD,
+    M,
+    N,
+    eps,
+    HAS_RES: tl.constexpr,
+    HAS_GAMMA: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    IS_RMS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     # s = x + gamma * a (stored), then y = LayerNorm(s) or RMSNorm(s).
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -73,9 +87,28 @@ def _norm_fwd_kernel(
 
 @triton.jit
 def _norm_bwd_kernel(
-    DY, DS, S, A, G, W, MEAN, RSTD, DX, DA, DW_P, DB_P, DG_P, M, N,
-    HAS_DS: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BIAS: tl.constexpr, IS_RMS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr,
+    DY,
+    DS,
+    S,
+    A,
+    G,
+    W,
+    MEAN,
+    RSTD,
+    DX,
+    DA,
+    DW_P,
+    DB_P,
+    DG_P,
+    M,
+    N,
+    HAS_DS: tl.constexpr,
+    HAS_GAMMA: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    IS_RMS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    TILES: tl.constexpr,
 ):
     # LayerNorm: ds = rstd * (w*dy - mean(w*dy) - xhat * mean(w*dy*xhat)); RMSNorm drops the
     # mean(w*dy) term. Then ds += ds_out (the residual's own gradient), dx = ds, da = gamma * ds.
@@ -141,8 +174,13 @@ def _norm_tile(D: int) -> tuple[int, int]:
 
 
 def norm_fwd(
-    x: torch.Tensor, a: torch.Tensor | None, gamma: torch.Tensor | None, weight: torch.Tensor,
-    bias: torch.Tensor | None, eps: float, rms: bool,
+    x: torch.Tensor,
+    a: torch.Tensor | None,
+    gamma: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float,
+    rms: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """x, a (T, D) -> s = x + gamma * a (T, D; x itself when a is None), y = norm(s) (T, D), and
     mean, rstd (T,) fp32 (mean unused for RMSNorm)."""
@@ -156,17 +194,39 @@ def norm_fwd(
     if T:
         bm, bn = _norm_tile(D)
         _norm_fwd_kernel[(triton.cdiv(T, bm),)](
-            x, a if a is not None else x, gamma if gamma is not None else weight, weight,
-            bias if bias is not None else weight, s, y, mean, rstd, T, D, eps,
-            HAS_RES=a is not None, HAS_GAMMA=gamma is not None, HAS_BIAS=bias is not None, IS_RMS=rms,
-            BLOCK_M=bm, BLOCK_N=bn, num_warps=_NORM_WARPS,
+            x,
+            a if a is not None else x,
+            gamma if gamma is not None else weight,
+            weight,
+            bias if bias is not None else weight,
+            s,
+            y,
+            mean,
+            rstd,
+            T,
+            D,
+            eps,
+            HAS_RES=a is not None,
+            HAS_GAMMA=gamma is not None,
+            HAS_BIAS=bias is not None,
+            IS_RMS=rms,
+            BLOCK_M=bm,
+            BLOCK_N=bn,
+            num_warps=_NORM_WARPS,
         )
     return s, y, mean, rstd
 
 
 def norm_bwd(
-    dy: torch.Tensor, ds: torch.Tensor | None, s: torch.Tensor, a: torch.Tensor | None,
-    gamma: torch.Tensor | None, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, has_bias: bool,
+    dy: torch.Tensor,
+    ds: torch.Tensor | None,
+    s: torch.Tensor,
+    a: torch.Tensor | None,
+    gamma: torch.Tensor | None,
+    weight: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    has_bias: bool,
     rms: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """Gradients of ``norm_fwd``: (dx, da or None, dgamma or None, dweight, dbias or None).
@@ -186,10 +246,29 @@ def norm_bwd(
     db_p = part[-1] if has_bias else dw_p
     if T:
         _norm_bwd_kernel[(P,)](
-            dy, ds if ds is not None else dy, s, a if a is not None else s, gamma if gamma is not None else weight,
-            weight, mean, rstd, dx, da if da is not None else dx, dw_p, db_p, dg_p, T, D,
-            HAS_DS=ds is not None, HAS_GAMMA=gamma is not None, HAS_BIAS=has_bias, IS_RMS=rms,
-            BLOCK_M=bm, BLOCK_N=bn, TILES=_BWD_TILES, num_warps=_NORM_WARPS,
+            dy,
+            ds if ds is not None else dy,
+            s,
+            a if a is not None else s,
+            gamma if gamma is not None else weight,
+            weight,
+            mean,
+            rstd,
+            dx,
+            da if da is not None else dx,
+            dw_p,
+            db_p,
+            dg_p,
+            T,
+            D,
+            HAS_DS=ds is not None,
+            HAS_GAMMA=gamma is not None,
+            HAS_BIAS=has_bias,
+            IS_RMS=rms,
+            BLOCK_M=bm,
+            BLOCK_N=bn,
+            TILES=_BWD_TILES,
+            num_warps=_NORM_WARPS,
         )
     dw = dw_p.sum(0).to(weight.dtype)
     dg = dg_p.sum(0).to(gamma.dtype) if gamma is not None else None
@@ -249,7 +328,9 @@ def swiglu_fwd(h: torch.Tensor) -> torch.Tensor:
     M, N = h.shape[0], h.shape[1] // 2
     out = h.new_empty(M, N)
     if M:
-        _swiglu_fwd_kernel[_swiglu_grid(M, N)](h, out, M, N, BLOCK_M=_SWIGLU_BLOCK_M, BLOCK_N=_SWIGLU_BLOCK_N, num_warps=4)
+        _swiglu_fwd_kernel[_swiglu_grid(M, N)](
+            h, out, M, N, BLOCK_M=_SWIGLU_BLOCK_M, BLOCK_N=_SWIGLU_BLOCK_N, num_warps=4
+        )
     return out
 
 
@@ -260,8 +341,9 @@ def swiglu_bwd(do: torch.Tensor, h: torch.Tensor, with_output: bool = False):
     dh = torch.empty_like(h)
     o = h.new_empty(M, N) if with_output else dh
     if M:
-        _swiglu_bwd_kernel[_swiglu_grid(M, N)](do, h, dh, o, M, N, BLOCK_M=_SWIGLU_BLOCK_M, BLOCK_N=_SWIGLU_BLOCK_N,
-                                               HAS_O=with_output, num_warps=4)
+        _swiglu_bwd_kernel[_swiglu_grid(M, N)](
+            do, h, dh, o, M, N, BLOCK_M=_SWIGLU_BLOCK_M, BLOCK_N=_SWIGLU_BLOCK_N, HAS_O=with_output, num_warps=4
+        )
     return (dh, o) if with_output else dh
 
 
@@ -301,8 +383,28 @@ def _rope_one(X, O, sx_t, sx_h, so_t, so_h, t, h, cols, mask, c1, c2, s1, s2, HA
 
 @triton.jit
 def _rope_kernel(
-    Q, K, QO, KO, C, S, M, NH, sq_t, sq_h, sk_t, sk_h, sqo_t, sqo_h, sko_t, sko_h, sc_t, ss_t,
-    HALF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr,
+    Q,
+    K,
+    QO,
+    KO,
+    C,
+    S,
+    M,
+    NH,
+    sq_t,
+    sq_h,
+    sk_t,
+    sk_h,
+    sqo_t,
+    sqo_h,
+    sko_t,
+    sko_h,
+    sc_t,
+    ss_t,
+    HALF: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BACKWARD: tl.constexpr,
 ):
     # A program takes BLOCK_R of the T * NH (token, head) rows, row r = t * NH + h, of q and of k.
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -344,7 +446,9 @@ def rope_qk(
         raise ValueError(f"q and k must be (T, H, Dh) of one shape, got {tuple(q.shape)} and {tuple(k.shape)}")
     T, NH, Dh = q.shape
     if Dh % 2 or cos.shape != (T, Dh) or sin.shape != (T, Dh):
-        raise ValueError(f"cos and sin must be (T, Dh) = {(T, Dh)} with Dh even, got {tuple(cos.shape)} and {tuple(sin.shape)}")
+        raise ValueError(
+            f"cos and sin must be (T, Dh) = {(T, Dh)} with Dh even, got {tuple(cos.shape)} and {tuple(sin.shape)}"
+        )
     q, k, cos, sin = _unit_last(q), _unit_last(k), _unit_last(cos), _unit_last(sin)
     qo = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     ko = torch.empty(k.shape, dtype=k.dtype, device=k.device)
@@ -354,8 +458,28 @@ def rope_qk(
         block_d = triton.next_power_of_2(half)
         block_r = max(1, _ROPE_TILE_ELEMS // block_d)
         _rope_kernel[(triton.cdiv(M, block_r),)](
-            q, k, qo, ko, cos, sin, M, NH, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-            qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1), cos.stride(0), sin.stride(0),
-            HALF=half, BLOCK_R=block_r, BLOCK_D=block_d, BACKWARD=backward, num_warps=_ROPE_WARPS,
+            q,
+            k,
+            qo,
+            ko,
+            cos,
+            sin,
+            M,
+            NH,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            qo.stride(0),
+            qo.stride(1),
+            ko.stride(0),
+            ko.stride(1),
+            cos.stride(0),
+            sin.stride(0),
+            HALF=half,
+            BLOCK_R=block_r,
+            BLOCK_D=block_d,
+            BACKWARD=backward,
+            num_warps=_ROPE_WARPS,
         )
     return qo, ko

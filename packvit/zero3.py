@@ -226,11 +226,13 @@ def from_pretrained(
     DeepSpeed puts each rank's partition on its own accelerator (or offload device). ``kwargs`` are
     ``weights_conversion.read_checkpoint``'s (family, config, strict_config, ...)."""
     if ds_config is None and not zero3_enabled():
-        return load_model(path_or_id, revision=revision, device=device, dtype=dtype, attn_backend=attn_backend,
-                          **kwargs)
+        return load_model(
+            path_or_id, revision=revision, device=device, dtype=dtype, attn_backend=attn_backend, **kwargs
+        )
     ckpt = read_checkpoint(path_or_id, revision=revision, **kwargs)
-    model = build_model(ckpt.family, ckpt.config, cast_state(ckpt.state, dtype), attn_backend,
-                        ds_config=ds_config, dtype=dtype)
+    model = build_model(
+        ckpt.family, ckpt.config, cast_state(ckpt.state, dtype), attn_backend, ds_config=ds_config, dtype=dtype
+    )
     return model.eval()
 
 

@@ -14,6 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 
 import pytest
 import torch
+
 from helpers import FAMILIES, tiny_hf_model
 from torchvision_shim import import_torchvision
 from weights_conversion import FAMILIES as REGISTRY
@@ -39,8 +40,9 @@ def tiny_models():
     """family -> a tiny packvit model (2 blocks, width 64, the family's patch size) with its own random
     initialisation, built from the registry alone: for the tests that need a model, not transformers."""
     size = dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=96)
-    return {name: fam.model_class(fam.config_class(**size), attn_backend="sdpa").eval()
-            for name, fam in REGISTRY.items()}
+    return {
+        name: fam.model_class(fam.config_class(**size), attn_backend="sdpa").eval() for name, fam in REGISTRY.items()
+    }
 
 
 @pytest.fixture(scope="session")

@@ -72,10 +72,12 @@ def hf_reference(family: str, hf_model, images, output_hidden_states: bool = Fal
 def run_python(args, timeout: int = 240) -> str:
     """Run ``python ARGS`` from the repository root (packvit and benchmarks/ importable, one thread,
     offline); fail with the tail of its output. Returns stdout."""
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'benchmarks'}", OMP_NUM_THREADS="1",
-               HF_HUB_OFFLINE="1")
-    r = subprocess.run([sys.executable, *map(str, args)], env=env, cwd=ROOT, capture_output=True, text=True,
-                       timeout=timeout)
+    env = dict(
+        os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'benchmarks'}", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"
+    )
+    r = subprocess.run(
+        [sys.executable, *map(str, args)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
     assert r.returncode == 0, f"{list(map(str, args))[:3]} failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
     return r.stdout
 
@@ -84,8 +86,9 @@ def torchrun(script, *args, nproc: int = 2, timeout: int = 240) -> str:
     """Run ``script`` under torchrun with ``nproc`` CPU processes. ``--standalone`` lets torchrun
     bind its own free port: choosing one here and handing it over left a window in which another
     process (a parallel test run) could take it, and the workers then aborted."""
-    return run_python(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *args],
-                      timeout=timeout)
+    return run_python(
+        ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *args], timeout=timeout
+    )
 
 
 def assert_hf_export_exact(hf_model, src_dir, export_dir) -> None:
@@ -93,7 +96,10 @@ def assert_hf_export_exact(hf_model, src_dir, export_dir) -> None:
     reloads it to the same state dict."""
     from safetensors.torch import load_file
 
-    original, exported = load_file(Path(src_dir) / "model.safetensors"), load_file(Path(export_dir) / "model.safetensors")
+    original, exported = (
+        load_file(Path(src_dir) / "model.safetensors"),
+        load_file(Path(export_dir) / "model.safetensors"),
+    )
     assert set(exported) == set(original)
     for k, v in original.items():
         assert exported[k].dtype == v.dtype and torch.equal(exported[k], v), k

@@ -114,8 +114,19 @@ def main_driver(src: str, work: str, sig: str, mode: str) -> None:
         how = f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"exit {os.WEXITSTATUS(status)}"
         before, left_before = state(dst), leftovers(dst)
         safe_write.clean_stale(dst)  # what the next run does first
-        print(json.dumps({"k": k, "how": how, "before": before, "leftovers": left_before, "after": state(dst),
-                          "leftovers_after": leftovers(dst)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "k": k,
+                    "how": how,
+                    "before": before,
+                    "leftovers": left_before,
+                    "after": state(dst),
+                    "leftovers_after": leftovers(dst),
+                }
+            ),
+            flush=True,
+        )
     print(json.dumps({"steps": steps}), flush=True)
 
 

@@ -34,7 +34,9 @@ def test_sdpa_matches_dense_masked_attention(lens):
     torch.testing.assert_close(out.double(), dense_reference(q, k, v, lens), atol=1e-6, rtol=0)
     # Host lengths (tuple or CPU tensor) give the same answer as reading cu_seqlens.
     for lens_host in (tuple(lens), torch.tensor(lens)):
-        again = varlen_attention(q, k, v, cu, cu, max(lens), max(lens), backend="sdpa", seqlens_q=lens_host, seqlens_k=lens_host)
+        again = varlen_attention(
+            q, k, v, cu, cu, max(lens), max(lens), backend="sdpa", seqlens_q=lens_host, seqlens_k=lens_host
+        )
         assert torch.equal(again, out)
 
 
@@ -151,7 +153,7 @@ def test_moving_keeps_the_choice_and_the_forward_says_what_to_do(monkeypatch):
     monkeypatch.setattr(
         attention, "available_backends", lambda d, t: ["torch", "sdpa"] if t == torch.bfloat16 else ["sdpa"]
     )
-    monkeypatch.setattr(attention, "_torch_varlen_func", lambda: (lambda *a, **k: None))
+    monkeypatch.setattr(attention, "_torch_varlen_func", lambda: lambda *a, **k: None)
     m.to(torch.bfloat16)
     assert m.attention is held
     with pytest.raises(ValueError, match=r"call model.set_attention\('auto'\) after .to\(\)"):
@@ -178,8 +180,9 @@ def test_an_attention_impl_can_be_passed_whole():
         m.set_attention(impl, torch.bfloat16)
     # varlen_attention takes the value or a name, to the same result.
     (q, k, v), cu = packed_qkv([3, 5])
-    assert torch.equal(varlen_attention(q, k, v, cu, cu, 5, 5, backend=impl),
-                       varlen_attention(q, k, v, cu, cu, 5, 5, backend="sdpa"))
+    assert torch.equal(
+        varlen_attention(q, k, v, cu, cu, 5, 5, backend=impl), varlen_attention(q, k, v, cu, cu, 5, 5, backend="sdpa")
+    )
 
 
 def test_load_chooses_the_backend_once(monkeypatch, tmp_path):
@@ -239,8 +242,9 @@ def test_fa4_backward_follows_the_rule_it_was_given(monkeypatch):
         out = attention._sdpa_segments(q, k, v, lens, lens, softmax_scale)
         return out, q.new_zeros(q.shape[1], q.shape[0], dtype=torch.float32)
 
-    def fake_bwd(q, k, v, out, dout, lse, scale, causal, dropout, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                 max_seqlen_k):
+    def fake_bwd(
+        q, k, v, out, dout, lse, scale, causal, dropout, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
+    ):
         seen.append(("fa4", q.shape[-1]))
         lens = torch.diff(cu_seqlens_q)
         return attention._sdpa_backward_op(dout, q, k, v, lens, lens, scale)

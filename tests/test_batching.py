@@ -27,8 +27,9 @@ def _lengths(n=200, seed=0):
 def test_caps_and_coverage(lengths, max_tokens, max_images, world, drop_last):
     per_rank = []
     for rank in range(world):
-        s = TokenBudgetBatchSampler(lengths, max_tokens, max_images=max_images, num_replicas=world, rank=rank,
-                                    seed=3, drop_last=drop_last)
+        s = TokenBudgetBatchSampler(
+            lengths, max_tokens, max_images=max_images, num_replicas=world, rank=rank, seed=3, drop_last=drop_last
+        )
         per_rank.append(list(s))
         assert len(s) == len(per_rank[-1])
     assert len({len(b) for b in per_rank}) == 1, "every rank must get the same number of batches"

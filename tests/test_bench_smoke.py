@@ -70,9 +70,9 @@ def test_workloads_follow_benchmarks_md():
 
 
 def test_flops_formula():
+    from packvit import DINOv3, DINOv3Config
     from packvit.bench.models import forward_flops, matmul_params
     from packvit.bench.workloads import Workload
-    from packvit import DINOv3, DINOv3Config
 
     cfg = DINOv3Config(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, num_register_tokens=2)
     model = DINOv3(cfg)
@@ -87,8 +87,10 @@ def test_checkpointing_variants_compiled(tmp_path):
     # --checkpointing adds MLP-only and whole-block checkpointing; compiled blocks take both.
     out = tmp_path / "rows.jsonl"
     args = [a for a in ARGS if a not in ("--compile", "eager")] + ["--compile", "compile"]
-    assert main(args + ["--model", "dinov3", "--mode", "train", "--impl", "packvit", "--checkpointing",
-                        "--out", str(out)]) == 0
+    assert (
+        main(args + ["--model", "dinov3", "--mode", "train", "--impl", "packvit", "--checkpointing", "--out", str(out)])
+        == 0
+    )
     rows = load(out)
     assert [r["checkpointing"] for r in rows] == [False, "mlp", True]
     assert all(r["compiled"] and r["check"]["max_abs"] < 1e-4 for r in rows)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from helpers import ROOT, run_python, torchrun
 
 BENCH = ROOT / "benchmarks"
@@ -19,11 +20,24 @@ def _rows(path):
 @pytest.mark.slow
 def test_fsdp2_equality_two_ranks(tmp_path):
     out = tmp_path / "eq.jsonl"
-    torchrun(BENCH / "fsdp2_equality.py", "--device", "cpu", "--tiny", "--dtype", "fp32", "--max-tokens", "150",
-             "--out", str(out))
+    torchrun(
+        BENCH / "fsdp2_equality.py",
+        "--device",
+        "cpu",
+        "--tiny",
+        "--dtype",
+        "fp32",
+        "--max-tokens",
+        "150",
+        "--out",
+        str(out),
+    )
     rows = _rows(out)
     assert {r["preset"].split()[0] for r in rows} == {
-        "siglip2-so400m-patch16-naflex", "dinov3-vitl16-pretrain-lvd1689m", "aimv2-large-patch14-native"}
+        "siglip2-so400m-patch16-naflex",
+        "dinov3-vitl16-pretrain-lvd1689m",
+        "aimv2-large-patch14-native",
+    }
     for r in rows:
         assert r["ok"] and r["world"] == 2 and not r["fails"], r
         assert len(r["tokens_per_rank"]) == 2 and r["tokens_per_rank"][0] != r["tokens_per_rank"][1]
@@ -42,7 +56,20 @@ def test_tokens_per_s_two_ranks_and_one_process(tmp_path):
 
 @pytest.mark.slow
 def test_tower_checks_script():
-    out = run_python([BENCH / "gpu_tower_checks.py", "--device", "cpu", "--tiny", "--no-compile",
-                      "--preset", "aimv2-large-patch14-native", "--max-tokens", "400", "--reps", "1"])
+    out = run_python(
+        [
+            BENCH / "gpu_tower_checks.py",
+            "--device",
+            "cpu",
+            "--tiny",
+            "--no-compile",
+            "--preset",
+            "aimv2-large-patch14-native",
+            "--max-tokens",
+            "400",
+            "--reps",
+            "1",
+        ]
+    )
     result = json.loads(out.strip().splitlines()[-1])
     assert result["ok"] and [r["mode"] for r in result["rows"]] == ["fp32", "autocast", "pure_bf16"]

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import FAMILIES, PATCH, hf_reference, random_images, tiny_hf_model
 from safetensors.torch import load_file, save_file
 
 import packvit
+from helpers import FAMILIES, PATCH, hf_reference, random_images, tiny_hf_model
 from packvit.cli import main
 from packvit.preprocess import ImageProcessor, PreprocessConfig
 from weights_conversion import CheckpointError, config_of, load_model
@@ -48,7 +48,10 @@ def test_missing_field_takes_transformers_default(family, hf_checkpoints, tmp_pa
     transformers = pytest.importorskip("transformers")
     _, src = hf_checkpoints[family]
     d = _copy(src, tmp_path / "c")
-    _edit_json(d / "config.json", lambda c: {k: v for k, v in c.items() if k not in ("num_attention_heads", "layer_norm_eps", "rms_norm_eps")})
+    _edit_json(
+        d / "config.json",
+        lambda c: {k: v for k, v in c.items() if k not in ("num_attention_heads", "layer_norm_eps", "rms_norm_eps")},
+    )
     _, cfg = config_of(d)
     hf_cfg = transformers.AutoConfig.from_pretrained(d)  # what transformers builds from the same file
     assert cfg.num_heads == hf_cfg.num_attention_heads
@@ -89,7 +92,10 @@ def test_missing_field_without_transformers_is_an_error(hf_checkpoints, tmp_path
 def test_native_config_missing_field_is_an_error(hf_checkpoints, tmp_path, capsys):
     _, src = hf_checkpoints["siglip2"]
     assert main(["convert", str(src), str(tmp_path / "pv"), "--no-progress"]) == 0
-    _edit_json(tmp_path / "pv" / "config.json", lambda c: {**c, "config": {k: v for k, v in c["config"].items() if k != "num_heads"}})
+    _edit_json(
+        tmp_path / "pv" / "config.json",
+        lambda c: {**c, "config": {k: v for k, v in c["config"].items() if k != "num_heads"}},
+    )
     with pytest.raises(CheckpointError, match="lacks the siglip2 fields.*num_heads"):
         load_model(tmp_path / "pv")
     _one_line_error(["export-hf", str(tmp_path / "pv"), str(tmp_path / "hf")], capsys, "num_heads")
@@ -177,8 +183,13 @@ def test_nonfinite_weight_is_an_error_unless_allowed(value, hf_checkpoints, tmp_
     sd = load_file(d / "model.safetensors")
     sd["encoder.layers.1.mlp.fc1.weight"][3, 5] = value
     save_file(sd, d / "model.safetensors")
-    _one_line_error(["convert", str(d), str(tmp_path / "pv"), "--no-progress"], capsys,
-                    "blocks.1.mlp.fc1.weight", "1 NaN/Inf value", "--allow-nonfinite")
+    _one_line_error(
+        ["convert", str(d), str(tmp_path / "pv"), "--no-progress"],
+        capsys,
+        "blocks.1.mlp.fc1.weight",
+        "1 NaN/Inf value",
+        "--allow-nonfinite",
+    )
     with pytest.raises(CheckpointError, match="NaN/Inf"):
         load_model(d)
     assert not (tmp_path / "pv").exists()

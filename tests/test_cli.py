@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import FAMILIES, PATCH, assert_hf_export_exact, random_images
 from safetensors.torch import load_file
 
 import packvit
+from helpers import FAMILIES, PATCH, assert_hf_export_exact, random_images
 from packvit.cli import main
 from weights_conversion import load_model
 
@@ -45,7 +45,9 @@ def test_bench_help_when_the_suite_exists(capsys):
 
 def test_help_through_python_m():
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    r = subprocess.run([sys.executable, "-m", "packvit.cli", "--help"], capture_output=True, text=True, env=env, cwd=REPO)
+    r = subprocess.run(
+        [sys.executable, "-m", "packvit.cli", "--help"], capture_output=True, text=True, env=env, cwd=REPO
+    )
     assert r.returncode == 0, r.stderr
     for name in ("convert", "export-hf", "align", "bench", "demo", "exit codes"):
         assert name in r.stdout
@@ -60,8 +62,16 @@ def test_installed_console_script():
     assert r.returncode == 0 and "packvit convert" in r.stdout, r.stderr
 
 
-@pytest.mark.parametrize("argv", [["convert"], ["frobnicate"], ["convert", "a", "b", "--dtype", "float8"],
-                                  ["align", "--ckpt", "x", "--image_size", "0"], ["align"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["convert"],
+        ["frobnicate"],
+        ["convert", "a", "b", "--dtype", "float8"],
+        ["align", "--ckpt", "x", "--image_size", "0"],
+        ["align"],
+    ],
+)
 def test_usage_errors_exit_two(argv, capsys):
     assert main(argv) == 2
     assert "error" in capsys.readouterr().err
@@ -91,8 +101,13 @@ def test_convert_then_load_native(family, hf_checkpoints, packvit_models, tmp_pa
     ref = packvit_models[family].state_dict()
     assert set(written) == set(ref) and all(torch.equal(written[k], ref[k]) for k in ref)
     # both loading paths read the native folder to the same outputs
-    for model in (load_model(tmp_path / "pv", attn_backend="sdpa"), packvit.from_pretrained(tmp_path / "pv", attn_backend="sdpa")):
-        assert torch.equal(_encode(model, family).last_hidden_state, _encode(packvit_models[family], family).last_hidden_state)
+    for model in (
+        load_model(tmp_path / "pv", attn_backend="sdpa"),
+        packvit.from_pretrained(tmp_path / "pv", attn_backend="sdpa"),
+    ):
+        assert torch.equal(
+            _encode(model, family).last_hidden_state, _encode(packvit_models[family], family).last_hidden_state
+        )
 
 
 def test_convert_sharded_with_dtype_and_progress(hf_checkpoints, packvit_models, tmp_path, capsys):
@@ -121,8 +136,19 @@ def test_convert_single_file_needs_a_config(hf_checkpoints, packvit_models, tmp_
     (lone / "weights.safetensors").write_bytes((src / "model.safetensors").read_bytes())
     assert main(["convert", str(lone / "weights.safetensors"), str(tmp_path / "a"), "--no-progress"]) == 1
     assert "no config.json" in capsys.readouterr().err and not (tmp_path / "a").exists()
-    assert main(["convert", str(lone / "weights.safetensors"), str(tmp_path / "b"), "--no-progress",
-                 "--config", str(src / "config.json")]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                str(lone / "weights.safetensors"),
+                str(tmp_path / "b"),
+                "--no-progress",
+                "--config",
+                str(src / "config.json"),
+            ]
+        )
+        == 0
+    )
     model = load_model(tmp_path / "b", attn_backend="sdpa")
     assert torch.equal(_encode(model, "aimv2").pooler_output, _encode(packvit_models["aimv2"], "aimv2").pooler_output)
 
@@ -224,8 +250,19 @@ def _align_rows(out: str) -> dict[str, list[float]]:
 def test_align_per_resolution_and_mixed(family, hf_checkpoints, capsys):
     _, src = hf_checkpoints[family]
     p = PATCH[family]
-    code = main(["align", "--ckpt", str(src), "--batch_size", "2", "--image_size", str(2 * p), f"{3 * p}x{5 * p}",
-                 "--use_real_images"])
+    code = main(
+        [
+            "align",
+            "--ckpt",
+            str(src),
+            "--batch_size",
+            "2",
+            "--image_size",
+            str(2 * p),
+            f"{3 * p}x{5 * p}",
+            "--use_real_images",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     rows = _align_rows(out)

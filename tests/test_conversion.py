@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
-from helpers import FAMILIES, PATCH, assert_hf_export_exact, random_images, randomize_, tiny_hf_config, tiny_hf_model
 from safetensors.torch import load_file, save_file
 
 import packvit
+from helpers import FAMILIES, PATCH, assert_hf_export_exact, random_images, randomize_, tiny_hf_config, tiny_hf_model
 from weights_conversion import CheckpointError, ConversionError, export_hf, load_model
 
 transformers = pytest.importorskip("transformers")
@@ -29,7 +29,9 @@ def test_round_trip_is_bit_exact_and_loads_in_transformers(family, hf_checkpoint
     assert_hf_export_exact(hf, src, tmp_path / "out")
     # and packvit reads its own export back to the same outputs
     again = load_model(tmp_path / "out", attn_backend="sdpa")
-    assert torch.equal(_encode(again, family).last_hidden_state, _encode(packvit_models[family], family).last_hidden_state)
+    assert torch.equal(
+        _encode(again, family).last_hidden_state, _encode(packvit_models[family], family).last_hidden_state
+    )
 
 
 def test_dinov3_both_layer_spellings(hf_checkpoints, packvit_models, tmp_path):
@@ -41,16 +43,28 @@ def test_dinov3_both_layer_spellings(hf_checkpoints, packvit_models, tmp_path):
     save_file(other, tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text((src / "config.json").read_text())
     model = load_model(tmp_path, attn_backend="sdpa")
-    assert torch.equal(_encode(model, "dinov3").last_hidden_state, _encode(packvit_models["dinov3"], "dinov3").last_hidden_state)
+    assert torch.equal(
+        _encode(model, "dinov3").last_hidden_state, _encode(packvit_models["dinov3"], "dinov3").last_hidden_state
+    )
 
 
 @pytest.mark.parametrize("prefixed", [False, True])
 def test_siglip2_dual_tower_checkpoint(tmp_path, prefixed):
     """The hub's google/siglip2-*-naflex files hold the whole Siglip2Model; the text tower is dropped."""
     vcfg = tiny_hf_config("siglip2").to_dict()
-    tcfg = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, vocab_size=64,
-                bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    full = randomize_(transformers.Siglip2Model(transformers.Siglip2Config(text_config=tcfg, vision_config=vcfg))).eval()
+    tcfg = dict(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        vocab_size=64,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    full = randomize_(
+        transformers.Siglip2Model(transformers.Siglip2Config(text_config=tcfg, vision_config=vcfg))
+    ).eval()
     full.save_pretrained(tmp_path)
     model = load_model(tmp_path, attn_backend="sdpa")
     images = random_images([(1, 5, 9), (1, 2, 3)], 16, seed=2)
@@ -61,8 +75,13 @@ def test_siglip2_dual_tower_checkpoint(tmp_path, prefixed):
         for img in images:
             h, w = img.shape[1] // 16, img.shape[2] // 16
             pv = packvit.convert_to_packing_format(img[None], 16)[None]
-            refs.append(full.vision_model(pixel_values=pv, pixel_attention_mask=torch.ones(1, h * w, dtype=torch.long),
-                                          spatial_shapes=torch.tensor([[h, w]])).last_hidden_state[0])
+            refs.append(
+                full.vision_model(
+                    pixel_values=pv,
+                    pixel_attention_mask=torch.ones(1, h * w, dtype=torch.long),
+                    spatial_shapes=torch.tensor([[h, w]]),
+                ).last_hidden_state[0]
+            )
     assert (ours - torch.cat(refs)).abs().max().item() <= 1e-4
 
 
@@ -98,7 +117,9 @@ def _copy_ckpt(src, dst, edit_state=None, edit_config=None):
 
 def test_missing_tensor_is_an_error(hf_checkpoints, tmp_path):
     _, src = hf_checkpoints["aimv2"]
-    d = _copy_ckpt(src, tmp_path / "c", edit_state=lambda sd: {k: v for k, v in sd.items() if "layers.1.ffn.up_proj" not in k})
+    d = _copy_ckpt(
+        src, tmp_path / "c", edit_state=lambda sd: {k: v for k, v in sd.items() if "layers.1.ffn.up_proj" not in k}
+    )
     with pytest.raises(ConversionError, match="missing .*layers.1.ffn.up_proj"):
         load_model(d)
 
@@ -140,16 +161,20 @@ def test_fixed_size_aimv2_is_refused(hf_checkpoints, tmp_path):
         load_model(d)
 
 
-@pytest.mark.parametrize("cls,family", [(packvit.AIMv2Packing, "dinov3"), (packvit.DINOv3ViTPacking, "siglip2"),
-                                        (packvit.Siglip2NaflexPacking, "aimv2")])
+@pytest.mark.parametrize(
+    "cls,family",
+    [(packvit.AIMv2Packing, "dinov3"), (packvit.DINOv3ViTPacking, "siglip2"), (packvit.Siglip2NaflexPacking, "aimv2")],
+)
 def test_seed_class_refuses_other_family(cls, family, hf_checkpoints):
     _, src = hf_checkpoints[family]
     with pytest.raises(CheckpointError, match=f"describes a {family} model"):
         cls(ckpt=str(src), device="cpu")
 
 
-@pytest.mark.parametrize("cls,family", [(packvit.AIMv2Packing, "aimv2"), (packvit.DINOv3ViTPacking, "dinov3"),
-                                        (packvit.Siglip2NaflexPacking, "siglip2")])
+@pytest.mark.parametrize(
+    "cls,family",
+    [(packvit.AIMv2Packing, "aimv2"), (packvit.DINOv3ViTPacking, "dinov3"), (packvit.Siglip2NaflexPacking, "siglip2")],
+)
 def test_seed_classes(cls, family, hf_checkpoints, packvit_models):
     _, src = hf_checkpoints[family]
     seed = cls(ckpt=str(src), device="cpu", attn_backend="sdpa")

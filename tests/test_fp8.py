@@ -288,7 +288,10 @@ def _worker(ckpt: str, out: str) -> None:
     assert isinstance(model.blocks[0].attn.qkv, FP8Linear) and isinstance(model.blocks[1].mlp.fc2, FP8Linear)
     x, grid = _rank_batch(rank)
     model(x, grid).sum().backward()  # FSDP2 averages: the reference is the mean of the ranks' gradients
-    grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone() for n, p in model.named_parameters()}
+    grads = {
+        n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+        for n, p in model.named_parameters()
+    }
     with torch.no_grad():  # eval after the step: the weight cache re-quantises the gathered weights
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         opt.step()

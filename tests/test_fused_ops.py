@@ -11,7 +11,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from helpers import ROOT
 from packvit import fused_ops
@@ -39,8 +38,14 @@ def test_resolution_rules(monkeypatch):
     monkeypatch.setattr(fused_ops, "_liger_ok", lambda: True)
     monkeypatch.setattr(fused_ops, "_quack_ok", lambda: True)
     on = fused_ops.resolve_fused("auto", "cuda", torch.bfloat16, "fa4")
-    assert on == {"add_layernorm": "triton", "add_rmsnorm": "triton", "rmsnorm": "triton", "swiglu": "triton",
-                  "rope": "triton", "gelu_mlp": "quack"}
+    assert on == {
+        "add_layernorm": "triton",
+        "add_rmsnorm": "triton",
+        "rmsnorm": "triton",
+        "swiglu": "triton",
+        "rope": "triton",
+        "gelu_mlp": "quack",
+    }
     assert set(fused_ops.resolve_fused("auto", "cuda", torch.bfloat16, "sdpa").values()) == {None}  # the reference
     assert fused_ops.resolve_fused("on", "cuda", torch.bfloat16, "sdpa") == on
     assert set(fused_ops.resolve_fused("on", "cuda", torch.float32, "fa4").values()) == {None}
@@ -70,7 +75,9 @@ def test_model_hands_the_choice_to_its_modules(monkeypatch):
     assert all(g.fused == "triton" for g in m.modules() if isinstance(g, GatedMlp))
     assert "fused_add_norm=triton" in repr(m) and "add_rmsnorm=triton" in repr(m)
     # AIMv2 has no RoPE: no fused RoPE is chosen or shown.
-    assert m.fused_kernels["rope"] is None and all(a.fused_rope is None for a in m.modules() if isinstance(a, Attention))
+    assert m.fused_kernels["rope"] is None and all(
+        a.fused_rope is None for a in m.modules() if isinstance(a, Attention)
+    )
     d = DINOv3(DINOv3Config(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=96, num_register_tokens=1))
     monkeypatch.setattr(fused_ops, "_quack_ok", lambda: True)
     d.set_fused_kernels("on")
@@ -237,8 +244,12 @@ print("ok")
 @pytest.mark.slow
 def test_triton_kernels_under_the_interpreter():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    env = dict(
+        os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", _INTERPRETED], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0 and "ok" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
 
 
@@ -278,8 +289,12 @@ print("ok")
 def test_rope_op_compiles_in_one_graph_under_the_interpreter():
     """The fused RoPE as a custom op (fake, autograd formula) under ``torch.compile(fullgraph=True)``."""
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, "-c", _ROPE_COMPILED], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    env = dict(
+        os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", _ROPE_COMPILED], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0 and "ok" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
 
 

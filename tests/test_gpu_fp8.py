@@ -47,8 +47,10 @@ def test_triton_quantisers_match_the_reference(shape):
     g = torch.Generator(device=DEV).manual_seed(0)
     x = (torch.randn(*shape, device=DEV, generator=g) * torch.rand(shape[1], device=DEV, generator=g) * 5).to(BF16)
     x[0] = 0
-    for kern, ref in ((fp8.quantize_rows, fp8.quantize_rows_reference),
-                      (fp8.quantize_cols_t, fp8.quantize_cols_t_reference)):
+    for kern, ref in (
+        (fp8.quantize_rows, fp8.quantize_rows_reference),
+        (fp8.quantize_cols_t, fp8.quantize_cols_t_reference),
+    ):
         q, s = kern(x)
         qr, sr = ref(x)
         assert q.shape == qr.shape and s.shape == sr.shape and q.dtype == torch.float8_e4m3fn
@@ -84,8 +86,11 @@ def test_fp8_linear_against_fp32(K, N):
     y32 = ref(x32).detach()
     assert F.cosine_similarity(y.float(), y32, dim=-1).min() > 0.998
     assert rel(y, y32) < 0.05
-    for got, want, what in ((x.grad, x32.grad, "dx"), (lin.weight.grad, ref.weight.grad, "dW"),
-                            (lin.bias.grad, ref.bias.grad, "db")):
+    for got, want, what in (
+        (x.grad, x32.grad, "dx"),
+        (lin.weight.grad, ref.weight.grad, "dW"),
+        (lin.bias.grad, ref.bias.grad, "db"),
+    ):
         assert torch.isfinite(got).all(), what
         assert rel(got, want) < 0.06, (what, rel(got, want))
 
@@ -134,7 +139,8 @@ def test_model_fidelity_as_measured_and_policy(models, family):
         if isinstance(lin, fp8.FP8Linear):
             with torch.no_grad():
                 assert lin.uses_fp8(torch.empty(T, lin.in_features, device="meta")) == (
-                    T >= fp8.crossover(lin.in_features, lin.out_features, "infer")), name
+                    T >= fp8.crossover(lin.in_features, lin.out_features, "infer")
+                ), name
 
 
 def test_fp8_faster_past_the_crossover():

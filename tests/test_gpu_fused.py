@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from packvit import fused_ops, quack_mlp
 from packvit.attention import available_backends, varlen_attention
-from packvit.layers import Block, GatedMlp, Mlp, RMSNorm, apply_rope
+from packvit.layers import Block, GatedMlp, Mlp, apply_rope
 
 pytestmark = [
     pytest.mark.gpu,
@@ -101,8 +101,13 @@ def test_add_layernorm(D, gamma, eps):
         return fused_ops.add_layernorm(x, a, g if gamma else None, w, b, eps)
 
     def make():
-        return [rand(T, D, scale=3), rand(T, D), rand(D, scale=0.1, shift=1, grad=gamma), rand(D, scale=0.3, shift=1),
-                rand(D, scale=0.1)]
+        return [
+            rand(T, D, scale=3),
+            rand(T, D),
+            rand(D, scale=0.1, shift=1, grad=gamma),
+            rand(D, scale=0.3, shift=1),
+            rand(D, scale=0.1),
+        ]
 
     names = ["x", "a"] + (["gamma"] if gamma else []) + ["weight", "bias"]
     compare(three_ways(fused, ref, make), names, f"add_layernorm D={D} gamma={gamma}")
@@ -217,8 +222,10 @@ def test_dinov3_block_with_and_without_fused_rope():
         assert_as_good_as_bf16(outs["fused"][i], outs["unfused"][i], outs["fp32"][i], f"dinov3 block {what}")
 
 
-@pytest.mark.parametrize("D, H, act, gated", [(1024, 2816, "silu", True), (1024, 4096, "gelu", False),
-                                              (1152, 4304, "gelu_pytorch_tanh", False)])
+@pytest.mark.parametrize(
+    "D, H, act, gated",
+    [(1024, 2816, "silu", True), (1024, 4096, "gelu", False), (1152, 4304, "gelu_pytorch_tanh", False)],
+)
 def test_mlp_modules(D, H, act, gated, monkeypatch):
     """Each MLP as the models build it, on its default CUDA path (fused where it is), against fp32."""
     monkeypatch.setattr(quack_mlp, "MIN_TOKENS", 0)  # quack's GEMMs at this test's 3,000 tokens too
@@ -247,7 +254,11 @@ def test_mlp_modules(D, H, act, gated, monkeypatch):
 
 # --- attention backends ----------------------------------------------------------------------------------
 
-FUSED_BACKENDS = [b for b in ("fa4", "flash_attn", "torch") if b in available_backends(DEV if torch.cuda.is_available() else "cpu", BF16)]
+FUSED_BACKENDS = [
+    b
+    for b in ("fa4", "flash_attn", "torch")
+    if b in available_backends(DEV if torch.cuda.is_available() else "cpu", BF16)
+]
 
 
 @pytest.mark.parametrize("backend", ["fa4", "flash_attn", "torch"])
@@ -294,7 +305,11 @@ def test_whole_model_default_path_against_fp32(family):
     model = copy.deepcopy(ref).to(DEV, BF16)
     model.set_attention("auto")  # what from_pretrained(..., device="cuda", dtype=torch.bfloat16) holds
     assert model.attn_backend != "sdpa", "no fused attention backend here"
-    want = {"siglip2": ["add_layernorm"], "dinov3": ["add_layernorm", "rope"], "aimv2": ["add_rmsnorm", "rmsnorm", "swiglu"]}
+    want = {
+        "siglip2": ["add_layernorm"],
+        "dinov3": ["add_layernorm", "rope"],
+        "aimv2": ["add_rmsnorm", "rmsnorm", "swiglu"],
+    }
     missing = [op for op in want[family] if model.fused_kernels[op] is None]
     if missing:
         pytest.skip(f"fused kernels {missing} unavailable here (library missing)")
@@ -351,8 +366,9 @@ def test_fused_block_compiles_in_one_graph(family):
 
     nxt = norm_args(model.blocks[1].norm1)
     # norm1(x) made afresh for each call: both backward passes go through it.
-    xc, hc = compiled(x, meta, rope, attn=model.attention, normed=fused_ops.norm(x, *norm_args(blk.norm1)),
-                      next_norm=nxt)
+    xc, hc = compiled(
+        x, meta, rope, attn=model.attention, normed=fused_ops.norm(x, *norm_args(blk.norm1)), next_norm=nxt
+    )
     xe, he = blk(x, meta, rope, attn=model.attention, normed=fused_ops.norm(x, *norm_args(blk.norm1)), next_norm=nxt)
     (gx_c,) = torch.autograd.grad(xc.float().square().mean() + hc.float().sum(), [x])
     (gx_e,) = torch.autograd.grad(xe.float().square().mean() + he.float().sum(), [x])

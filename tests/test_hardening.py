@@ -7,12 +7,12 @@ import pathlib
 
 import pytest
 import torch
-from helpers import PATCH, tiny_hf_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import packvit
+from helpers import PATCH, tiny_hf_model
 from packvit.cli import main
 from packvit.packing import build_meta, grid_to_tuple
 from weights_conversion import CheckpointError, load_model
@@ -99,6 +99,7 @@ def _edit_config(**kw):
         cfg = json.loads((d / "config.json").read_text())
         cfg.update(kw)
         (d / "config.json").write_text(json.dumps(cfg))
+
     return edit
 
 
@@ -107,6 +108,7 @@ def _edit_tensor(key, fn):
         sd = load_file(d / "model.safetensors")
         sd[key] = fn(sd[key])
         save_file(sd, d / "model.safetensors")
+
     return edit
 
 
@@ -134,7 +136,10 @@ BROKEN = {
     "unknown-model-type": (_edit_config(model_type="vit_mae"), "unknown checkpoint layout.*vit_mae"),
     "unsupported-field": (_edit_config(use_mask_token_v2=True), "does not understand.*use_mask_token_v2"),
     "wrong-shape": (_edit_tensor("layer.0.norm1.weight", lambda t: t[:32]), "wrong shape.*blocks.0.norm1.weight"),
-    "wrong-dtype": (_edit_tensor("layer.1.norm2.bias", lambda t: t.to(torch.int64)), "wrong dtype.*blocks.1.norm2.bias.*int64"),
+    "wrong-dtype": (
+        _edit_tensor("layer.1.norm2.bias", lambda t: t.to(torch.int64)),
+        "wrong dtype.*blocks.1.norm2.bias.*int64",
+    ),
     "missing-config": (lambda d: (d / "config.json").unlink(), "no config.json"),
     "invalid-config-json": (lambda d: (d / "config.json").write_text("{not json"), "not valid JSON"),
 }
@@ -206,8 +211,13 @@ def test_weights_only_refuses_arbitrary_objects(hf_checkpoints, tmp_path):
 
 # -- extreme grids ----------------------------------------------------------------------------------
 
-EXTREME = {"1x1": [(1, 1, 1)], "1x512": [(1, 1, 512)], "512x1": [(1, 512, 1)], "100-frames": [(100, 4, 3)],
-           "256x256": [(1, 256, 256)]}
+EXTREME = {
+    "1x1": [(1, 1, 1)],
+    "1x512": [(1, 1, 512)],
+    "512x1": [(1, 512, 1)],
+    "100-frames": [(100, 4, 3)],
+    "256x256": [(1, 256, 256)],
+}
 
 
 @pytest.fixture(scope="module")

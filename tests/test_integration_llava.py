@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import PATCH, hf_reference, random_images
 from PIL import Image
 
 import packvit
+from helpers import PATCH, hf_reference, random_images
 from packvit.packed_pixels import PackedPixels
 from packvit.tower import FixedSizeOnly, PackedVisionTower
 
@@ -97,7 +97,9 @@ def test_fixed_mode_has_llava_sizes_native_says_why_not(hf_checkpoints):
     """llava_arch anyres / get_2dPool read image_size and num_patches_per_side; train.py reads crop_size."""
     d = hf_checkpoints["siglip2"][1]
     fixed = PackedVisionTower(f"packvit-fixed:{d}", _args())
-    assert fixed.fixed_size and fixed.image_size == 384 and fixed.num_patches_per_side == 24 and fixed.num_patches == 576
+    assert (
+        fixed.fixed_size and fixed.image_size == 384 and fixed.num_patches_per_side == 24 and fixed.num_patches == 576
+    )
     proc = fixed.image_processor
     assert proc.crop_size == {"height": 384, "width": 384} and proc.size["shortest_edge"] == 384
     pv = proc.preprocess(_photos()[1], return_tensors="pt")["pixel_values"]
@@ -130,7 +132,11 @@ def test_reload_after_tuning_keeps_the_tuned_weights(how, hf_checkpoints):
     """LlavaMetaModel.__init__: `build_vision_tower(config, delay_load=True)`, then transformers loads the
     LLaVA checkpoint's state dict: the tuned tower must exist by then, as LLaVA's own towers do."""
     d = hf_checkpoints["siglip2"][1]
-    args = _args(mm_tunable_parts="mm_vision_tower,mm_mlp_adapter") if how == "mm_tunable_parts" else _args(unfreeze_mm_vision_tower=True)
+    args = (
+        _args(mm_tunable_parts="mm_vision_tower,mm_mlp_adapter")
+        if how == "mm_tunable_parts"
+        else _args(unfreeze_mm_vision_tower=True)
+    )
     trained = PackedVisionTower(d, args, delay_load=True)
     assert trained.is_loaded and trained.trainable
     with torch.no_grad():
@@ -184,7 +190,9 @@ class _FakeLlava:
         self.tower = tower
         inner = torch.nn.Module()
         torch.manual_seed(0)
-        inner.mm_projector = torch.nn.Sequential(torch.nn.Linear(tower.hidden_size, 32), torch.nn.GELU(), torch.nn.Linear(32, 32))
+        inner.mm_projector = torch.nn.Sequential(
+            torch.nn.Linear(tower.hidden_size, 32), torch.nn.GELU(), torch.nn.Linear(32, 32)
+        )
         inner.image_newline = torch.nn.Parameter(torch.randn(32))
         self.inner = inner
 
@@ -230,8 +238,13 @@ def test_encode_flat_and_spatial_unpad(family, hf_checkpoints):
         assert torch.equal(rows[:, -1], nl.expand(h, -1))
         assert torch.allclose(rows[:, :-1].reshape(h * w, -1), f, atol=1e-6)
 
-    video_model = _FakeLlava(tower, mm_patch_merge_type="spatial_unpad", mm_newline_position="grid",
-                             mm_spatial_pool_stride=2, mm_spatial_pool_mode="average")
+    video_model = _FakeLlava(
+        tower,
+        mm_patch_merge_type="spatial_unpad",
+        mm_newline_position="grid",
+        mm_spatial_pool_stride=2,
+        mm_spatial_pool_mode="average",
+    )
     (v,) = encode_images(video_model, [video], ["video"])
     _, h, w = video.grid_thw[0].tolist()
     assert v.shape[0] == 3 * (h // 2) * (w // 2 + 1)
@@ -280,8 +293,11 @@ def test_install_wraps_prepare_inputs_and_delegates(hf_checkpoints, monkeypatch)
 
     arch = types.ModuleType("llava.model.llava_arch")
     arch.LlavaMetaForCausalLM = LlavaMetaForCausalLM
-    for name, mod in {"llava": types.ModuleType("llava"), "llava.model": types.ModuleType("llava.model"),
-                      "llava.model.llava_arch": arch}.items():
+    for name, mod in {
+        "llava": types.ModuleType("llava"),
+        "llava.model": types.ModuleType("llava.model"),
+        "llava.model.llava_arch": arch,
+    }.items():
         monkeypatch.setitem(sys.modules, name, mod)
     tower = PackedVisionTower(f"packvit:{hf_checkpoints['aimv2'][1]}", _args())
     cfg = types.SimpleNamespace(mm_vision_tower=f"packvit:{hf_checkpoints['aimv2'][1]}", mm_vision_select_layer=-2)
@@ -310,21 +326,32 @@ def test_readme_builder_branch(hf_checkpoints, monkeypatch):
     import textwrap
 
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = text[text.index("## Use with LLaVA-NeXT"):]
+    section = text[text.index("## Use with LLaVA-NeXT") :]
     branch = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    source = "def build_vision_tower(vision_tower_cfg, **kwargs):\n" \
-             "    vision_tower = getattr(vision_tower_cfg, 'mm_vision_tower', getattr(vision_tower_cfg, 'vision_tower', None))\n" \
-             + textwrap.indent(textwrap.dedent(branch), "    ") + "    return 'llava tower'\n"
+    source = (
+        "def build_vision_tower(vision_tower_cfg, **kwargs):\n"
+        "    vision_tower = getattr(vision_tower_cfg, 'mm_vision_tower', getattr(vision_tower_cfg, 'vision_tower', None))\n"
+        + textwrap.indent(textwrap.dedent(branch), "    ")
+        + "    return 'llava tower'\n"
+    )
     arch = types.ModuleType("llava.model.llava_arch")
-    arch.LlavaMetaForCausalLM = type("LlavaMetaForCausalLM", (), {"prepare_inputs_labels_for_multimodal": lambda *a: None})
-    for name, mod in {"llava": types.ModuleType("llava"), "llava.model": types.ModuleType("llava.model"),
-                      "llava.model.llava_arch": arch}.items():
+    arch.LlavaMetaForCausalLM = type(
+        "LlavaMetaForCausalLM", (), {"prepare_inputs_labels_for_multimodal": lambda *a: None}
+    )
+    for name, mod in {
+        "llava": types.ModuleType("llava"),
+        "llava.model": types.ModuleType("llava.model"),
+        "llava.model.llava_arch": arch,
+    }.items():
         monkeypatch.setitem(sys.modules, name, mod)
     scope: dict = {}
     exec(compile(source, "README.md", "exec"), scope)
     cfg = types.SimpleNamespace(mm_vision_tower=f"packvit:{hf_checkpoints['siglip2'][1]}", mm_vision_select_layer=-2)
     assert isinstance(scope["build_vision_tower"](cfg, delay_load=True), PackedVisionTower)
-    assert scope["build_vision_tower"](types.SimpleNamespace(mm_vision_tower="openai/clip-vit-large-patch14")) == "llava tower"
+    assert (
+        scope["build_vision_tower"](types.SimpleNamespace(mm_vision_tower="openai/clip-vit-large-patch14"))
+        == "llava tower"
+    )
     assert hasattr(arch.LlavaMetaForCausalLM.prepare_inputs_labels_for_multimodal, "_packvit_original")
 
 

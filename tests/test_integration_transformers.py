@@ -14,12 +14,15 @@ import pytest
 import torch
 
 from helpers import FAMILIES, PATCH, hf_reference, random_images, tiny_hf_config
-
 from weights_conversion import FAMILIES as REGISTRY
 
 transformers = pytest.importorskip("transformers")
 from packvit.integrations.transformers import (  # noqa: E402
-    PackvitQwen2VLVisual, PackvitVisionConfig, PackvitVisionModel, QwenImageProcessor, merge_order,
+    PackvitQwen2VLVisual,
+    PackvitVisionConfig,
+    PackvitVisionModel,
+    QwenImageProcessor,
+    merge_order,
 )
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -33,8 +36,15 @@ def tower(hf_checkpoints, family, **kw) -> PackvitVisionModel:
 
 
 def tiny_text_config(kind: str = "qwen2"):
-    kw = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-              num_key_value_heads=1, max_position_embeddings=512)
+    kw = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+    )
     return transformers.Qwen2Config(**kw) if kind == "qwen2" else transformers.LlamaConfig(**kw)
 
 
@@ -107,7 +117,7 @@ def test_tower_packed_and_padded_inputs(hf_checkpoints, family):
     assert torch.equal(out.grid_thw, grid_thw) and out.hidden_states[-1] is None
     rows = [f[0] for f in ref]
     assert max_diff(out.last_hidden_state, torch.cat(rows)) <= TOL
-    assert max_diff(out.hidden_states[-2], torch.cat([f[3][-2][0, f[1].shape[0]:] for f in ref])) <= TOL
+    assert max_diff(out.hidden_states[-2], torch.cat([f[3][-2][0, f[1].shape[0] :] for f in ref])) <= TOL
     assert max_diff(out.pooler_output, torch.cat([f[2] for f in ref])) <= TOL
     assert (out.prefix_tokens is not None) == (ref[0][1].shape[0] > 0)  # DINOv3's CLS and registers
     if out.prefix_tokens is not None:
@@ -186,8 +196,9 @@ def _train_step_and_generate(model, inputs, input_ids):
     assert torch.isfinite(out.loss)
     out.loss.backward()
     with torch.no_grad():
-        gen = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=3,
-                             do_sample=False, **inputs)
+        gen = model.generate(
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=3, do_sample=False, **inputs
+        )
     assert gen.shape == (input_ids.shape[0], input_ids.shape[1] + 3)
 
 
@@ -206,8 +217,11 @@ def test_llava_onevision(hf_checkpoints, family, frozen):
     has_cls = REGISTRY[family].num_prefix_tokens(tiny_hf_config(family)) > 0  # DINOv3
     t = tower(hf_checkpoints, family, image_size=side, prefix_tokens="cls" if has_cls else "all")
     config = transformers.LlavaOnevisionConfig(
-        vision_config=t.config, text_config=tiny_text_config(), image_token_index=IMAGE_TOKEN,
-        video_token_index=IMAGE_TOKEN + 1, image_grid_pinpoints=[[side, side], [side, 2 * side]],
+        vision_config=t.config,
+        text_config=tiny_text_config(),
+        image_token_index=IMAGE_TOKEN,
+        video_token_index=IMAGE_TOKEN + 1,
+        image_grid_pinpoints=[[side, side], [side, 2 * side]],
         vision_feature_layer=[-2, -1] if frozen else -2,  # both forms, for every family
         # "default" drops the first row: DINOv3's CLS (prefix_tokens="cls"); the others have none to drop
         vision_feature_select_strategy="default" if has_cls else "full",
@@ -240,7 +254,8 @@ def test_llava_onevision(hf_checkpoints, family, frozen):
     # the VLM's vision_aspect_ratio down to the tower, which must accept it).
     with torch.no_grad():
         video = model.model.get_video_features(
-            torch.randn(1, 2, 3, side, side), vision_feature_layer=config.vision_feature_layer,
+            torch.randn(1, 2, 3, side, side),
+            vision_feature_layer=config.vision_feature_layer,
             vision_feature_select_strategy=config.vision_feature_select_strategy,
         )
     assert all(torch.isfinite(v).all() for v in _features(video))
@@ -254,8 +269,11 @@ def test_llava_named_in_config_mixed_sizes_and_reload(hf_checkpoints, family, tm
     t = tower(hf_checkpoints, family)
     vision = {**t.config.to_dict(), "model_type": "packvit_vision"}
     config = transformers.LlavaConfig(
-        vision_config=vision, text_config=tiny_text_config("llama"), image_token_index=IMAGE_TOKEN,
-        vision_feature_layer=-1, vision_feature_select_strategy="full",
+        vision_config=vision,
+        text_config=tiny_text_config("llama"),
+        image_token_index=IMAGE_TOKEN,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
     )
     torch.manual_seed(0)
     model = transformers.LlavaForConditionalGeneration(config)
@@ -313,13 +331,28 @@ def test_qwen_visual_checks_its_grid(packvit_models):
 QWEN = {
     # class name prefix -> a tiny vision config (replaced by packvit, but built by the constructor)
     "Qwen2VL": dict(depth=1, embed_dim=16, num_heads=2, hidden_size=32, mlp_ratio=2),
-    "Qwen2_5_VL": dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
-                       fullatt_block_indexes=[0]),
+    "Qwen2_5_VL": dict(
+        depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, fullatt_block_indexes=[0]
+    ),
 }
-QWEN_VOCAB = {w: i for i, w in enumerate(
-    ["<unk>", "<pad>", "describe", "the", "image", "a", "cat",
-     "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-)}
+QWEN_VOCAB = {
+    w: i
+    for i, w in enumerate(
+        [
+            "<unk>",
+            "<pad>",
+            "describe",
+            "the",
+            "image",
+            "a",
+            "cat",
+            "<|vision_start|>",
+            "<|vision_end|>",
+            "<|image_pad|>",
+            "<|video_pad|>",
+        ]
+    )
+}
 
 
 def tiny_qwen(kind: str = "Qwen2VL", patch_size: int = 16):
@@ -331,9 +364,12 @@ def tiny_qwen(kind: str = "Qwen2VL", patch_size: int = 16):
     text_cfg.update(rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, vocab_size=VOCAB)
     v = QWEN_VOCAB
     config = getattr(transformers, f"{kind}Config")(
-        text_config=text_cfg, vision_config={**QWEN[kind], "patch_size": patch_size},
-        image_token_id=v["<|image_pad|>"], video_token_id=v["<|video_pad|>"],
-        vision_start_token_id=v["<|vision_start|>"], vision_end_token_id=v["<|vision_end|>"],
+        text_config=text_cfg,
+        vision_config={**QWEN[kind], "patch_size": patch_size},
+        image_token_id=v["<|image_pad|>"],
+        video_token_id=v["<|video_pad|>"],
+        vision_start_token_id=v["<|vision_start|>"],
+        vision_end_token_id=v["<|vision_end|>"],
     )
     torch.manual_seed(0)
     model = getattr(transformers, f"{kind}ForConditionalGeneration")(config)
@@ -341,7 +377,10 @@ def tiny_qwen(kind: str = "Qwen2VL", patch_size: int = 16):
     t = Tokenizer(models.WordLevel(v, unk_token="<unk>"))
     t.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=t, unk_token="<unk>", pad_token="<pad>", model_input_names=["input_ids", "attention_mask"],
+        tokenizer_object=t,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        model_input_names=["input_ids", "attention_mask"],
         additional_special_tokens=[w for w in v if w.startswith("<|")],
     )
     # Qwen2VLProcessor checks its image processor's class and, without torchvision, cannot build its
@@ -372,8 +411,10 @@ def test_qwen2_vl_with_packvit_visual(hf_checkpoints, family, kind, no_processor
     # The processor: packvit's sizes rounded to even patch grids; the text gets t*h*w/4 pad tokens.
     processor.image_processor = QwenImageProcessor.from_pretrained(d, max_num_patches=64, max_pixels=64 * 16 * 16)
     rng = torch.Generator().manual_seed(0)
-    photos = [Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=rng, dtype=torch.uint8).numpy())
-              for h, w in [(100, 60), (64, 64)]]
+    photos = [
+        Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=rng, dtype=torch.uint8).numpy())
+        for h, w in [(100, 60), (64, 64)]
+    ]
     prompt = "<|vision_start|><|image_pad|><|vision_end|> describe the image"
     batch = processor(images=photos, text=[prompt, prompt], return_tensors="pt", padding=True)
     grid = batch["image_grid_thw"]
@@ -429,7 +470,7 @@ def test_readme_transformers_section_runs(hf_checkpoints, monkeypatch, capsys, n
         code = re.sub(r'ckpt = "[^"]+"', f"ckpt = {str(d)!r}", code)
         for old, new in subs.items():
             code = code.replace(old, new)
-        assert "from_pretrained(\"Qwen" not in code and "AutoConfig.from_pretrained" not in code
+        assert 'from_pretrained("Qwen' not in code and "AutoConfig.from_pretrained" not in code
         scope = {"TINY_TEXT_CONFIG": text_config, "TINY_QWEN": qwen, "TINY_QWEN_PROCESSOR": processor}
         exec(compile(code, "README.md", "exec"), scope)
         scopes.append(scope)

@@ -32,8 +32,11 @@ def _pixels(model, seed=0):
 
 
 def test_each_model_declares_its_tables():
-    want = {"aimv2": (AIMv2Tables, ("sincos",)), "siglip2": (Siglip2Tables, ("resize",)),
-            "dinov3": (DINOv3Tables, ("cos", "sin", "coords", "is_patch", "frame"))}
+    want = {
+        "aimv2": (AIMv2Tables, ("sincos",)),
+        "siglip2": (Siglip2Tables, ("resize",)),
+        "dinov3": (DINOv3Tables, ("cos", "sin", "coords", "is_patch", "frame")),
+    }
     for family, m in _models().items():
         cls, fields = want[family]
         tables = m.prepare(GRID).tables

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import PATCH, random_images, tiny_hf_model
 from safetensors.torch import save_file
 
 import packvit
+from helpers import PATCH, random_images, tiny_hf_model
 from packvit.cli import main
 from weights_conversion import CheckpointError, ConversionError, load_model
 
@@ -43,8 +43,11 @@ def to_dinov3_original(hf, k_bias_seed=7, periods_dtype=torch.float32, bias_mask
         "mask_token": sd["embeddings.mask_token"].reshape(1, d),  # [1,D]
         "patch_embed.proj.weight": sd["embeddings.patch_embeddings.weight"],
         "patch_embed.proj.bias": sd["embeddings.patch_embeddings.bias"],
-        "rope_embed.periods": (cfg.rope_theta ** (4 * torch.arange(dh // 4, dtype=torch.float64) / dh)).to(periods_dtype),
-        "norm.weight": sd["norm.weight"], "norm.bias": sd["norm.bias"],
+        "rope_embed.periods": (cfg.rope_theta ** (4 * torch.arange(dh // 4, dtype=torch.float64) / dh)).to(
+            periods_dtype
+        ),
+        "norm.weight": sd["norm.weight"],
+        "norm.bias": sd["norm.bias"],
     }
     g = torch.Generator().manual_seed(k_bias_seed)
     for n in range(cfg.num_hidden_layers):
@@ -52,7 +55,9 @@ def to_dinov3_original(hf, k_bias_seed=7, periods_dtype=torch.float32, bias_mask
         a = L + "attention."
         out[B + "attn.qkv.weight"] = torch.cat([sd[a + f"{p}_proj.weight"] for p in "qkv"])
         # A random k third: the original masks it out (bias_mask), so packvit must drop it.
-        out[B + "attn.qkv.bias"] = torch.cat([sd[a + "q_proj.bias"], torch.randn(d, generator=g), sd[a + "v_proj.bias"]])
+        out[B + "attn.qkv.bias"] = torch.cat(
+            [sd[a + "q_proj.bias"], torch.randn(d, generator=g), sd[a + "v_proj.bias"]]
+        )
         if bias_mask:
             out[B + "attn.qkv.bias_mask"] = torch.tensor([1.0, 0.0, 1.0]).repeat_interleave(d)
         out[B + "attn.proj.weight"], out[B + "attn.proj.bias"] = sd[a + "o_proj.weight"], sd[a + "o_proj.bias"]
@@ -141,7 +146,10 @@ def to_aimv2_original(hf, lit: bool = False, head_bias: bool = True) -> dict[str
         out[B + "attn.qkv.weight"] = torch.cat([sd[L + f"attention.{p}_proj.weight"] for p in "qkv"])
         out[B + "attn.proj.weight"] = sd[L + "attention.out_proj.weight"]
         # fc2(silu(fc1 x) * fc3 x)
-        out[B + "mlp.fc1.weight"], out[B + "mlp.fc3.weight"] = sd[L + "ffn.gate_proj.weight"], sd[L + "ffn.up_proj.weight"]
+        out[B + "mlp.fc1.weight"], out[B + "mlp.fc3.weight"] = (
+            sd[L + "ffn.gate_proj.weight"],
+            sd[L + "ffn.up_proj.weight"],
+        )
         out[B + "mlp.fc2.weight"] = sd[L + "ffn.down_proj.weight"]
     if cfg.use_head:
         out["head.cls_token"] = sd["head.cls_token"]
@@ -151,12 +159,15 @@ def to_aimv2_original(hf, lit: bool = False, head_bias: bool = True) -> dict[str
             out["head.linear.bias"] = sd["head.output_proj.bias"]
     if lit:
         out = {"image_encoder." + k: v for k, v in out.items()}
-        out.update({
-            "text_encoder.preprocessor.text_embedding.weight": torch.randn(10, 32),
-            "text_encoder.trunk.blocks.0.attn.qkv.weight": torch.randn(96, 32),
-            "text_projector.weight": torch.randn(16, 32), "image_projector.weight": torch.randn(16, 64),
-            "log_logit_scale": torch.tensor(2.6),
-        })
+        out.update(
+            {
+                "text_encoder.preprocessor.text_embedding.weight": torch.randn(10, 32),
+                "text_encoder.trunk.blocks.0.attn.qkv.weight": torch.randn(96, 32),
+                "text_projector.weight": torch.randn(16, 32),
+                "image_projector.weight": torch.randn(16, 64),
+                "log_logit_scale": torch.tensor(2.6),
+            }
+        )
     return out
 
 
@@ -193,16 +204,32 @@ def test_cli_converts_original_formats(tmp_path, capsys):
     torch.save(to_dinov3_original(hf), tmp_path / "d.pth")
     assert main(["convert", str(tmp_path / "d.pth"), str(tmp_path / "pv"), "--no-progress"]) == 1
     assert "--allow-pickle" in capsys.readouterr().err and not (tmp_path / "pv").exists()
-    assert main(["convert", str(tmp_path / "d.pth"), str(tmp_path / "pv"), "--no-progress", "--allow-pickle",
-                 "--verify"]) == 0
+    assert (
+        main(["convert", str(tmp_path / "d.pth"), str(tmp_path / "pv"), "--no-progress", "--allow-pickle", "--verify"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "original-dinov3 layout" in out and "RoPE periods" in out and "OK: cosine min" in out
     _same_outputs(load_model(tmp_path / "pv", attn_backend="sdpa"), ref, "dinov3")
 
     hf = tiny_hf_model("aimv2")
     save_file(to_aimv2_original(hf), tmp_path / "a.safetensors")
-    assert main(["convert", str(tmp_path / "a.safetensors"), str(tmp_path / "pa"), "--no-progress",
-                 "--preset", "aimv2-large-patch14-native"]) == 1
+    assert (
+        main(
+            [
+                "convert",
+                str(tmp_path / "a.safetensors"),
+                str(tmp_path / "pa"),
+                "--no-progress",
+                "--preset",
+                "aimv2-large-patch14-native",
+            ]
+        )
+        == 1
+    )
     assert "does not match the weights" in capsys.readouterr().err
-    assert main(["convert", str(tmp_path / "a.safetensors"), str(tmp_path / "pa"), "--no-progress", "--num-heads", "4"]) == 0
+    assert (
+        main(["convert", str(tmp_path / "a.safetensors"), str(tmp_path / "pa"), "--no-progress", "--num-heads", "4"])
+        == 0
+    )
     _same_outputs(load_model(tmp_path / "pa", attn_backend="sdpa"), load_model_from(hf, tmp_path / "hfa"), "aimv2")

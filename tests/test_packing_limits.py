@@ -8,8 +8,7 @@ import time
 import pytest
 import torch
 
-from packvit import DINOv3, DINOv3Config, Siglip2, Siglip2Config
-from packvit import packing
+from packvit import DINOv3, DINOv3Config, Siglip2, Siglip2Config, packing
 from packvit.packing import MAX_TOKENS, cache_bytes, check_packed, clear_caches, grid_to_tuple, set_cache_limit
 
 
@@ -23,7 +22,10 @@ BAD_GRIDS = {
     "meta-device": (torch.tensor([[1, 2, 5]], device="meta"), "meta device"),
     "huge-int64": (torch.tensor([[1, 2**62, 4]]), "at most 2147483647"),
     "int32-overflow": (torch.tensor([[1, 50_000, 50_000]]), "2500000000 patches"),
-    "sum-overflows": ([[1, 40_000, 40_000], [1, 30_000, 30_000], [1, 1, 1]], r"at least 2500000000 patches \(up to grid_thw\[1\]"),
+    "sum-overflows": (
+        [[1, 40_000, 40_000], [1, 30_000, 30_000], [1, 1, 1]],
+        r"at least 2500000000 patches \(up to grid_thw\[1\]",
+    ),
     "python-bigint": ([[1, 2**70, 1]], "at most 2147483647"),
 }
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import FAMILIES, PATCH, hf_reference, random_images, tiny_hf_model
 
 import packvit
+from helpers import FAMILIES, PATCH, hf_reference, random_images, tiny_hf_model
 from weights_conversion import load_model
 
 ATOL = 1e-4
@@ -18,8 +18,11 @@ GRIDS = {
     "video_frames": [(3, 4, 6), (1, 5, 5), (2, 3, 2)],
     "single_image": [(1, 6, 10)],
     "many_images": [
-        (1, h, w) for h, w in zip(torch.randint(1, 13, (22,), generator=torch.Generator().manual_seed(7)).tolist(),
-                                  torch.randint(1, 13, (22,), generator=torch.Generator().manual_seed(8)).tolist())
+        (1, h, w)
+        for h, w in zip(
+            torch.randint(1, 13, (22,), generator=torch.Generator().manual_seed(7)).tolist(),
+            torch.randint(1, 13, (22,), generator=torch.Generator().manual_seed(8)).tolist(),
+        )
     ],
 }
 
@@ -53,7 +56,9 @@ def test_parity_all_outputs(family, grid_name, hf_checkpoints, packvit_models):
         k = i % (n_layers + 1)
         _close(out.hidden_states[k], torch.cat([r[3][k][0, P:] for r in ref]), f"hidden_states[{i}]")
         if P:
-            _close(out.prefix_hidden_states[k], torch.stack([r[3][k][0, :P] for r in ref]), f"prefix_hidden_states[{i}]")
+            _close(
+                out.prefix_hidden_states[k], torch.stack([r[3][k][0, :P] for r in ref]), f"prefix_hidden_states[{i}]"
+            )
 
 
 def test_layers_are_distinct(packvit_models):

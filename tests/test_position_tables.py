@@ -80,6 +80,8 @@ def test_dinov3_rope_equals_per_frame():
 
 def test_siglip2_resize_weights_equal_per_frame():
     ours = packed_resize_weights(GRID, 16, CPU)
-    ref = [torch.einsum("ia,jb->ijab", aa_bilinear_1d(16, h), aa_bilinear_1d(16, w)).reshape(h * w, 256)
-           for h, w in frames(GRID)]
+    ref = [
+        torch.einsum("ia,jb->ijab", aa_bilinear_1d(16, h), aa_bilinear_1d(16, w)).reshape(h * w, 256)
+        for h, w in frames(GRID)
+    ]
     assert torch.equal(ours, torch.cat(ref).float())

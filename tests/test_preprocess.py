@@ -4,7 +4,6 @@ The torchvision backend is tested in test_preprocess_torchvision.py."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -37,8 +36,9 @@ def _photo(h: int, w: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
 def siglip2_dir(tmp_path_factory):
     """A SigLIP2 checkpoint folder whose preprocessor_config.json the HF processor wrote itself."""
     d = tmp_path_factory.mktemp("siglip2-proc")
-    cfg = transformers.Siglip2VisionConfig(hidden_size=32, intermediate_size=32, num_hidden_layers=1,
-                                           num_attention_heads=2, patch_size=16)
+    cfg = transformers.Siglip2VisionConfig(
+        hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=16
+    )
     cfg.save_pretrained(d)
     hf = transformers.Siglip2ImageProcessorPil(max_num_patches=64)
     hf.save_pretrained(d)
@@ -84,8 +84,13 @@ def test_input_types_agree(siglip2_dir, tmp_path):
     path = tmp_path / "img.png"
     img.save(path)
     ref, g = proc([img])
-    for other in (a, torch.from_numpy(a).permute(2, 0, 1), torch.from_numpy(a).permute(2, 0, 1).float() / 255,
-                  str(path), path):
+    for other in (
+        a,
+        torch.from_numpy(a).permute(2, 0, 1),
+        torch.from_numpy(a).permute(2, 0, 1).float() / 255,
+        str(path),
+        path,
+    ):
         x, g2 = proc([other])
         assert torch.equal(g, g2) and torch.equal(x, ref), type(other).__name__
 
@@ -110,8 +115,9 @@ def test_fixed_mode_matches_clip_processor(tmp_path):
     """AIMv2's fixed-size recipe (CLIP: shortest edge, bicubic, centre crop) equals CLIPImageProcessorPil."""
     hf = transformers.CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
     hf.save_pretrained(tmp_path)
-    transformers.Aimv2VisionConfig(hidden_size=32, intermediate_size=32, num_hidden_layers=1,
-                                   num_attention_heads=2, patch_size=14).save_pretrained(tmp_path)
+    transformers.Aimv2VisionConfig(
+        hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=14
+    ).save_pretrained(tmp_path)
     proc = ImageProcessor.from_pretrained(tmp_path, mode="fixed", backend="pil")
     assert proc.config.resample == Image.BICUBIC
     images = [_photo(h, w, seed=i) for i, (h, w) in enumerate([(100, 150), (300, 61), (56, 56)])]

@@ -87,8 +87,9 @@ def _hf_processor(recipe: str, backend: str):
     if recipe == "dinov3-fixed":
         if backend == "torchvision":
             return transformers.DINOv3ViTImageProcessor(size=dict(_FIXED))
-        return transformers.ViTImageProcessorPil(size=dict(_FIXED), image_mean=list(IMAGENET_MEAN),
-                                                 image_std=list(IMAGENET_STD))
+        return transformers.ViTImageProcessorPil(
+            size=dict(_FIXED), image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD)
+        )
     raise ValueError(recipe)
 
 
@@ -96,8 +97,13 @@ RECIPES = ["siglip2-64", "siglip2-256", "siglip2-1024", "aimv2-fixed", "dinov3-f
 # max |pil - torchvision| of packvit's own two backends on ``images`` (the transformers PIL and
 # torchvision processors differ by exactly as much, since each backend equals its twin): one or
 # two 8-bit levels after normalisation, from interpolate(antialias=True) vs PIL's resampling.
-BACKEND_GAP = {"siglip2-64": 7.9e-3, "siglip2-256": 7.9e-3, "siglip2-1024": 1.6e-2, "aimv2-fixed": 3.1e-2,
-               "dinov3-fixed": 1.8e-2}
+BACKEND_GAP = {
+    "siglip2-64": 7.9e-3,
+    "siglip2-256": 7.9e-3,
+    "siglip2-1024": 1.6e-2,
+    "aimv2-fixed": 3.1e-2,
+    "dinov3-fixed": 1.8e-2,
+}
 
 
 def _checkpoint(tmp_path: Path, recipe: str, backend: str) -> tuple[Path, object]:
@@ -162,23 +168,34 @@ def test_native_mode_is_the_fixed_recipe_at_each_images_size(family, images, hf_
     fam = FAMILIES[family]
     patch, d = fam.patch_size, fam.preprocess
     mean, std = d.image_mean, d.image_std
-    cfg = PreprocessConfig(patch_size=patch, mode="native", image_mean=mean, image_std=std, resample=d.resample,
-                           backend="torchvision", rescale_first=d.rescale_first)
+    cfg = PreprocessConfig(
+        patch_size=patch,
+        mode="native",
+        image_mean=mean,
+        image_std=std,
+        resample=d.resample,
+        backend="torchvision",
+        rescale_first=d.rescale_first,
+    )
     proc = ImageProcessor(cfg)
     imgs = [im for im in images if max(im.size) / min(im.size) <= 200]
     x, grid = proc(imgs)
     refs = []
     for im, (_, h, w) in zip(imgs, grid.tolist()):
         size = {"height": h * patch, "width": w * patch}
-        hf = getattr(transformers, fam.hf_processor)(size=size, do_center_crop=False, image_mean=list(mean),
-                                                     image_std=list(std))
+        hf = getattr(transformers, fam.hf_processor)(
+            size=size, do_center_crop=False, image_mean=list(mean), image_std=list(std)
+        )
         refs.append(packvit.patchify(hf.preprocess([im], return_tensors="pt")["pixel_values"], patch)[0])
     _assert_identical(x, torch.cat(refs), f"{family} native torchvision")
 
 
 def test_torchvision_backend_video_and_input_types(images):
-    proc = ImageProcessor(PreprocessConfig(patch_size=16, mode="naflex", image_mean=(0.5,) * 3, image_std=(0.5,) * 3,
-                                           backend="torchvision"))
+    proc = ImageProcessor(
+        PreprocessConfig(
+            patch_size=16, mode="naflex", image_mean=(0.5,) * 3, image_std=(0.5,) * 3, backend="torchvision"
+        )
+    )
     frames = [_synthetic(120, 90, seed=s) for s in range(3)]
     x, grid = proc([images[0], frames])
     assert grid.tolist()[1][0] == 3
@@ -227,7 +244,7 @@ def test_center_crop_and_level_table_identical_to_transformers(hf_torchvision):
         assert torch.equal(ptv.center_crop(x, h, w), ref), (h, w)
     ramp = torch.arange(256, dtype=torch.uint8).view(1, 1, 1, 256).expand(1, 3, 1, 256).contiguous()
     for do_rescale, do_normalize in [(True, True), (True, False), (False, True), (False, False)]:
-        mean, std = packvit.preprocess.OPENAI_CLIP_MEAN, packvit.preprocess.OPENAI_CLIP_STD  # tuples: lru_cache
+        mean, std = FAMILIES["aimv2"].preprocess.image_mean, FAMILIES["aimv2"].preprocess.image_std  # OpenAI CLIP's, tuples: lru_cache
         ref = backend.rescale_and_normalize(ramp, do_rescale, 1 / 255, do_normalize, mean, std)
         table = ptv.level_table(3, do_rescale, 1 / 255, do_normalize, mean, std)
         assert torch.equal(table, ref.reshape(3, 256).to(torch.float32)), (do_rescale, do_normalize)
@@ -285,7 +302,9 @@ def test_dinov3_rescales_before_resizing(hf_checkpoints, tmp_path):
     _, d = hf_checkpoints["siglip2"]
     assert not ImageProcessor.from_pretrained(d).config.rescale_first
     # or from preprocessor_config.json's processor name (DINOv3's processor exists only for torchvision)
-    assert packvit.preprocess._from_processor_json({"image_processor_type": "DINOv3ViTImageProcessorFast"})["rescale_first"]
+    assert packvit.preprocess._from_processor_json({"image_processor_type": "DINOv3ViTImageProcessorFast"})[
+        "rescale_first"
+    ]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,8 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 # glue to other projects (LLaVA-NeXT, transformers); it imports them by design.
 TOOLS = ("packvit.cli", "packvit.commands", "packvit.demo", "packvit.bench", "packvit.integrations")
 # The model itself: it computes, it does not know where weights come from.
-MODEL = ("packvit.models", "packvit.attention", "packvit.layers", "packvit.packing", "packvit.fused_ops",
-         "packvit.triton_kernels")
+MODEL = (
+    "packvit.models",
+    "packvit.attention",
+    "packvit.layers",
+    "packvit.packing",
+    "packvit.fused_ops",
+    "packvit.triton_kernels",
+)
 
 
 def _module(f: Path) -> str:
@@ -77,8 +83,14 @@ def test_packvit_never_imports_transformers():
 # Public names: packvit's ``__all__`` (``from_pretrained`` and the ``*Packing`` classes included) and
 # weights_conversion's ``__all__``.
 
-LOADERS = ("packvit/__init__.py", "packvit/seed.py", "packvit/tower.py", "packvit/pretrained.py",
-           "packvit/zero3.py", "packvit/preprocess.py")
+LOADERS = (
+    "packvit/__init__.py",
+    "packvit/seed.py",
+    "packvit/tower.py",
+    "packvit/pretrained.py",
+    "packvit/zero3.py",
+    "packvit/preprocess.py",
+)
 
 
 def _module_file(name: str) -> Path | None:
@@ -124,15 +136,23 @@ def test_packvit_init_never_reaches_weights_conversion():
         if f is None:
             continue
         parents = [".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)]
-        todo.extend(parents + [m for m in _top_level_imports(f) if m.split(".")[0] in ("packvit", "weights_conversion")])
+        todo.extend(
+            parents + [m for m in _top_level_imports(f) if m.split(".")[0] in ("packvit", "weights_conversion")]
+        )
     reached = sorted(m for m in seen if _module_file(m) is not None)
     assert not [m for m in reached if m.startswith("weights_conversion")], reached
     assert "packvit._version" in reached
 
 
 def _fresh(code: str) -> str:
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout
 
@@ -178,7 +198,8 @@ def test_no_function_local_imports_between_packvit_and_weights_conversion():
     files = [ROOT / f for f in LOADERS] + sorted((ROOT / "weights_conversion").rglob("*.py"))
     offenders = [
         f"{f.relative_to(ROOT)}:{line} imports {name}"
-        for f in files for line, name in _function_local_imports(f)
+        for f in files
+        for line, name in _function_local_imports(f)
         if name.split(".")[0] in ("packvit", "weights_conversion")
     ]
     assert not offenders, offenders
@@ -202,10 +223,21 @@ sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", *sys.argv[1:]]))
 def test_core_tests_run_without_transformers():
     """Only the tests that compare against transformers need it: the core's tests run (none skipped)
     with transformers hidden, as on an install without it."""
-    files = ["tests/test_packing.py", "tests/test_packing_limits.py", "tests/test_position_tables.py",
-             "tests/test_attention.py", "tests/test_batching.py"]
-    r = subprocess.run([sys.executable, "-c", _WITHOUT_TRANSFORMERS, *files], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    files = [
+        "tests/test_packing.py",
+        "tests/test_packing_limits.py",
+        "tests/test_position_tables.py",
+        "tests/test_attention.py",
+        "tests/test_batching.py",
+    ]
+    r = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_TRANSFORMERS, *files],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
     summary = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else r.stderr[-2000:]
     assert r.returncode == 0 and " passed" in summary and "skipped" not in summary, summary
 
@@ -220,6 +252,7 @@ def test_public_names_resolve():
         assert not missing, f"{module.__name__}.__all__ names {missing}, which it does not define"
     assert {"load_model", "export_hf", "FAMILIES", "Family"} <= set(weights_conversion.__all__)
     assert {"from_pretrained", "AIMv2Packing", "DINOv3ViTPacking", "Siglip2NaflexPacking"} <= set(packvit.__all__)
+
 
 def test_the_library_never_imports_its_tools():
     """CLI, demo, bench and integrations import the library; nothing in packvit or

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, tiny_hf_model
 
+from helpers import ROOT
 from packvit.cli import main
 from weights_conversion import load_model, safe_write
 
@@ -58,14 +58,26 @@ def test_unsafe_destinations_are_refused_with_overwrite(command, case, src, tmp_
     (home / ".ssh" / "id").write_text("key")
     (home / "thesis.tex").write_text("years of work")
     monkeypatch.chdir(work)
-    dst = {"contains-src": str(proj), "equals-src": str(src), "cwd": ".", "parent-of-cwd": "..",
-           "home-like": str(home), "file": str(proj / "notes.txt")}[case]
+    dst = {
+        "contains-src": str(proj),
+        "equals-src": str(src),
+        "cwd": ".",
+        "parent-of-cwd": "..",
+        "home-like": str(home),
+        "file": str(proj / "notes.txt"),
+    }[case]
     before = _tree(tmp_path)
     assert main([command, str(src), dst, "--overwrite", "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"packvit {command}: error: DST" in err, err  # one clear line
-    want = {"contains-src": "contains the source", "equals-src": "is the source", "cwd": "working directory",
-            "parent-of-cwd": "working directory", "home-like": "packvit did not write", "file": "is a file"}[case]
+    want = {
+        "contains-src": "contains the source",
+        "equals-src": "is the source",
+        "cwd": "working directory",
+        "parent-of-cwd": "working directory",
+        "home-like": "packvit did not write",
+        "file": "is a file",
+    }[case]
     assert want in err
     assert _tree(tmp_path) == before  # not one file changed, added or removed
     assert not [p for p in tmp_path.rglob(".*packvit-*")]
@@ -126,8 +138,13 @@ def test_symlinked_dst_is_refused(src, tmp_path, capsys):
 
 def _drive(src: Path, work: Path, sig: str, mode: str) -> list[dict]:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    r = subprocess.run([sys.executable, str(ROOT / "tests" / "safe_write_driver.py"), str(src), str(work), sig, mode],
-                       capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "safe_write_driver.py"), str(src), str(work), sig, mode],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     assert rows[-1]["steps"] >= 20, rows[-1]  # the write really was cut at many points
@@ -221,7 +238,9 @@ def test_sigterm_while_writing_cleans_up(src, tmp_path, monkeypatch, capsys):
         os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(safetensors.torch, "save_file", save_then_term)
-    assert main(["convert", str(src), str(dst), "--no-progress", "--overwrite", "--dtype", "bf16"]) == 128 + signal.SIGTERM
+    assert (
+        main(["convert", str(src), str(dst), "--no-progress", "--overwrite", "--dtype", "bf16"]) == 128 + signal.SIGTERM
+    )
     assert "interrupted" in capsys.readouterr().err
     assert _tree(dst) == before and sorted(p.name for p in tmp_path.iterdir()) == ["pv", "sb"]
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers put back
@@ -266,8 +285,13 @@ def test_disk_full_from_the_kernel(src, tmp_path):
         "from packvit.cli import main; sys.exit(main(sys.argv[1:]))"
     )
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-c", code, "convert", str(src), str(dst), "--overwrite", "--no-progress"],
-                       capture_output=True, text=True, env=env, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", code, "convert", str(src), str(dst), "--overwrite", "--no-progress"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert r.returncode == 1, r.stderr[-3000:]
     assert r.stderr.count("\n") == 1 and "could not write model.safetensors" in r.stderr and "too large" in r.stderr
     assert _tree(dst) == before and sorted(p.name for p in tmp_path.iterdir()) == ["pv", "sb"]
@@ -319,8 +343,11 @@ def test_default_verify_threshold_catches_a_wrong_head_count(src, tmp_path, monk
     import weights_conversion
 
     real_build = weights_conversion.build_model
-    monkeypatch.setattr(weights_conversion, "build_model",
-                        lambda family, cfg, state, **kw: real_build(family, dataclasses.replace(cfg, num_heads=2), state, **kw))
+    monkeypatch.setattr(
+        weights_conversion,
+        "build_model",
+        lambda family, cfg, state, **kw: real_build(family, dataclasses.replace(cfg, num_heads=2), state, **kw),
+    )
     assert main(["convert", str(src), str(tmp_path / "pv"), "--no-progress", "--verify"]) == 1
     out = capsys.readouterr().out
     cos_min = float(next(s for s in out.splitlines() if s.startswith("mixed")).split()[5])

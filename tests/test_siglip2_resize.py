@@ -10,6 +10,7 @@ from packvit.models.siglip2 import packed_resize_weights
 def resize_weights(h, w, side, device):
     return packed_resize_weights(((1, h, w),), side, device)
 
+
 SHAPES = [(1, 1), (1, 9), (7, 2), (3, 20), (16, 16), (5, 7), (40, 3), (16, 1), (1, 16), (31, 33)]
 
 

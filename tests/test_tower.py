@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import PATCH, hf_reference, random_images
 
 import packvit
+from helpers import PATCH, hf_reference, random_images
 from packvit.tower import PackedVisionTower
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -74,7 +74,10 @@ def test_cls_patch_rejected_without_cls(hf_checkpoints):
 def test_raw_images_go_through_the_processor(hf_checkpoints):
     _, d = hf_checkpoints["siglip2"]
     tower = PackedVisionTower(d, _args())
-    imgs = [torch.randint(0, 256, (3, 50, 70), dtype=torch.uint8), torch.randint(0, 256, (3, 33, 200), dtype=torch.uint8)]
+    imgs = [
+        torch.randint(0, 256, (3, 50, 70), dtype=torch.uint8),
+        torch.randint(0, 256, (3, 33, 200), dtype=torch.uint8),
+    ]
     feats = tower(imgs)
     x, g = tower.image_processor(imgs)
     assert [f.shape[0] for f in feats] == g.prod(1).tolist()

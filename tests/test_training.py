@@ -12,9 +12,9 @@ import types
 
 import pytest
 import torch
-from helpers import PATCH, random_images, tiny_hf_model
 
 import packvit
+from helpers import PATCH, random_images, tiny_hf_model
 from packvit.layers import DropPath
 from packvit.packing import build_meta, grid_to_tuple
 from packvit.tower import PackedVisionTower
@@ -163,7 +163,10 @@ def rope_aug_pair(tmp_path_factory):
     model = load_model(d, attn_backend="sdpa")
     c = hf.config  # the augmentation settings come from config.json
     assert (model.config.pos_embed_shift, model.config.pos_embed_jitter, model.config.pos_embed_rescale) == (
-        c.pos_embed_shift, c.pos_embed_jitter, c.pos_embed_rescale)
+        c.pos_embed_shift,
+        c.pos_embed_jitter,
+        c.pos_embed_rescale,
+    )
     return hf, model
 
 
@@ -227,8 +230,13 @@ def test_compile_fullgraph_tower(select_feature, hf_checkpoints):
     tower = PackedVisionTower(d, args, attn_backend="sdpa")
     compiled = torch.compile(tower, fullgraph=True)
     p = PATCH["dinov3"]
-    grids = [[(1, 2, 3), (1, 3, 3)], [(1, 4, 5), (2, 1, 3), (1, 2, 2)], [(1, 3, 2), (1, 5, 4)],
-             [(1, 2, 2), (1, 4, 4), (1, 3, 6), (1, 1, 2)], [(1, 2, 3), (1, 3, 3)]]
+    grids = [
+        [(1, 2, 3), (1, 3, 3)],
+        [(1, 4, 5), (2, 1, 3), (1, 2, 2)],
+        [(1, 3, 2), (1, 5, 4)],
+        [(1, 2, 2), (1, 4, 4), (1, 3, 6), (1, 1, 2)],
+        [(1, 2, 3), (1, 3, 3)],
+    ]
     graphs = []
     for i, grid in enumerate(grids):
         x, _ = packvit.patchify(random_images(grid, p, seed=i), p)

@@ -20,11 +20,19 @@ needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is No
 def test_zero3_step_equals_plain_step_two_cpu_ranks():
     out = torchrun(ROOT / "benchmarks" / "zero3_check.py", "--device", "cpu", "--tiny", timeout=300)
     for family in FAMILIES:
-        for name in ("built inside zero.Init", "partitioned weights == checkpoint", "loss", "gradients",
-                     "one SGD step", "save_16bit_model -> fresh tower", "export_hf -> load_model",
-                     "HfDeepSpeedConfig, no zero.Init open",
-                     "transformers from_pretrained under ZeRO-3", "transformers _from_config under ZeRO-3",
-                     "frozen tower"):
+        for name in (
+            "built inside zero.Init",
+            "partitioned weights == checkpoint",
+            "loss",
+            "gradients",
+            "one SGD step",
+            "save_16bit_model -> fresh tower",
+            "export_hf -> load_model",
+            "HfDeepSpeedConfig, no zero.Init open",
+            "transformers from_pretrained under ZeRO-3",
+            "transformers _from_config under ZeRO-3",
+            "frozen tower",
+        ):
             assert f"ok   {family} {name}" in out, f"{family} {name}:\n{out[-3000:]}"
     assert "ZERO3 CHECK PASSED" in out
 

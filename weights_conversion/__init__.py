@@ -23,7 +23,14 @@ from typing import Any
 import torch
 
 from .checkpoint_io import (
-    CheckpointError, load_tensors, read_config, read_json_object, resolve, save_tensors, weight_files, write_text,
+    CheckpointError,
+    load_tensors,
+    read_config,
+    read_json_object,
+    resolve,
+    save_tensors,
+    weight_files,
+    write_text,
 )
 from .families import FAMILIES
 from .family import Family
@@ -34,9 +41,22 @@ from .progress import ByteBar
 from .safe_write import UnsafeDestinationError, atomic_directory
 
 __all__ = [
-    "FAMILIES", "Family", "CheckpointError", "ConversionError", "UnsafeDestinationError", "ConversionReport", "detect_family",
-    "convert_state_dict", "load_model", "export_hf", "model_family", "Checkpoint", "read_checkpoint", "cast_state",
-    "build_model", "config_of",
+    "FAMILIES",
+    "Family",
+    "CheckpointError",
+    "ConversionError",
+    "UnsafeDestinationError",
+    "ConversionReport",
+    "detect_family",
+    "convert_state_dict",
+    "load_model",
+    "export_hf",
+    "model_family",
+    "Checkpoint",
+    "read_checkpoint",
+    "cast_state",
+    "build_model",
+    "config_of",
 ]
 
 
@@ -201,7 +221,8 @@ def read_checkpoint(
             # ml-aim's custom-code hub revisions ship a config.json beside original-layout weights.
             num_heads = cfg_json["num_attention_heads"]
         fam_name, cfg, sd, report = convert_original(
-            FAMILIES[orig], tensors, preset=preset, overrides={"num_heads": num_heads})
+            FAMILIES[orig], tensors, preset=preset, overrides={"num_heads": num_heads}
+        )
         layout, hf_config = f"original-{orig}", None
     elif cfg_json is None:
         raise CheckpointError(
@@ -278,8 +299,15 @@ def load_model(
     bar = ByteBar("read", progress)
     try:
         ckpt = read_checkpoint(
-            src, revision=revision, config=config, family=family, strict_config=strict_config,
-            allow_pickle=allow_pickle, preset=preset, num_heads=num_heads, allow_nonfinite=allow_nonfinite,
+            src,
+            revision=revision,
+            config=config,
+            family=family,
+            strict_config=strict_config,
+            allow_pickle=allow_pickle,
+            preset=preset,
+            num_heads=num_heads,
+            allow_nonfinite=allow_nonfinite,
             progress=bar if progress else None,
         )
     finally:
@@ -305,7 +333,12 @@ def hf_state_dict(model) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def export_hf(
-    model, dst: str | os.PathLike, *, overwrite: bool = False, preprocessor: dict | None = None, sources=(),
+    model,
+    dst: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    preprocessor: dict | None = None,
+    sources=(),
 ) -> Path:
     """Write ``config.json`` and ``model.safetensors`` that transformers' ``from_pretrained`` loads,
     and ``preprocessor_config.json`` when given one (``Checkpoint.preprocessor``).

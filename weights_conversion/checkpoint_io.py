@@ -37,7 +37,8 @@ def resolve(src: str | os.PathLike, revision: str | None = None) -> Path:
     try:
         return Path(
             snapshot_download(
-                str(src), revision=revision,
+                str(src),
+                revision=revision,
                 allow_patterns=["config.json", "preprocessor_config.json", "*.safetensors", INDEX],
             )
         )
@@ -69,7 +70,9 @@ def _shard_path(folder: Path, name, index: Path) -> Path:
         raise CheckpointError(f"{index} names a shard {name!r}: expected a file name")
     rel = PurePosixPath(name)
     if rel.is_absolute() or ".." in rel.parts or "\\" in name:
-        raise CheckpointError(f"{index} names the shard {name!r}, outside the checkpoint folder {folder}; refusing to read it")
+        raise CheckpointError(
+            f"{index} names the shard {name!r}, outside the checkpoint folder {folder}; refusing to read it"
+        )
     return folder / rel
 
 
@@ -158,8 +161,18 @@ def parse_size(text: str | int) -> int:
     """``"5GB"``, ``"500MB"``, ``"20KiB"`` or a number of bytes -> bytes (decimal and binary units)."""
     if isinstance(text, int):
         return text
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    units = {
+        "": 1,
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+    }
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
     if not m or m.group(2).upper() not in units:
         raise ValueError(f"size {text!r} is not understood: expected a number of bytes or e.g. 500MB, 5GB, 2GiB")

@@ -86,8 +86,15 @@ def convert_checkpoint(
     read_bar = ByteBar("read", progress)
     try:
         ckpt = read_checkpoint(
-            src, revision=revision, config=config, strict_config=strict_config, allow_pickle=allow_pickle,
-            allow_nonfinite=allow_nonfinite, preset=preset, num_heads=num_heads, progress=read_bar,
+            src,
+            revision=revision,
+            config=config,
+            strict_config=strict_config,
+            allow_pickle=allow_pickle,
+            allow_nonfinite=allow_nonfinite,
+            preset=preset,
+            num_heads=num_heads,
+            progress=read_bar,
         )
     finally:
         read_bar.close()
@@ -102,12 +109,21 @@ def convert_checkpoint(
         with atomic_directory(dst, sources=sources, overwrite=overwrite, command="convert") as tmp:
             write_bar.reset(total)
             files = write_native(
-                tmp, ckpt.family, ckpt.config, state, max_shard_bytes=max_bytes, progress=write_bar.update,
+                tmp,
+                ckpt.family,
+                ckpt.config,
+                state,
+                max_shard_bytes=max_bytes,
+                progress=write_bar.update,
                 preprocessor=ckpt.preprocessor,
             )
             result = ConvertResult(
-                dst=tmp, checkpoint=ckpt, dtype=dtypes.pop() if len(dtypes) == 1 else None, num_params=num_params,
-                files=files, output_bytes=sum(f.stat().st_size for f in files),
+                dst=tmp,
+                checkpoint=ckpt,
+                dtype=dtypes.pop() if len(dtypes) == 1 else None,
+                num_params=num_params,
+                files=files,
+                output_bytes=sum(f.stat().st_size for f in files),
             )
             write_bar.close()
             if check is not None:

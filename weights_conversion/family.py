@@ -28,7 +28,9 @@ class PreprocessDefaults:
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         """(C, H, W) or (t, C, H, W) pixels in [0, 1] -> ``(x - mean) / std`` per channel."""
-        mean, std = (torch.tensor(v, dtype=x.dtype, device=x.device).view(-1, 1, 1) for v in (self.image_mean, self.image_std))
+        mean, std = (
+            torch.tensor(v, dtype=x.dtype, device=x.device).view(-1, 1, 1) for v in (self.image_mean, self.image_std)
+        )
         return (x - mean) / std
 
 

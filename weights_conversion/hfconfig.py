@@ -59,15 +59,23 @@ def check_types(cls, values: dict, where: str, names: dict[str, str] | None = No
         spec = str(f.type).replace(" ", "").split("|")
         if v is None and "None" in spec:
             continue
-        ok = any(isinstance(v, t) and not (isinstance(v, bool) and s != "bool") for s in spec for t in _TYPES.get(s, ()))
+        ok = any(
+            isinstance(v, t) and not (isinstance(v, bool) and s != "bool") for s in spec for t in _TYPES.get(s, ())
+        )
         if not ok:
             want = " or ".join("null" if s == "None" else s for s in spec)
             raise ValueError(f"{where}: field {names.get(f.name, f.name)} must be {want}, got {v!r}")
 
 
 def parse_fields(
-    d: dict, fields: dict[str, str], ignored: set[str], *, family: str, strict: bool = True,
-    model_type: str | None = None, config_class=None,
+    d: dict,
+    fields: dict[str, str],
+    ignored: set[str],
+    *,
+    family: str,
+    strict: bool = True,
+    model_type: str | None = None,
+    config_class=None,
 ) -> dict:
     """Map HF field names to dataclass fields; an unknown field is an error (a warning if not strict).
 

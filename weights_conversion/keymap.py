@@ -50,7 +50,9 @@ def one_way(name: str, forward: Callable[[list[torch.Tensor], Any], torch.Tensor
 
 IDENTITY = Transform("identity", lambda xs, cfg: xs[0], lambda x, cfg, n: [x])
 # q, k, v -> qkv and gate, up -> fc1: one matmul instead of several (equal parts along dim 0).
-CONCAT = Transform("concat", lambda xs, cfg: torch.cat(xs, 0), lambda x, cfg, n: [t.contiguous() for t in x.chunk(n, 0)])
+CONCAT = Transform(
+    "concat", lambda xs, cfg: torch.cat(xs, 0), lambda x, cfg, n: [t.contiguous() for t in x.chunk(n, 0)]
+)
 # A learned token stored as [1, 1, D] by HF and as [D] by packvit.
 TOKEN = Transform("token", lambda xs, cfg: xs[0].reshape(-1), lambda x, cfg, n: [x.reshape(1, 1, -1)])
 # A stack of learned tokens, [1, N, D] in HF and [N, D] in packvit.
@@ -188,7 +190,9 @@ def check_shapes(expected: dict[str, torch.Size], got: Tensors) -> None:
     if missing:
         raise ConversionError(f"converted weights lack {len(missing)} model tensors, e.g. {missing[:5]}")
     if unexpected:
-        raise ConversionError(f"converted weights have {len(unexpected)} tensors the model lacks, e.g. {unexpected[:5]}")
+        raise ConversionError(
+            f"converted weights have {len(unexpected)} tensors the model lacks, e.g. {unexpected[:5]}"
+        )
     bad = [(k, tuple(got[k].shape), tuple(s)) for k, s in expected.items() if tuple(got[k].shape) != tuple(s)]
     if bad:
         k, g, s = bad[0]
@@ -204,7 +208,11 @@ def check_dtypes(expected: dict[str, torch.dtype], got: Tensors) -> None:
     A checkpoint tensor stored as an integer or bool where the model holds a float would be
     silently cast by ``load_state_dict``; that is a broken or mislabelled file, not a weight.
     """
-    bad = [(k, got[k].dtype, d) for k, d in expected.items() if k in got and d.is_floating_point and not got[k].is_floating_point()]
+    bad = [
+        (k, got[k].dtype, d)
+        for k, d in expected.items()
+        if k in got and d.is_floating_point and not got[k].is_floating_point()
+    ]
     if bad:
         k, g, d = bad[0]
         raise ConversionError(

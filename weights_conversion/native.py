@@ -41,8 +41,10 @@ def describe_native(config) -> tuple[str, dict] | None:
         return None
     family, fields = config.get("family"), config.get("config")
     if family not in FAMILIES or not isinstance(fields, dict):
-        raise CheckpointError(f"packvit config.json names family {family!r} with config {type(fields).__name__}; "
-                              f"expected one of {sorted(FAMILIES)} and an object of fields")
+        raise CheckpointError(
+            f"packvit config.json names family {family!r} with config {type(fields).__name__}; "
+            f"expected one of {sorted(FAMILIES)} and an object of fields"
+        )
     return family, fields
 
 
@@ -134,7 +136,11 @@ def write_native(
     dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
     shards = plan_shards(state, max_shard_bytes)
-    names = [SINGLE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    names = (
+        [SINGLE]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     written = []
     for fname, keys in zip(names, shards):
         part = {k: state[k] for k in keys}

@@ -29,7 +29,8 @@ def require_transformers(what: str) -> None:
     if importlib.util.find_spec("transformers") is None:
         raise ModuleNotFoundError(
             f"{what} compares against transformers, which is not installed: pip install 'packvit[demo]' "
-            "(or pip install transformers)", name="transformers",
+            "(or pip install transformers)",
+            name="transformers",
         )
 
 
@@ -142,8 +143,9 @@ def tiny_hf_model(family: str, seed: int = 0, *, attn_implementation: str = "eag
 
 def tiny_checkpoint(family: str, directory: str | Path, seed: int = 0) -> Path:
     """Save a small transformers model with random weights (real architecture, real patch size)."""
-    model = tiny_hf_model(family, seed, attn_implementation="sdpa", hidden_size=128, intermediate_size=256,
-                          num_hidden_layers=4)
+    model = tiny_hf_model(
+        family, seed, attn_implementation="sdpa", hidden_size=128, intermediate_size=256, num_hidden_layers=4
+    )
     model.save_pretrained(directory)
     return Path(directory)
 
@@ -169,7 +171,9 @@ def run_twin(family: str, hf, frames: list[torch.Tensor], *, output_hidden_state
     x = out.last_hidden_state  # (B, P + L, D)
     lens = [(f.shape[-2] // patch) * (f.shape[-1] // patch) for f in frames]
     return TwinOutput(
-        patch_tokens=[x[i, p : p + n] for i, n in enumerate(lens)], prefix_tokens=x[:, :p],
+        patch_tokens=[x[i, p : p + n] for i, n in enumerate(lens)],
+        prefix_tokens=x[:, :p],
         pooler_output=getattr(out, "pooler_output", None),
-        hidden_states=out.hidden_states if output_hidden_states else None, num_prefix_tokens=p,
+        hidden_states=out.hidden_states if output_hidden_states else None,
+        num_prefix_tokens=p,
     )

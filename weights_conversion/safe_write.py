@@ -171,8 +171,10 @@ def clean_stale(target: Path) -> None:
         m = pattern.fullmatch(entry.name)
         if m is None:
             if entry.name.startswith(legacy) and entry.is_dir():
-                note(f"{entry} looks like a temporary folder left by a killed packvit run; remove it if no packvit "
-                     "is writing there")
+                note(
+                    f"{entry} looks like a temporary folder left by a killed packvit run; remove it if no packvit "
+                    "is writing there"
+                )
             continue
         owner = target.parent / m.group(1)
         kind, host, pid = m.group(2), m.group(3), int(m.group(4))
@@ -269,8 +271,10 @@ def _signals(mode: str) -> Iterator[list[int]]:
         handler = lambda signum, frame: received.append(signum)  # noqa: E731
         chosen = _SIGNALS
     else:
+
         def handler(signum, frame):
             raise Interrupted(signum)
+
         chosen = tuple(s for s in _SIGNALS if s != signal.SIGINT and signal.getsignal(s) == signal.SIG_DFL)
     previous = {s: signal.signal(s, handler) for s in chosen}
     try:

@@ -20,21 +20,33 @@ from .workloads import WORKLOADS
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="packvit bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="packvit bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", nargs="+", default=["all"], choices=("all", *FAMILIES))
     p.add_argument("--workload", nargs="+", default=["mixed32", "fixed32_448"], choices=sorted(WORKLOADS))
-    p.add_argument("--backend", nargs="+", default=["available"],
-                   help="packvit attention backends (fa4 flash_attn torch sdpa), or 'available' (default: every fused one)")
+    p.add_argument(
+        "--backend",
+        nargs="+",
+        default=["available"],
+        help="packvit attention backends (fa4 flash_attn torch sdpa), or 'available' (default: every fused one)",
+    )
     p.add_argument("--mode", nargs="+", default=["infer", "train"], choices=("infer", "train"))
     p.add_argument("--compile", nargs="+", default=["eager", "compile"], choices=("eager", "compile"))
     p.add_argument("--impl", nargs="+", default=["packvit", "hf"], choices=("packvit", "hf"))
-    p.add_argument("--checkpointing", action="store_true", help="also time training with activation checkpointing: of the MLPs only, and of whole blocks")
+    p.add_argument(
+        "--checkpointing",
+        action="store_true",
+        help="also time training with activation checkpointing: of the MLPs only, and of whole blocks",
+    )
     p.add_argument("--no-bound", action="store_true", help="skip timing the matmul + attention bound")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--iters", type=int, default=30)
-    p.add_argument("--min-cos", type=float, default=0.999, help="per-patch cosine vs HF below which a variant is refused")
+    p.add_argument(
+        "--min-cos", type=float, default=0.999, help="per-patch cosine vs HF below which a variant is refused"
+    )
     p.add_argument("--tiny", action="store_true", help="tiny random models and the 'tiny' workload: a smoke test")
     p.add_argument("--out", help="append JSON lines here")
     return p
@@ -69,9 +81,21 @@ def main(argv: list[str] | None = None) -> int:
     if a.tiny:
         a.workload = ["tiny"] if a.workload == ["mixed32", "fixed32_448"] else a.workload
     opt = Options(
-        models=list(FAMILIES) if "all" in a.model else a.model, workloads=a.workload, backends=a.backend,
-        modes=a.mode, compile=a.compile, impls=a.impl, device=a.device, dtype=a.dtype, warmup=a.warmup,
-        iters=a.iters, tiny=a.tiny, bound=not a.no_bound, checkpointing=a.checkpointing, min_cos=a.min_cos, out=a.out,
+        models=list(FAMILIES) if "all" in a.model else a.model,
+        workloads=a.workload,
+        backends=a.backend,
+        modes=a.mode,
+        compile=a.compile,
+        impls=a.impl,
+        device=a.device,
+        dtype=a.dtype,
+        warmup=a.warmup,
+        iters=a.iters,
+        tiny=a.tiny,
+        bound=not a.no_bound,
+        checkpointing=a.checkpointing,
+        min_cos=a.min_cos,
+        out=a.out,
     )
     rows = run(opt)
     from .report import markdown

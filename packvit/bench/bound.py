@@ -13,8 +13,16 @@ from .timing import measure
 from .workloads import Workload
 
 
-def bound_ms(model, workload: Workload, backend: str, train: bool, device: torch.device, dtype: torch.dtype,
-             warmup: int = 10, iters: int = 30) -> float:
+def bound_ms(
+    model,
+    workload: Workload,
+    backend: str,
+    train: bool,
+    device: torch.device,
+    dtype: torch.dtype,
+    warmup: int = 10,
+    iters: int = 30,
+) -> float:
     c = model.config
     D, H = c.hidden_size, c.num_heads
     Dh = D // H
@@ -33,19 +41,32 @@ def bound_ms(model, workload: Workload, backend: str, train: bool, device: torch
 
     def layer():
         q, k, v = (x @ wqkv.t()).view(T, 3, H, Dh).unbind(1)
-        o = varlen_attention(q, k, v, meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen, meta.max_seqlen,
-                             backend=backend, seqlens_q=meta.seqlens_cpu, seqlens_k=meta.seqlens_cpu)
+        o = varlen_attention(
+            q,
+            k,
+            v,
+            meta.cu_seqlens,
+            meta.cu_seqlens,
+            meta.max_seqlen,
+            meta.max_seqlen,
+            backend=backend,
+            seqlens_q=meta.seqlens_cpu,
+            seqlens_k=meta.seqlens_cpu,
+        )
         y = o.reshape(T, D) @ wo.t()
         h = (y @ wfc1.t())[:, :inter]  # a gated MLP's product is elementwise: not counted
         return h @ wfc2.t()
 
     if train:
+
         def fn():
             for t in (x, wqkv, wo, wfc1, wfc2):
                 t.grad = None
             layer().backward(torch.ones(T, D, device=device, dtype=dtype))
     else:
+
         def fn():
             with torch.inference_mode():
                 layer()
+
     return measure(fn, device, warmup, iters)["ms"] * c.num_layers

@@ -19,7 +19,6 @@ DEFAULT_PRESETS = {name: fam.default_preset for name, fam in FAMILIES.items()}
 TINY = dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128)
 
 
-
 def build_pair(
     family: str, preset: str | None, device: torch.device, dtype: torch.dtype, backend: str, tiny: bool = False
 ) -> tuple[nn.Module, PackedViT]:

@@ -26,20 +26,26 @@ def _gib(r: dict) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| model | workload | mode | implementation | ms (p10-p90) | vs HF | x bound | images/s | tokens/s | "
-            "TFLOP/s | MFU 798 / 989 | peak GiB |")
+    head = (
+        "| model | workload | mode | implementation | ms (p10-p90) | vs HF | x bound | images/s | tokens/s | "
+        "TFLOP/s | MFU 798 / 989 | peak GiB |"
+    )
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     hf_ms = {(r["model"], r["workload"], r["mode"]): r["ms"] for r in rows if r["impl"] == "hf" and "ms" in r}
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['model']} | {r['workload']} | | {_label({**r, 'mode': ''})} | **refused: {r['error']}** |"
-                       + " |" * 7)
+            out.append(
+                f"| {r['model']} | {r['workload']} | | {_label({**r, 'mode': ''})} | **refused: {r['error']}** |"
+                + " |" * 7
+            )
             continue
         key = (r["model"], r["workload"], r["mode"])
         speedup = f"{hf_ms[key] / r['ms']:.1f}x" if key in hf_ms and r["impl"] != "hf" else ""
         if r["impl"] == "bound":
-            out.append(f"| {r['model']} | {r['workload']} | {r['mode']} | {_label(r)} | {r['ms']:.1f} | {speedup} | "
-                       f"1.00 | | | {r['tflops']:.0f} | | |")
+            out.append(
+                f"| {r['model']} | {r['workload']} | {r['mode']} | {_label(r)} | {r['ms']:.1f} | {speedup} | "
+                f"1.00 | | | {r['tflops']:.0f} | | |"
+            )
             continue
         xb = f"{r['x_bound']:.2f}" if r.get("x_bound") else ""
         out.append(
@@ -83,8 +89,9 @@ def plot(rows: list[dict], path: str | Path) -> None:
                     best = hf
                 else:
                     b = name.split()[1]
-                    best = _best([r for r in at if r["impl"] == "packvit" and r["backend"] == b
-                                  and not r.get("checkpointing")])
+                    best = _best(
+                        [r for r in at if r["impl"] == "packvit" and r["backend"] == b and not r.get("checkpointing")]
+                    )
                     bound = _best([r for r in at if r["impl"] == "bound" and r["backend"] == b])
                     if bound:
                         ax.hlines(bound["tokens"] / bound["ms"], x - width / 2, x + width / 2, colors="k", lw=1.5)
@@ -99,7 +106,11 @@ def plot(rows: list[dict], path: str | Path) -> None:
         ax.margins(y=0.15)
         ax.set_title(f"{model}, {'forward' if mode == 'infer' else 'training step'}", fontsize=10)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.text(0.01, 0.003, "black tick: the bound (matmuls + attention kernel only) of that backend; "
-             "label: speed-up over HF", fontsize=7)
+    fig.text(
+        0.01,
+        0.003,
+        "black tick: the bound (matmuls + attention kernel only) of that backend; label: speed-up over HF",
+        fontsize=7,
+    )
     fig.tight_layout(rect=(0, 0.01, 1, 1))
     fig.savefig(path, dpi=110)

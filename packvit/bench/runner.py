@@ -23,7 +23,9 @@ from .models import DEFAULT_PRESETS, build_pair, forward_flops
 from .timing import measure, model_step
 from .workloads import Workload, get
 
-MATMUL_CEILING = 798.0  # TFLOP/s, bf16 dense matmul measured on the H100 and the H200 (the same figure on both: same tensor cores)
+MATMUL_CEILING = (
+    798.0  # TFLOP/s, bf16 dense matmul measured on the H100 and the H200 (the same figure on both: same tensor cores)
+)
 SPEC_PEAK = 989.0  # TFLOP/s, H100 SXM bf16 dense spec
 CPU = torch.device("cpu")
 
@@ -125,9 +127,16 @@ def make_case(s: Session, family: str, preset: str, workload: str, pv) -> Case:
     wl = get(workload, pv.config.patch_size)
     g = torch.Generator(device="cpu").manual_seed(0)
     patches = torch.randn(wl.num_patches, pv.patch_dim, generator=g).to(s.device, s.dtype)
-    base = dict(model=family, preset=preset, workload=wl.name, images=wl.num_images, frames=wl.num_frames,
-                tokens=wl.num_patches, tokens_with_prefix=wl.num_patches + pv.num_prefix * wl.num_frames,
-                dtype=s.opt.dtype)
+    base = dict(
+        model=family,
+        preset=preset,
+        workload=wl.name,
+        images=wl.num_images,
+        frames=wl.num_frames,
+        tokens=wl.num_patches,
+        tokens_with_prefix=wl.num_patches + pv.num_prefix * wl.num_frames,
+        dtype=s.opt.dtype,
+    )
     return Case(wl, patches, torch.tensor(wl.grid), forward_flops(pv, wl), base)
 
 
@@ -135,13 +144,27 @@ def step_flops(case: Case, mode: str) -> float:
     return case.flops * (3 if mode == "train" else 1)  # backward: twice the forward's matmuls
 
 
-def timed_row(case: Case, impl: str, mode: str, backend: str, compiled: bool, how: str, t: dict,
-              check: dict | None = None, extra: dict | None = None) -> dict:
+def timed_row(
+    case: Case,
+    impl: str,
+    mode: str,
+    backend: str,
+    compiled: bool,
+    how: str,
+    t: dict,
+    check: dict | None = None,
+    extra: dict | None = None,
+) -> dict:
     """A row with a speed: ``measure``'s timings ``t`` and the rates they give."""
     tflops = step_flops(case, mode) / t["ms"] / 1e9
     r = dict(case.base, impl=impl, mode=mode, backend=backend, compiled=compiled, how=how, **t)
-    r.update(images_per_s=case.wl.num_images / t["ms"] * 1e3, tokens_per_s=case.wl.num_patches / t["ms"] * 1e3,
-             tflops=tflops, mfu=tflops / MATMUL_CEILING, mfu_spec=tflops / SPEC_PEAK)
+    r.update(
+        images_per_s=case.wl.num_images / t["ms"] * 1e3,
+        tokens_per_s=case.wl.num_patches / t["ms"] * 1e3,
+        tflops=tflops,
+        mfu=tflops / MATMUL_CEILING,
+        mfu_spec=tflops / SPEC_PEAK,
+    )
     if check:
         r["check"] = check
     r.update(extra or {})
@@ -162,6 +185,7 @@ def hf_reference(s: Session, family: str, hf, pv, case: Case) -> tuple[HFRunner,
 def hf_step(runner: HFRunner, mode: str) -> Callable[[], None]:
     """One HF forward (under inference_mode) or training step, with the model's mode set."""
     if mode == "infer":
+
         def step():
             with torch.inference_mode():
                 runner.infer()
@@ -171,6 +195,7 @@ def hf_step(runner: HFRunner, mode: str) -> Callable[[], None]:
         def step():
             runner.model.zero_grad(set_to_none=True)
             runner.train_step()
+
     return step
 
 
@@ -192,8 +217,18 @@ def time_bounds(s: Session, pv, case: Case, backend: str) -> dict[str, float]:
     for mode in s.opt.modes:
         ms = bound_ms(pv, case.wl, backend, mode == "train", s.device, s.dtype, s.opt.warmup, s.opt.iters)
         bounds[mode] = ms
-        s.record(dict(case.base, impl="bound", mode=mode, backend=backend, compiled=False, how="matmuls + attention",
-                      ms=ms, tflops=step_flops(case, mode) / ms / 1e9))
+        s.record(
+            dict(
+                case.base,
+                impl="bound",
+                mode=mode,
+                backend=backend,
+                compiled=False,
+                how="matmuls + attention",
+                ms=ms,
+                tflops=step_flops(case, mode) / ms / 1e9,
+            )
+        )
     return bounds
 
 
@@ -212,8 +247,9 @@ def check_parity(s: Session, pv, case: Case, ref: torch.Tensor) -> tuple[dict | 
     return check, None if ok else f"output differs from HF: {check}"
 
 
-def time_packvit(s: Session, pv, case: Case, backend: str, compiled: bool, check: dict,
-                 bounds: dict[str, float]) -> None:
+def time_packvit(
+    s: Session, pv, case: Case, backend: str, compiled: bool, check: dict, bounds: dict[str, float]
+) -> None:
     """Time packvit's forward and training step (and, with --checkpointing, checkpointed training)."""
     variants = [("infer", False), ("train", False)]
     variants += [("train", "mlp"), ("train", True)] if s.opt.checkpointing else []
@@ -225,8 +261,17 @@ def time_packvit(s: Session, pv, case: Case, backend: str, compiled: bool, check
         try:
             t = measure(model_step(pv, case.patches, case.grid, mode), s.device, warmup, s.opt.iters)
         except Exception as e:
-            s.record(dict(case.base, impl="packvit", mode=mode, backend=backend, compiled=compiled,
-                          checkpointing=ckpt, error=_err(e)))
+            s.record(
+                dict(
+                    case.base,
+                    impl="packvit",
+                    mode=mode,
+                    backend=backend,
+                    compiled=compiled,
+                    checkpointing=ckpt,
+                    error=_err(e),
+                )
+            )
         else:
             extra = {"checkpointing": ckpt}
             if mode in bounds:
@@ -237,8 +282,9 @@ def time_packvit(s: Session, pv, case: Case, backend: str, compiled: bool, check
             pv.gradient_checkpointing = False
 
 
-def run_packvit(s: Session, pv, case: Case, ref: torch.Tensor, backend: str, compiled: bool,
-                bounds: dict[str, float]) -> None:
+def run_packvit(
+    s: Session, pv, case: Case, ref: torch.Tensor, backend: str, compiled: bool, bounds: dict[str, float]
+) -> None:
     """One packvit variant: checked against HF, then timed only if it agrees."""
     pv.set_attention_backend(backend)
     if compiled:

@@ -56,8 +56,12 @@ def measure(fn: Callable[[], object], device: torch.device, warmup: int, iters: 
         ms = [t * 1e3 for t in times]
         peak = resident = None
     return dict(
-        ms=statistics.median(ms), p10=_quantile(ms, 0.1), p90=_quantile(ms, 0.9), iters=iters,
-        peak_gib=peak, resident_gib=resident,
+        ms=statistics.median(ms),
+        p10=_quantile(ms, 0.1),
+        p90=_quantile(ms, 0.9),
+        iters=iters,
+        peak_gib=peak,
+        resident_gib=resident,
     )
 
 
@@ -76,4 +80,5 @@ def model_step(model, px, grid, mode: str):
         def step():
             model.zero_grad(set_to_none=True)
             model(px, grid).float().square().mean().backward()
+
     return step

@@ -66,28 +66,30 @@ def video(patch: int) -> Workload:
 # documents, screenshots, slides and photos of their own aspect ratios, 1k to 4k patches each at
 # patch 16 (about 1.3x more at patch 14). (t, h, w) in pixels, h first.
 _LLAVA_MIX = [
-    (1, 1024, 724),   # A4 page scan
-    (1, 1024, 792),   # US letter page
-    (1, 1024, 384),   # receipt
-    (1, 576, 1024),   # slide, 16:9
-    (1, 640, 1024),   # desktop screenshot, 16:10
-    (1, 1024, 472),   # phone screenshot
+    (1, 1024, 724),  # A4 page scan
+    (1, 1024, 792),  # US letter page
+    (1, 1024, 384),  # receipt
+    (1, 576, 1024),  # slide, 16:9
+    (1, 640, 1024),  # desktop screenshot, 16:10
+    (1, 1024, 472),  # phone screenshot
     (1, 1024, 1024),  # web page capture
-    (1, 600, 800),    # chart
-    (1, 576, 768),    # photo 4:3
-    (1, 512, 768),    # photo 3:2
-    (1, 504, 896),    # photo 16:9
-    (1, 768, 576),    # portrait photo 3:4
-    (1, 640, 640),    # square photo
-    (1, 384, 1024),   # panorama
-    (1, 512, 512),    # thumbnail
-    (1, 720, 960),    # phone photo 4:3
+    (1, 600, 800),  # chart
+    (1, 576, 768),  # photo 4:3
+    (1, 512, 768),  # photo 3:2
+    (1, 504, 896),  # photo 16:9
+    (1, 768, 576),  # portrait photo 3:4
+    (1, 640, 640),  # square photo
+    (1, 384, 1024),  # panorama
+    (1, 512, 512),  # thumbnail
+    (1, 720, 960),  # phone photo 4:3
 ]
 
 
 def llava_mix(patch: int) -> Workload:
     return _pixels(
-        "llava_mix", _LLAVA_MIX, patch,
+        "llava_mix",
+        _LLAVA_MIX,
+        patch,
         "16 images of real aspect ratios (pages, screenshots, slides, charts, photos), longest side <= 1024 px",
     )
 
@@ -97,8 +99,14 @@ def tiny(patch: int) -> Workload:
     return Workload("tiny", ((1, 3, 5), (1, 4, 4), (2, 2, 3), (1, 1, 6)), "smoke test")
 
 
-WORKLOADS = {"mixed32": mixed32, "fixed32_448": fixed32_448, "highres": highres, "video": video,
-             "llava_mix": llava_mix, "tiny": tiny}
+WORKLOADS = {
+    "mixed32": mixed32,
+    "fixed32_448": fixed32_448,
+    "highres": highres,
+    "video": video,
+    "llava_mix": llava_mix,
+    "tiny": tiny,
+}
 
 
 def get(name: str, patch: int) -> Workload:

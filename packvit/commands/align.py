@@ -35,23 +35,45 @@ def size_arg(text: str) -> tuple[int, int]:
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
-        "align", help="compare packvit with transformers per resolution and on a mixed batch",
+        "align",
+        help="compare packvit with transformers per resolution and on a mixed batch",
         description=(__doc__.split("\n\n")[0] + " " + __doc__.split("\n\n")[1]).replace("``", "").replace("\n", " "),
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--ckpt", required=True, help="checkpoint: hub id, folder or weights file (any layout packvit reads)")
+    p.add_argument(
+        "--ckpt", required=True, help="checkpoint: hub id, folder or weights file (any layout packvit reads)"
+    )
     add_source_args(p, name="--ckpt")
     p.add_argument("--device", default="cpu", help="device for both models (default cpu)")
     p.add_argument("--dtype", type=dtype_arg, default=torch.float32, help="dtype for both models (default float32)")
-    p.add_argument("--batch_size", "--batch-size", type=positive_int, default=2, help="images per resolution (default 2)")
-    p.add_argument("--image_size", "--image-size", type=size_arg, nargs="+", default=[(224, 224), (448, 448)],
-                   help="resolutions in pixels, 224 or HxW, rounded to the patch size (default 224 448)")
-    p.add_argument("--threshold", type=float, default=0.99,
-                   help="exit 1 when a cosine minimum is below this (default 0.99)")
-    p.add_argument("--use_real_images", "--use-real-images", action="store_true",
-                   help="use photos (from --image_dir) instead of random pixels")
-    p.add_argument("--image_dir", "--image-dir", type=Path, default=ASSETS,
-                   help="folder of photos for --use_real_images (default: packvit's bundled assets)")
+    p.add_argument(
+        "--batch_size", "--batch-size", type=positive_int, default=2, help="images per resolution (default 2)"
+    )
+    p.add_argument(
+        "--image_size",
+        "--image-size",
+        type=size_arg,
+        nargs="+",
+        default=[(224, 224), (448, 448)],
+        help="resolutions in pixels, 224 or HxW, rounded to the patch size (default 224 448)",
+    )
+    p.add_argument(
+        "--threshold", type=float, default=0.99, help="exit 1 when a cosine minimum is below this (default 0.99)"
+    )
+    p.add_argument(
+        "--use_real_images",
+        "--use-real-images",
+        action="store_true",
+        help="use photos (from --image_dir) instead of random pixels",
+    )
+    p.add_argument(
+        "--image_dir",
+        "--image-dir",
+        type=Path,
+        default=ASSETS,
+        help="folder of photos for --use_real_images (default: packvit's bundled assets)",
+    )
     p.add_argument("--backend", default="auto", help="packvit attention backend (default auto)")
     p.add_argument("--seed", type=int, default=0, help="seed for random images (default 0)")
     return p
@@ -89,7 +111,6 @@ def make_images(photos, n: int, size: tuple[int, int], normalise, gen: torch.Gen
 
 def run(args: argparse.Namespace) -> int:
     from weights_conversion import FAMILIES, build_model, cast_state, read_checkpoint
-
     from weights_conversion.reference import load_reference
 
     from .parity import HEADER, compare, reference_dir, row
@@ -106,8 +127,10 @@ def run(args: argparse.Namespace) -> int:
 
     with reference_dir(ckpt, model) as (ref_path, what):
         hf = load_reference(ref_path, args.device, args.dtype)
-        print(f"packvit {ckpt.family} ({ckpt.layout} checkpoint, {model.attn_backend}, {args.dtype}, {args.device}) "
-              f"vs {what}; {'photos from ' + str(args.image_dir) if photos else 'random pixels'}")
+        print(
+            f"packvit {ckpt.family} ({ckpt.layout} checkpoint, {model.attn_backend}, {args.dtype}, {args.device}) "
+            f"vs {what}; {'photos from ' + str(args.image_dir) if photos else 'random pixels'}"
+        )
         print(HEADER)
         results = []
         groups = [(f"{h}x{w}", make_images(photos, args.batch_size, (h, w), normalise, gen)) for h, w in sizes]

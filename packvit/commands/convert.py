@@ -17,24 +17,37 @@ EXAMPLES = """examples:
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
-        "convert", help="convert a checkpoint (HF, original dinov3/ml-aim, packvit) to packvit safetensors",
+        "convert",
+        help="convert a checkpoint (HF, original dinov3/ml-aim, packvit) to packvit safetensors",
         description="Convert a checkpoint to packvit's own layout: safetensors under packvit's tensor names "
         "(sharded above --max-shard-size, with an index) and a config.json recording the family and its "
         "config fields, and the source's preprocessor_config.json. Written to a temporary folder beside DST, "
         "checked there (--verify), then swapped in: on an error, a failed --verify or Ctrl-C, DST is as it was.",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_write_args(p)
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 500MB, 5GB (default 5GB)")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                   help="show progress bars (bytes read and written)")
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="show progress bars (bytes read and written)",
+    )
     v = p.add_argument_group("verification")
-    v.add_argument("--verify", action="store_true",
-                   help="run transformers and the converted model on a mixed-resolution batch and print parity")
+    v.add_argument(
+        "--verify",
+        action="store_true",
+        help="run transformers and the converted model on a mixed-resolution batch and print parity",
+    )
     v.add_argument("--device", default="cpu", help="device for --verify (default cpu)")
-    v.add_argument("--threshold", type=float, default=None,
-                   help="--verify fails (exit 1, nothing written) when the minimum cosine similarity is below this "
-                   f"(default {THRESHOLDS['float32']} for float32 output, {THRESHOLDS['16-bit']} for bfloat16/float16)")
+    v.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="--verify fails (exit 1, nothing written) when the minimum cosine similarity is below this "
+        f"(default {THRESHOLDS['float32']} for float32 output, {THRESHOLDS['16-bit']} for bfloat16/float16)",
+    )
     return p
 
 
@@ -64,8 +77,14 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         convert_checkpoint(
-            args.src, args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-            progress=args.progress, check=check, **source_kwargs(args),
+            args.src,
+            args.dst,
+            dtype=args.dtype,
+            max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite,
+            progress=args.progress,
+            check=check,
+            **source_kwargs(args),
         )
     except VerificationFailed as e:
         print(f"FAIL: {e}")
@@ -83,7 +102,6 @@ def verify(result, device: str, threshold: float | None) -> None:
     """Read back what was written (``result.dst``, the temporary folder) and compare it with
     transformers; raise ``VerificationFailed`` below ``threshold``."""
     from weights_conversion import load_model
-
     from weights_conversion.reference import load_reference
 
     from .parity import HEADER, compare, reference_dir, row
@@ -95,11 +113,15 @@ def verify(result, device: str, threshold: float | None) -> None:
         hf = load_reference(ref_path, device, torch.float32)
         patch = model.config.patch_size
         g = torch.Generator().manual_seed(0)
-        images = [torch.randn(model.config.num_channels, h * patch, w * patch, generator=g).to(device)
-                  for h, w in VERIFY_GRIDS]
+        images = [
+            torch.randn(model.config.num_channels, h * patch, w * patch, generator=g).to(device)
+            for h, w in VERIFY_GRIDS
+        ]
         metrics = compare(ckpt.family, model, hf, images)
-    print(f"verify: packvit ({model.dtype}, {model.attn_backend}, {device}) vs {what}; random pixels, grids (h x w "
-          f"patches) {', '.join(f'{h}x{w}' for h, w in VERIFY_GRIDS)} in one packed batch")
+    print(
+        f"verify: packvit ({model.dtype}, {model.attn_backend}, {device}) vs {what}; random pixels, grids (h x w "
+        f"patches) {', '.join(f'{h}x{w}' for h, w in VERIFY_GRIDS)} in one packed batch"
+    )
     print(HEADER)
     print(row("mixed", len(images), metrics))
     if threshold is None:

@@ -14,17 +14,20 @@ EXAMPLES = """examples:
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
-        "export-hf", help="write a checkpoint as config.json + model.safetensors that transformers loads",
+        "export-hf",
+        help="write a checkpoint as config.json + model.safetensors that transformers loads",
         description="Write a checkpoint (packvit-native, e.g. a tower fine-tuned in LLaVA, or any layout "
         "packvit reads) as the Hugging Face layout transformers' from_pretrained loads. Converting an HF "
         "checkpoint and exporting it gives back the same tensors bit for bit; the source's "
         "preprocessor_config.json comes along. Written to a temporary folder beside DST and swapped in: "
         "on an error or Ctrl-C, DST is as it was.",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_write_args(p)
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                   help="show a progress bar (bytes read)")
+    p.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar (bytes read)"
+    )
     return p
 
 
@@ -45,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
     n = sum(p.numel() for p in model.parameters())
     files = sorted(f.name for f in out.iterdir() if not f.name.startswith("."))
     size = sum((out / f).stat().st_size for f in files)
-    print(f"exported {ckpt.family} model ({n:,} parameters, {str(model.dtype).removeprefix('torch.')}) "
-          f"to {out} ({' + '.join(files)}, {size / 1e6:.1f} MB)")
+    print(
+        f"exported {ckpt.family} model ({n:,} parameters, {str(model.dtype).removeprefix('torch.')}) "
+        f"to {out} ({' + '.join(files)}, {size / 1e6:.1f} MB)"
+    )
     return 0

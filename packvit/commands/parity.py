@@ -60,8 +60,12 @@ def compare(family: str, model, hf, images: list[torch.Tensor]) -> dict[str, flo
     diff = (a - b).abs()
     cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
     return {
-        "tokens": a.shape[0], "max_diff": diff.max().item(), "mean_diff": diff.mean().item(),
-        "cos_min": cos.min().item(), "cos_mean": cos.mean().item(), "cos_max": cos.max().item(),
+        "tokens": a.shape[0],
+        "max_diff": diff.max().item(),
+        "mean_diff": diff.mean().item(),
+        "cos_min": cos.min().item(),
+        "cos_mean": cos.mean().item(),
+        "cos_max": cos.max().item(),
     }
 
 
@@ -69,5 +73,7 @@ HEADER = f"{'batch':<16} {'images':>6} {'tokens':>7} {'max diff':>10} {'mean dif
 
 
 def row(name: str, n_images: int, m: dict[str, float]) -> str:
-    return (f"{name:<16} {n_images:>6} {m['tokens']:>7} {m['max_diff']:>10.3e} {m['mean_diff']:>10.3e} "
-            f"{m['cos_min']:>9.6f} {m['cos_mean']:>9.6f} {m['cos_max']:>9.6f}")
+    return (
+        f"{name:<16} {n_images:>6} {m['tokens']:>7} {m['max_diff']:>10.3e} {m['mean_diff']:>10.3e} "
+        f"{m['cos_min']:>9.6f} {m['cos_mean']:>9.6f} {m['cos_max']:>9.6f}"
+    )

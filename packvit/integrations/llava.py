@@ -74,17 +74,26 @@ def install() -> None:
         image_sizes=None,
     ):
         tower = self.get_vision_tower()
-        if (not isinstance(tower, PackedVisionTower) or tower.fixed_size or images is None
-                or input_ids.shape[1] == 1):
-            return original(self, input_ids, position_ids, attention_mask, past_key_values, labels, images,
-                            modalities, image_sizes)
+        if not isinstance(tower, PackedVisionTower) or tower.fixed_size or images is None or input_ids.shape[1] == 1:
+            return original(
+                self, input_ids, position_ids, attention_mask, past_key_values, labels, images, modalities, image_sizes
+            )
         features = encode_images(self, images, modalities)
         # The original's single-tensor branch is `image_features = self.encode_images(images)`,
         # followed by the splice: an instance attribute answers that call with our token lists.
         self.encode_images = lambda _images: features
         try:
-            return original(self, input_ids, position_ids, attention_mask, past_key_values, labels,
-                            torch.empty(0), modalities, image_sizes)
+            return original(
+                self,
+                input_ids,
+                position_ids,
+                attention_mask,
+                past_key_values,
+                labels,
+                torch.empty(0),
+                modalities,
+                image_sizes,
+            )
         finally:
             del self.encode_images
 
@@ -115,7 +124,9 @@ def _entries(images) -> list[torch.Tensor]:
             return list(images.unbind(0))
         if images.dim() == 5:  # (B, F, C, H, W): B entries of F frames
             return list(images.unbind(0))
-        raise ValueError(f"images must be PackedPixels, a list, or a (B, C, H, W) tensor; got shape {list(images.shape)}")
+        raise ValueError(
+            f"images must be PackedPixels, a list, or a (B, C, H, W) tensor; got shape {list(images.shape)}"
+        )
     return list(images)
 
 
@@ -125,7 +136,9 @@ def _frames(entry: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, torch.T
         x, grid = entry.packed()
     else:  # a dense, normalised (C, H, W) / (F, C, H, W) tensor, e.g. train.py's text-only placeholder
         if entry.dim() not in (3, 4):
-            raise ValueError(f"an image must be PackedPixels or a normalised [C, H, W] / [F, C, H, W] tensor, got {list(entry.shape)}")
+            raise ValueError(
+                f"an image must be PackedPixels or a normalised [C, H, W] / [F, C, H, W] tensor, got {list(entry.shape)}"
+            )
         x, grid = patchify(list(entry.unbind(0)) if entry.dim() == 4 else [entry], patch_size)
     return x, frame_grid(grid)
 
@@ -214,11 +227,15 @@ def _pool(model, grid: torch.Tensor) -> torch.Tensor:
     elif mode == "max":
         x = F.max_pool2d(x, stride)
     elif mode == "bilinear":
-        x = F.interpolate(x, size=[math.ceil(grid.shape[0] / stride), math.ceil(grid.shape[1] / stride)], mode="bilinear")
+        x = F.interpolate(
+            x, size=[math.ceil(grid.shape[0] / stride), math.ceil(grid.shape[1] / stride)], mode="bilinear"
+        )
     else:
         raise ValueError(f"Unexpected mm_spatial_pool_mode: {mode!r}")
     if x.shape[-1] == 0 or x.shape[-2] == 0:
-        raise ValueError(f"a video frame of {grid.shape[0]}x{grid.shape[1]} patches is smaller than mm_spatial_pool_stride={stride}")
+        raise ValueError(
+            f"a video frame of {grid.shape[0]}x{grid.shape[1]} patches is smaller than mm_spatial_pool_stride={stride}"
+        )
     return x[0].permute(1, 2, 0)
 
 

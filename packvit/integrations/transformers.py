@@ -55,10 +55,19 @@ _TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 # Keyword arguments transformers' VLMs may pass down to their vision model besides the ones
 # ``forward`` names: the shared ``TransformersKwargs`` (meant for the language model: packed-sequence
 # lengths and the like), which a vision tower ignores.
-_LM_KWARGS = frozenset({
-    "num_items_in_batch", "output_router_logits", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
-    "max_length_k", "position_ids", "is_causal", "seq_idx",
-})
+_LM_KWARGS = frozenset(
+    {
+        "num_items_in_batch",
+        "output_router_logits",
+        "cu_seq_lens_q",
+        "cu_seq_lens_k",
+        "max_length_q",
+        "max_length_k",
+        "position_ids",
+        "is_causal",
+        "seq_idx",
+    }
+)
 # The VLM's own settings, which transformers 5's ``merge_with_config_defaults`` can add to the kwargs a
 # ``get_*_features`` method passes on to its tower (LlavaOnevision's video path does).
 _VLM_KWARGS = frozenset({"use_cache", "vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio"})
@@ -113,8 +122,14 @@ class PackvitVisionConfig(PretrainedConfig):
 
     model_type = MODEL_TYPE
     base_config_key = "vision_config"
-    _DERIVED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size",
-                "num_channels")
+    _DERIVED = (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "patch_size",
+        "num_channels",
+    )
 
     def __init__(
         self,
@@ -240,8 +255,11 @@ class PackvitVisionModel(PreTrainedModel):
     ) -> "PackvitVisionModel":
         """Wrap a loaded packvit model; its weights are kept as they are (not copied, not re-initialised)."""
         config = PackvitVisionConfig(
-            family=model_family(model), packvit_config=dataclasses.asdict(model.config), image_size=image_size,
-            prefix_tokens=prefix_tokens, attn_backend=model.attn_backend_request,
+            family=model_family(model),
+            packvit_config=dataclasses.asdict(model.config),
+            image_size=image_size,
+            prefix_tokens=prefix_tokens,
+            attn_backend=model.attn_backend_request,
         )
         for t in (*model.modules(), *model.parameters(), *model.buffers()):
             t._is_hf_initialized = True  # transformers' post_init must not re-initialise loaded weights
@@ -265,8 +283,7 @@ class PackvitVisionModel(PreTrainedModel):
                 f"{src} was written by PackvitVisionModel.save_pretrained: load it with "
                 "PackvitVisionModel.from_pretrained (or AutoModel.from_pretrained)"
             )
-        return cls.from_packvit(from_pretrained(src, **load_kwargs), image_size=image_size,
-                                prefix_tokens=prefix_tokens)
+        return cls.from_packvit(from_pretrained(src, **load_kwargs), image_size=image_size, prefix_tokens=prefix_tokens)
 
     # -- what LLaVA-style code reads --------------------------------------------------------------
 
@@ -317,7 +334,11 @@ class PackvitVisionModel(PreTrainedModel):
         elif pixel_values.dim() == 4:
             if grid_thw is not None:
                 raise ValueError("grid_thw is for packed pixel_values (Tp, p*p*C); got (B, C, H, W) pixel_values")
-            out = self._images(pixel_values, want) if image_sizes is None else self._padded(pixel_values, image_sizes, want)
+            out = (
+                self._images(pixel_values, want)
+                if image_sizes is None
+                else self._padded(pixel_values, image_sizes, want)
+            )
         else:
             raise ValueError(
                 f"pixel_values must be (B, C, H, W) images or packed (Tp, p*p*C) patches, got shape {list(pixel_values.shape)}"
@@ -357,7 +378,9 @@ class PackvitVisionModel(PreTrainedModel):
         hs = None
         if want is not None:
             n = len(self.packvit.blocks) + 1
-            hs = tuple(rows(out.hidden_states[i], prefix_hs.get(i)) if i in out.hidden_states else None for i in range(n))
+            hs = tuple(
+                rows(out.hidden_states[i], prefix_hs.get(i)) if i in out.hidden_states else None for i in range(n)
+            )
         return PackvitVisionOutput(
             last_hidden_state=rows(out.last_hidden_state, out.prefix_tokens),
             pooler_output=out.pooler_output,
@@ -375,7 +398,9 @@ class PackvitVisionModel(PreTrainedModel):
         return PackvitVisionOutput(
             last_hidden_state=out.last_hidden_state[None],
             pooler_output=out.pooler_output,
-            hidden_states=None if out.hidden_states is None else tuple(h if h is None else h[None] for h in out.hidden_states),
+            hidden_states=None
+            if out.hidden_states is None
+            else tuple(h if h is None else h[None] for h in out.hidden_states),
             grid_thw=grid,
         )
 
@@ -388,8 +413,11 @@ class PackvitVisionModel(PreTrainedModel):
             if out.prefix_hidden_states is not None:
                 prefix_hs = tuple(out.prefix_hidden_states.get(i) for i in range(n))
         return PackvitVisionOutput(
-            last_hidden_state=out.last_hidden_state, pooler_output=out.pooler_output, hidden_states=hs,
-            prefix_tokens=out.prefix_tokens, prefix_hidden_states=prefix_hs,
+            last_hidden_state=out.last_hidden_state,
+            pooler_output=out.pooler_output,
+            hidden_states=hs,
+            prefix_tokens=out.prefix_tokens,
+            prefix_hidden_states=prefix_hs,
             grid_thw=torch.as_tensor(grid_to_tuple(grid_thw), dtype=torch.int64).reshape(-1, 3),
         )
 
@@ -415,8 +443,9 @@ class PatchMerger(nn.Module):
         super().__init__()
         self.hidden_size = dim * merge_size**2
         self.ln_q = nn.LayerNorm(dim, eps=eps)
-        self.mlp = nn.Sequential(nn.Linear(self.hidden_size, self.hidden_size), nn.GELU(),
-                                 nn.Linear(self.hidden_size, out_dim))
+        self.mlp = nn.Sequential(
+            nn.Linear(self.hidden_size, self.hidden_size), nn.GELU(), nn.Linear(self.hidden_size, out_dim)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (Tp, D) in window order -> (Tp / m^2, out_dim)
         return self.mlp(self.ln_q(x).view(-1, self.hidden_size))
@@ -485,8 +514,11 @@ class PackvitQwen2VLVisual(nn.Module):
         return self.device
 
     def forward(self, hidden_states: torch.Tensor, grid_thw: torch.Tensor | None = None, **kwargs):
-        _check_kwargs(kwargs.pop("output_attentions", None), {k: v for k, v in kwargs.items()
-                      if k not in ("output_hidden_states", "return_dict")}, type(self).__name__)
+        _check_kwargs(
+            kwargs.pop("output_attentions", None),
+            {k: v for k, v in kwargs.items() if k not in ("output_hidden_states", "return_dict")},
+            type(self).__name__,
+        )
         if grid_thw is None:
             raise ValueError("grid_thw (N, 3) is required: Qwen passes image_grid_thw / video_grid_thw")
         grid, m = grid_to_tuple(grid_thw), self.spatial_merge_size
@@ -529,7 +561,9 @@ class QwenImageProcessor(ImageProcessor):
         self.merge_size = merge_size
 
     @classmethod
-    def from_pretrained(cls, path, *, mode: str | None = None, merge_size: int = 2, **overrides) -> "QwenImageProcessor":
+    def from_pretrained(
+        cls, path, *, mode: str | None = None, merge_size: int = 2, **overrides
+    ) -> "QwenImageProcessor":
         proc = ImageProcessor.from_pretrained(path, mode=mode, **overrides)
         return cls(proc.config, merge_size=merge_size)
 

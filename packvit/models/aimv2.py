@@ -113,10 +113,13 @@ class AIMv2(PackedViT):
         self.patch_norm = RMSNorm(c.hidden_size, c.norm_eps)
         self.blocks = nn.ModuleList(
             Block(
-                c.hidden_size, c.num_heads,
+                c.hidden_size,
+                c.num_heads,
                 mlp=GatedMlp(c.hidden_size, c.intermediate_size, c.hidden_act, bias=c.mlp_bias),
-                norm="rmsnorm", norm_eps=c.norm_eps,
-                qkv_bias=(c.qkv_bias,) * 3, proj_bias=c.qkv_bias,
+                norm="rmsnorm",
+                norm_eps=c.norm_eps,
+                qkv_bias=(c.qkv_bias,) * 3,
+                proj_bias=c.qkv_bias,
             )
             for _ in range(c.num_layers)
         )

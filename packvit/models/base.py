@@ -155,8 +155,10 @@ class PackedViT(nn.Module):
         """
         if isinstance(backend, AttentionImpl):
             if dtype is not None or fa4_backward is not None:
-                raise TypeError("set_attention takes dtype and fa4_backward only with a backend name, "
-                                "not with an AttentionImpl (which holds both)")
+                raise TypeError(
+                    "set_attention takes dtype and fa4_backward only with a backend name, "
+                    "not with an AttentionImpl (which holds both)"
+                )
             impl = resolve_attention(backend, self.device, backend.compute_dtype or self.dtype)
         else:
             if fa4_backward is None and self.attention is not None:
@@ -222,8 +224,13 @@ class PackedViT(nn.Module):
         return fused
 
     def set_fp8(
-        self, enabled: bool = True, *, skip=None, min_tokens: int | None = None,
-        min_tokens_train: int | None = None, dtype: torch.dtype | None = None,
+        self,
+        enabled: bool = True,
+        *,
+        skip=None,
+        min_tokens: int | None = None,
+        min_tokens_train: int | None = None,
+        dtype: torch.dtype | None = None,
     ) -> list[str]:
         """FP8 (e4m3, row-wise scales) matmuls for the blocks' qkv / proj / fc1 / fc2, each from its
         token crossover on (bf16 below it); see ``packvit.fp8``. Returns the layers converted.
@@ -239,8 +246,12 @@ class PackedViT(nn.Module):
             return []
         fp8.check_device(self.device, dtype or self.attn_compute_dtype or self.dtype)
         fp8.unconvert(self)
-        self.fp8 = fp8.convert(self, skip=fp8.default_skip(self) if skip is None else skip,
-                               min_tokens=min_tokens, min_tokens_train=min_tokens_train)
+        self.fp8 = fp8.convert(
+            self,
+            skip=fp8.default_skip(self) if skip is None else skip,
+            min_tokens=min_tokens,
+            min_tokens_train=min_tokens_train,
+        )
         return self.fp8
 
     def extra_repr(self) -> str:
@@ -426,7 +437,9 @@ class PackedViT(nn.Module):
             pooler_output=empty if self.has_pooler else None,
             prefix_tokens=pref,
             hidden_states=HiddenStates({i: empty for i in want}, len(self.blocks) + 1),
-            prefix_hidden_states=HiddenStates({i: pref for i in want}, len(self.blocks) + 1) if self.num_prefix else None,
+            prefix_hidden_states=HiddenStates({i: pref for i in want}, len(self.blocks) + 1)
+            if self.num_prefix
+            else None,
         )
 
     @property

@@ -67,14 +67,22 @@ PRESETS = {
     # https://huggingface.co/facebook/dinov3-<name>-pretrain-lvd1689m/blob/main/config.json
     "dinov3-vits16-pretrain-lvd1689m": _SMALL,
     "dinov3-vits16plus-pretrain-lvd1689m": replace(_SMALL, use_gated_mlp=True, hidden_act="silu"),
-    "dinov3-vitb16-pretrain-lvd1689m": DINOv3Config(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072),
+    "dinov3-vitb16-pretrain-lvd1689m": DINOv3Config(
+        hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072
+    ),
     "dinov3-vitl16-pretrain-lvd1689m": DINOv3Config(),
     "dinov3-vith16plus-pretrain-lvd1689m": DINOv3Config(
         hidden_size=1280, num_layers=32, num_heads=20, intermediate_size=5120, use_gated_mlp=True, hidden_act="silu"
     ),
     "dinov3-vit7b16-pretrain-lvd1689m": DINOv3Config(
-        hidden_size=4096, num_layers=40, num_heads=32, intermediate_size=8192, use_gated_mlp=True,
-        hidden_act="silu", query_bias=False, value_bias=False,
+        hidden_size=4096,
+        num_layers=40,
+        num_heads=32,
+        intermediate_size=8192,
+        use_gated_mlp=True,
+        hidden_act="silu",
+        query_bias=False,
+        value_bias=False,
     ),
 }
 
@@ -124,8 +132,13 @@ class DINOv3Tables(NamedTuple):
 
 
 def augmented_rope(
-    coords: torch.Tensor, is_patch: torch.Tensor, frame: torch.Tensor, num_frames: int, head_dim: int,
-    cfg: "DINOv3Config", dtype: torch.dtype,
+    coords: torch.Tensor,
+    is_patch: torch.Tensor,
+    frame: torch.Tensor,
+    num_frames: int,
+    head_dim: int,
+    cfg: "DINOv3Config",
+    dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """HF's ``augment_patches_center_coordinates``, drawn per frame on the device (no host sync).
 
@@ -164,11 +177,15 @@ class DINOv3(PackedViT):
         mlp_cls = GatedMlp if c.use_gated_mlp else Mlp
         self.blocks = nn.ModuleList(
             Block(
-                d, c.num_heads,
+                d,
+                c.num_heads,
                 mlp=mlp_cls(d, c.intermediate_size, c.hidden_act, bias=c.mlp_bias),
-                norm="layernorm", norm_eps=c.norm_eps,
-                qkv_bias=(c.query_bias, c.key_bias, c.value_bias), proj_bias=c.proj_bias,
-                layerscale=c.layerscale_value, drop_path=c.drop_path_rate,
+                norm="layernorm",
+                norm_eps=c.norm_eps,
+                qkv_bias=(c.query_bias, c.key_bias, c.value_bias),
+                proj_bias=c.proj_bias,
+                layerscale=c.layerscale_value,
+                drop_path=c.drop_path_rate,
             )
             for _ in range(c.num_layers)
         )

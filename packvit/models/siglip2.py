@@ -133,10 +133,13 @@ class Siglip2(PackedViT):
         self.pos_embed = nn.Parameter(torch.zeros(c.pos_grid * c.pos_grid, d))  # (side*side, D), row-major
         self.blocks = nn.ModuleList(
             Block(
-                d, c.num_heads,
+                d,
+                c.num_heads,
                 mlp=Mlp(d, c.intermediate_size, c.hidden_act),
-                norm="layernorm", norm_eps=c.norm_eps,
-                qkv_bias=(True, True, True), proj_bias=True,
+                norm="layernorm",
+                norm_eps=c.norm_eps,
+                qkv_bias=(True, True, True),
+                proj_bias=True,
             )
             for _ in range(c.num_layers)
         )

@@ -31,7 +31,9 @@ def keymap(cfg: AIMv2Config) -> KeyMap:
             Entry("blocks.{n}.attn.proj.bias", (_L + "attention.out_proj.bias",), optional=True),
             Entry("blocks.{n}.norm2.weight", (_L + "rms_norm2.weight",)),
             Entry("blocks.{n}.mlp.fc1.weight", (_L + "ffn.gate_proj.weight", _L + "ffn.up_proj.weight"), CONCAT),
-            Entry("blocks.{n}.mlp.fc1.bias", (_L + "ffn.gate_proj.bias", _L + "ffn.up_proj.bias"), CONCAT, optional=True),
+            Entry(
+                "blocks.{n}.mlp.fc1.bias", (_L + "ffn.gate_proj.bias", _L + "ffn.up_proj.bias"), CONCAT, optional=True
+            ),
             Entry("blocks.{n}.mlp.fc2.weight", (_L + "ffn.down_proj.weight",)),
             Entry("blocks.{n}.mlp.fc2.bias", (_L + "ffn.down_proj.bias",), optional=True),
             Entry("norm.weight", ("rms_norm.weight",)),
@@ -79,7 +81,13 @@ def config_from_hf(d: dict, present_keys: set[str] | None = None, strict: bool =
             "native-resolution checkpoints (apple/aimv2-*-native), whose position table is built per size"
         )
     kw = parse_fields(
-        d, _FIELDS, _IGNORED, family="AIMv2", strict=strict, model_type="aimv2_vision_model", config_class=AIMv2Config,
+        d,
+        _FIELDS,
+        _IGNORED,
+        family="AIMv2",
+        strict=strict,
+        model_type="aimv2_vision_model",
+        config_class=AIMv2Config,
     )
     if present_keys is not None:
         # transformers' use_head defaults to True; the vision-only checkpoints have no head weights.
@@ -94,12 +102,23 @@ def config_to_hf(cfg: AIMv2Config) -> dict:
 
 
 FAMILY = Family(
-    name="aimv2", model_class=AIMv2, config_class=AIMv2Config, presets=PRESETS,
-    default_preset="aimv2-large-patch14-native", patch_size=14,
-    hf_model_types=("aimv2_vision_model", "aimv2"), hf_class=HF_CLASS, hf_wrappers={"aimv2": "Aimv2Model"},
+    name="aimv2",
+    model_class=AIMv2,
+    config_class=AIMv2Config,
+    presets=PRESETS,
+    default_preset="aimv2-large-patch14-native",
+    patch_size=14,
+    hf_model_types=("aimv2_vision_model", "aimv2"),
+    hf_class=HF_CLASS,
+    hf_wrappers={"aimv2": "Aimv2Model"},
     hf_processor="CLIPImageProcessor",
     tiny_hf_fields={"patch_size": 14, "is_native": True},
-    keymap=keymap, config_from_hf=config_from_hf, config_to_hf=config_to_hf, original=original.FORMAT,
+    keymap=keymap,
+    config_from_hf=config_from_hf,
+    config_to_hf=config_to_hf,
+    original=original.FORMAT,
     preprocess=PreprocessDefaults("native", CLIP_MEAN, CLIP_STD, Image.BICUBIC),
-    num_prefix_tokens=lambda cfg: 0, hf_inputs=stacked_pixels, hf_pads=False,
+    num_prefix_tokens=lambda cfg: 0,
+    hf_inputs=stacked_pixels,
+    hf_pads=False,
 )

@@ -21,7 +21,9 @@ def keymap(cfg: DINOv3Config) -> KeyMap:
     if cfg.use_gated_mlp:
         mlp = (
             Entry("blocks.{n}.mlp.fc1.weight", (_L + "mlp.gate_proj.weight", _L + "mlp.up_proj.weight"), CONCAT),
-            Entry("blocks.{n}.mlp.fc1.bias", (_L + "mlp.gate_proj.bias", _L + "mlp.up_proj.bias"), CONCAT, optional=True),
+            Entry(
+                "blocks.{n}.mlp.fc1.bias", (_L + "mlp.gate_proj.bias", _L + "mlp.up_proj.bias"), CONCAT, optional=True
+            ),
         )
     else:
         mlp = (
@@ -83,16 +85,31 @@ _FIELDS = {
 # image_size only sets HF's unused default grid; the rest configures HF's Backbone wrapper. (The
 # pos_embed_* augmentations are read, but apply only with the model's rope_augmentation switch on.)
 _IGNORED = {
-    "image_size", "attention_dropout",
-    "out_features", "out_indices", "_out_features", "_out_indices", "stage_names", "apply_layernorm",
-    "reshape_hidden_states", "return_class_token",
+    "image_size",
+    "attention_dropout",
+    "out_features",
+    "out_indices",
+    "_out_features",
+    "_out_indices",
+    "stage_names",
+    "apply_layernorm",
+    "reshape_hidden_states",
+    "return_class_token",
 }
 
 
 def config_from_hf(d: dict, present_keys: set[str] | None = None, strict: bool = True) -> DINOv3Config:
-    return DINOv3Config(**parse_fields(
-        d, _FIELDS, _IGNORED, family="DINOv3", strict=strict, model_type="dinov3_vit", config_class=DINOv3Config,
-    ))
+    return DINOv3Config(
+        **parse_fields(
+            d,
+            _FIELDS,
+            _IGNORED,
+            family="DINOv3",
+            strict=strict,
+            model_type="dinov3_vit",
+            config_class=DINOv3Config,
+        )
+    )
 
 
 def config_to_hf(cfg: DINOv3Config) -> dict:
@@ -102,13 +119,24 @@ def config_to_hf(cfg: DINOv3Config) -> dict:
 
 
 FAMILY = Family(
-    name="dinov3", model_class=DINOv3, config_class=DINOv3Config, presets=PRESETS,
-    default_preset="dinov3-vitl16-pretrain-lvd1689m", patch_size=16,
-    hf_model_types=("dinov3_vit",), hf_class=HF_CLASS, hf_wrappers={}, hf_processor="DINOv3ViTImageProcessor",
+    name="dinov3",
+    model_class=DINOv3,
+    config_class=DINOv3Config,
+    presets=PRESETS,
+    default_preset="dinov3-vitl16-pretrain-lvd1689m",
+    patch_size=16,
+    hf_model_types=("dinov3_vit",),
+    hf_class=HF_CLASS,
+    hf_wrappers={},
+    hf_processor="DINOv3ViTImageProcessor",
     tiny_hf_fields={"patch_size": 16, "num_register_tokens": 4},
-    keymap=keymap, config_from_hf=config_from_hf, config_to_hf=config_to_hf, original=original.FORMAT,
+    keymap=keymap,
+    config_from_hf=config_from_hf,
+    config_to_hf=config_to_hf,
+    original=original.FORMAT,
     # DINOv3's torchvision processor rescales to float before resizing (its _preprocess override).
     preprocess=PreprocessDefaults("native", IMAGENET_MEAN, IMAGENET_STD, Image.BILINEAR, rescale_first=True),
     num_prefix_tokens=lambda cfg: 1 + cfg.num_register_tokens,  # CLS, then the registers
-    hf_inputs=stacked_pixels, hf_pads=False,
+    hf_inputs=stacked_pixels,
+    hf_pads=False,
 )

@@ -72,7 +72,13 @@ def config_from_hf(d: dict, present_keys: set[str] | None = None, strict: bool =
     if d.get("model_type") == "siglip2":  # the dual-tower model: the vision tower's config is nested
         d = d.get("vision_config") or {}
     kw = parse_fields(
-        d, _FIELDS, _IGNORED, family="SigLIP2", strict=strict, model_type="siglip2_vision_model", config_class=Siglip2Config,
+        d,
+        _FIELDS,
+        _IGNORED,
+        family="SigLIP2",
+        strict=strict,
+        model_type="siglip2_vision_model",
+        config_class=Siglip2Config,
     )
     if present_keys is not None:
         kw["use_head"] = any(k.endswith("head.probe") for k in present_keys)
@@ -103,14 +109,25 @@ def hf_inputs(frames: list[torch.Tensor], patch: int) -> dict:
 
 
 FAMILY = Family(
-    name="siglip2", model_class=Siglip2, config_class=Siglip2Config, presets=PRESETS,
-    default_preset="siglip2-so400m-patch16-naflex", patch_size=16,
-    hf_model_types=("siglip2_vision_model", "siglip2"), hf_class=HF_CLASS, hf_wrappers={"siglip2": "Siglip2Model"},
+    name="siglip2",
+    model_class=Siglip2,
+    config_class=Siglip2Config,
+    presets=PRESETS,
+    default_preset="siglip2-so400m-patch16-naflex",
+    patch_size=16,
+    hf_model_types=("siglip2_vision_model", "siglip2"),
+    hf_class=HF_CLASS,
+    hf_wrappers={"siglip2": "Siglip2Model"},
     hf_processor="Siglip2ImageProcessor",
     tiny_hf_fields={"patch_size": 16, "num_patches": 256},
-    keymap=keymap, config_from_hf=config_from_hf, config_to_hf=config_to_hf, original=None,
+    keymap=keymap,
+    config_from_hf=config_from_hf,
+    config_to_hf=config_to_hf,
+    original=None,
     preprocess=PreprocessDefaults("naflex", (0.5,) * 3, (0.5,) * 3, Image.BILINEAR),
-    num_prefix_tokens=lambda cfg: 0, hf_inputs=hf_inputs, hf_pads=True,
+    num_prefix_tokens=lambda cfg: 0,
+    hf_inputs=hf_inputs,
+    hf_pads=True,
     # The learned position grid covers pos_grid patches a side.
     fixed_image_size=lambda cfg: cfg.patch_size * cfg.pos_grid,
 )

@@ -14,11 +14,18 @@ import torch
 
 from packvit.models.aimv2 import AIMv2Config
 
-from ..keymap import (
-    CONV_TO_LINEAR, IDENTITY, TOKEN, ConversionError, Drop, Entry, KeyMap, count_layers, one_way,
-)
 from ..family import OriginalFormat
-
+from ..keymap import (
+    CONV_TO_LINEAR,
+    IDENTITY,
+    TOKEN,
+    ConversionError,
+    Drop,
+    Entry,
+    KeyMap,
+    count_layers,
+    one_way,
+)
 
 _B = "trunk.blocks.{n}."
 
@@ -40,9 +47,12 @@ def keymap(cfg: AIMv2Config) -> KeyMap:
             Entry("blocks.{n}.norm1.weight", (_B + "norm_1.weight",)),
             Entry("blocks.{n}.attn.qkv.weight", (_B + "attn.qkv.weight",), IDENTITY),  # already [q; k; v]
             *(
-                Entry(f"blocks.{{n}}.attn.{p}_bias", (_B + "attn.qkv.bias",),
-                      one_way(f"qkv_bias_{p}", lambda xs, cfg, i=i: xs[0].chunk(3, 0)[i].contiguous()),
-                      optional=True)
+                Entry(
+                    f"blocks.{{n}}.attn.{p}_bias",
+                    (_B + "attn.qkv.bias",),
+                    one_way(f"qkv_bias_{p}", lambda xs, cfg, i=i: xs[0].chunk(3, 0)[i].contiguous()),
+                    optional=True,
+                )
                 for i, p in enumerate("qkv")
             ),
             Entry("blocks.{n}.attn.proj.weight", (_B + "attn.proj.weight",)),
@@ -99,12 +109,20 @@ def prepare(sd: dict[str, torch.Tensor], cfg: AIMv2Config, notes: list[str]) -> 
             raise ConversionError(f"head.cls_token holds {q.shape[1]} queries; packvit's head has one")
         if "head.linear.bias" not in sd and "head.linear.weight" in sd:
             # ml-aim's head.linear may have no bias; packvit's (like HF's output_proj) has one: a zero bias is exact.
-            sd = {**sd, "head.linear.bias": torch.zeros(sd["head.linear.weight"].shape[0], dtype=sd["head.linear.weight"].dtype)}
+            sd = {
+                **sd,
+                "head.linear.bias": torch.zeros(
+                    sd["head.linear.weight"].shape[0], dtype=sd["head.linear.weight"].dtype
+                ),
+            }
             notes.append("head.linear has no bias: a zero bias was added (packvit's and HF's output_proj have one)")
     return sd
 
 
 FORMAT = OriginalFormat(
-    looks_like=looks_like, keymap=keymap, infer_config=infer_config, prepare=prepare,
+    looks_like=looks_like,
+    keymap=keymap,
+    infer_config=infer_config,
+    prepare=prepare,
     needs_flag=("num_heads",),  # no tensor shape depends on the head count
 )

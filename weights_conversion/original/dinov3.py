@@ -11,11 +11,20 @@ import torch
 
 from packvit.models.dinov3 import DINOv3Config
 
-from ..keymap import (
-    CONV_TO_LINEAR, IDENTITY, TOKEN, TOKENS, ConversionError, Drop, Entry, KeyMap, Transform, count_layers, one_way,
-)
 from ..family import OriginalFormat
-
+from ..keymap import (
+    CONV_TO_LINEAR,
+    IDENTITY,
+    TOKEN,
+    TOKENS,
+    ConversionError,
+    Drop,
+    Entry,
+    KeyMap,
+    Transform,
+    count_layers,
+    one_way,
+)
 
 _B = "blocks.{n}."
 
@@ -72,7 +81,10 @@ def keymap(cfg: DINOv3Config) -> KeyMap:
             Entry("norm.bias", ("norm.bias",)),
         ),
         drops=(
-            Drop(r"rope_embed\.periods", "RoPE periods: packvit recomputes them in fp32 from rope_theta (checked to match)"),
+            Drop(
+                r"rope_embed\.periods",
+                "RoPE periods: packvit recomputes them in fp32 from rope_theta (checked to match)",
+            ),
             Drop(r"blocks\.\d+\.attn\.qkv\.bias_mask", "mask_k_bias buffer (1 on q and v, 0 on k; checked)"),
             Drop(r"local_cls_norm\..*", "norm for local crops, used only in training"),
         ),
