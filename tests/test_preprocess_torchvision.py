@@ -244,7 +244,10 @@ def test_center_crop_and_level_table_identical_to_transformers(hf_torchvision):
         assert torch.equal(ptv.center_crop(x, h, w), ref), (h, w)
     ramp = torch.arange(256, dtype=torch.uint8).view(1, 1, 1, 256).expand(1, 3, 1, 256).contiguous()
     for do_rescale, do_normalize in [(True, True), (True, False), (False, True), (False, False)]:
-        mean, std = FAMILIES["aimv2"].preprocess.image_mean, FAMILIES["aimv2"].preprocess.image_std  # OpenAI CLIP's, tuples: lru_cache
+        mean, std = (
+            FAMILIES["aimv2"].preprocess.image_mean,
+            FAMILIES["aimv2"].preprocess.image_std,
+        )  # OpenAI CLIP's, tuples: lru_cache
         ref = backend.rescale_and_normalize(ramp, do_rescale, 1 / 255, do_normalize, mean, std)
         table = ptv.level_table(3, do_rescale, 1 / 255, do_normalize, mean, std)
         assert torch.equal(table, ref.reshape(3, 256).to(torch.float32)), (do_rescale, do_normalize)
