@@ -207,3 +207,16 @@ def test_missing_shard_and_corrupted_file(hf_checkpoints, tmp_path):
     (d / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated or corrupted"):
         load_model(d)
+
+
+def test_siglip2_config_without_vision_use_head_builds_the_head():
+    """transformers 4.x writes no ``vision_use_head`` and its model then builds the head; a config.json
+    from it must read the same way (not as an error for a field transformers 4.x has no default for)."""
+    from weights_conversion.families import FAMILIES as REGISTRY
+
+    fam = REGISTRY["siglip2"]
+    d = fam.config_to_hf(fam.config_class.from_name(fam.default_preset))
+    del d["vision_use_head"]
+    assert fam.config_from_hf(d).use_head is True
+    d["vision_use_head"] = False
+    assert fam.config_from_hf(d).use_head is False

@@ -71,6 +71,10 @@ _IGNORED = {"attention_dropout"}
 def config_from_hf(d: dict, present_keys: set[str] | None = None, strict: bool = True) -> Siglip2Config:
     if d.get("model_type") == "siglip2":  # the dual-tower model: the vision tower's config is nested
         d = d.get("vision_config") or {}
+    if isinstance(d, dict) and "vision_use_head" not in d:
+        # transformers 4.x neither writes the field nor has a default for it: its model builds the
+        # head unless the config says otherwise (``hasattr(config, "vision_use_head")``), as 5.x's default does.
+        d = {**d, "vision_use_head": True}
     kw = parse_fields(
         d,
         _FIELDS,
