@@ -45,8 +45,8 @@ import torch
 from torch import nn
 
 from . import chained
-from .models.base import HiddenStates, PackedBatch, PackedVisionOutput, PackedViT
-from .packing import PackedMeta, check_inputs, check_packed, split_prefix
+from .models.base import PackedBatch, PackedVisionOutput, PackedViT
+from .packing import PackedMeta
 
 # Above about 16k tokens the eager forward keeps the GPU busy (its ~15 ms of host time per forward
 # hides behind the kernels) and a graph only adds its padding: measured on the H200, RESULTS.md.
@@ -309,12 +309,9 @@ class CudaGraphedViT(nn.Module):
         # A truncated tower's last hidden state is its output (its final norm is the identity).
         if want - ({n} if m.truncated else set()):
             return self._eager(hidden_states, grid_thw, output_layers, return_dict)
-        if not isinstance(grid_thw, PackedBatch):
-            grid_thw = check_packed(hidden_states, grid_thw, m.patch_dim)
-        batch = m.prepare(grid_thw, hidden_states.device)
-        check_inputs(hidden_states, batch.num_patches, m.patch_dim)
+        batch = m._checked_batch(hidden_states, grid_thw)  # the model's own checks and errors
         meta = batch.meta
-        if meta is None or meta.cu_seqlens.device != hidden_states.device:
+        if meta is None:
             return self._eager(hidden_states, batch, output_layers, return_dict)
         T, F = meta.num_tokens, meta.num_frames
         tokens = self.bucket_for(T, F)
@@ -334,26 +331,10 @@ class CudaGraphedViT(nn.Module):
         g.graph.replay()
         self.replays += 1
 
-        x = g.out[:T].clone()
-        patches, prefix = split_prefix(x, meta)
-        if not (return_dict or output_layers is not None):
-            return patches
-        if self._pool_in_graph():
-            pooled = g.pooled[:F].clone()
-        else:
-            pooled = m.pool(x, meta)
-        layers = HiddenStates({n: patches}, n + 1) if want else HiddenStates({}, n + 1)
-        prefix_layers = None
-        if m.num_prefix:
-            prefix_layers = HiddenStates({n: prefix} if want else {}, n + 1)
-        return PackedVisionOutput(
-            last_hidden_state=patches,
-            pooler_output=pooled,
-            prefix_tokens=prefix,
-            hidden_states=layers,
-            prefix_hidden_states=prefix_layers,
-            meta=meta,
-        )
+        x = g.out[:T].clone()  # (T, D) final-normed (a truncated tower's last hidden state)
+        pooled = g.pooled[:F].clone() if self._pool_in_graph() else None  # rows past F: padding segments
+        layers = {n: x} if want else {}
+        return m.assemble_outputs(x, meta, layers, return_dict or output_layers is not None, pooled=pooled)
 
     def _eager(self, hidden_states, grid_thw, output_layers, return_dict):
         self.fallbacks += 1

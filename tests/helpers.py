@@ -106,3 +106,33 @@ def assert_hf_export_exact(hf_model, src_dir, export_dir) -> None:
     reloaded = type(hf_model).from_pretrained(export_dir, attn_implementation="eager").eval()
     for (k1, v1), (k2, v2) in zip(sorted(hf_model.state_dict().items()), sorted(reloaded.state_dict().items())):
         assert k1 == k2 and torch.equal(v1, v2), k1
+
+
+def fake_fa4_on_cpu(monkeypatch, seen: list | None = None):
+    """Run the ``fa4`` backend's custom ops on the CPU, with the exact reference standing in for
+    FA4's kernels (and for PyTorch's FA2 backward). Like FA4, the stand-ins read the segments from
+    ``cu_seqlens`` (a tensor), not from host lengths, so code that rewrites cu_seqlens in place
+    (CUDA graphs) is exercised as on the GPU. ``seen`` gets (kernel, head dim) per backward."""
+    from packvit import attention
+
+    seen = [] if seen is None else seen
+
+    def fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, return_lse):
+        lens_q, lens_k = torch.diff(cu_seqlens_q).tolist(), torch.diff(cu_seqlens_k).tolist()
+        out = attention._sdpa_segments(q, k, v, lens_q, lens_k, softmax_scale)
+        return out, q.new_zeros(q.shape[1], q.shape[0], dtype=torch.float32)
+
+    def bwd(q, k, v, out, dout, lse, scale, causal, dropout, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+        seen.append(("fa4", q.shape[-1]))
+        return attention._sdpa_backward_op(dout, q, k, v, torch.diff(cu_seqlens_q), torch.diff(cu_seqlens_k), scale)
+
+    def fa2(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale):
+        seen.append(("fa2", q.shape[-1]))
+        return attention._sdpa_backward_op(dout, q, k, v, torch.diff(cu_q), torch.diff(cu_k), scale)
+
+    monkeypatch.setattr(attention, "_fa4_funcs", lambda: (fwd, bwd))
+    monkeypatch.setattr(attention, "_fa2_backward", fa2)
+    for op in (attention._fa4_fwd_op, attention._fa4_bwd_op):  # CUDA-only ops, given a CPU kernel
+        if "cpu" not in op._backend_fns:
+            op.register_kernel("cpu", op._init_fn)
+    return seen

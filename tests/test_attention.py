@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import fake_fa4_on_cpu
 from packvit import attention
 from packvit.attention import _sdpa_op, available_backends, resolve_backend, varlen_attention
 
@@ -235,30 +236,7 @@ def test_fa4_backward_follows_the_rule_it_was_given(monkeypatch):
     """The ``fa4`` backend's rule reaches its backward op through the op's arguments. On the CPU, with
     the reference path standing in for FA4's kernels (and for PyTorch's FA2 backward), the backward
     picks FA4's or FA2's kernel and pads the head dim as each AttentionImpl says."""
-    seen = []
-
-    def fake_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, return_lse):
-        lens = torch.diff(cu_seqlens_q).tolist()
-        out = attention._sdpa_segments(q, k, v, lens, lens, softmax_scale)
-        return out, q.new_zeros(q.shape[1], q.shape[0], dtype=torch.float32)
-
-    def fake_bwd(
-        q, k, v, out, dout, lse, scale, causal, dropout, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
-    ):
-        seen.append(("fa4", q.shape[-1]))
-        lens = torch.diff(cu_seqlens_q)
-        return attention._sdpa_backward_op(dout, q, k, v, lens, lens, scale)
-
-    def fake_fa2(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale):
-        seen.append(("fa2", q.shape[-1]))
-        lens = torch.diff(cu_q)
-        return attention._sdpa_backward_op(dout, q, k, v, lens, lens, scale)
-
-    monkeypatch.setattr(attention, "_fa4_funcs", lambda: (fake_fwd, fake_bwd))
-    monkeypatch.setattr(attention, "_fa2_backward", fake_fa2)
-    for op in (attention._fa4_fwd_op, attention._fa4_bwd_op):  # the CUDA-only ops, run on the CPU here
-        if "cpu" not in op._backend_fns:
-            op.register_kernel("cpu", op._init_fn)
+    seen = fake_fa4_on_cpu(monkeypatch)
 
     lens = [5, 3, 8]
     (q, k, v), cu = packed_qkv(lens, heads=2, dim=72)

@@ -3,6 +3,8 @@ The graphs themselves are checked on a GPU (tests/test_gpu_graphs.py)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -54,3 +56,102 @@ def test_cpu_model_runs_eagerly():
     assert graphed.config is model.config and "cuda_graphs: buckets=[256]" in repr(graphed)
     # A bucket's segments: max_frames real ones plus room for its padding in 256-token segments.
     assert cuda_graphs.CudaGraphedViT(model, (1024, 2048), max_frames=8).segments_for(2048) == 8 + 4
+
+
+class _FakeGraph:
+    """Stands in for ``torch.cuda.CUDAGraph`` on the CPU: ``replay`` runs the captured body again,
+    on the same static tensors, and writes its results where the capture left them (as a replay
+    does). What it checks is everything around the capture: the padding of tokens and cu_seqlens,
+    the static buffers, the pooled rows and the output assembly."""
+
+    owner = g = None
+
+    def replay(self):
+        out, pooled = self.owner._body(self.g)
+        assert out.data_ptr() == self.g.out.data_ptr()  # the body writes the shared output buffer
+        if pooled is not None:
+            self.g.pooled.copy_(pooled)
+
+
+class _NoStream:
+    def wait_stream(self, other):
+        pass
+
+
+@pytest.fixture
+def graphs_on_cpu(monkeypatch):
+    from helpers import fake_fa4_on_cpu
+
+    fake_fa4_on_cpu(monkeypatch)  # a kernel that reads cu_seqlens, as FA4 does; sdpa reads host lengths
+    capturing = []
+
+    @contextlib.contextmanager
+    def graph(g, pool=None):
+        capturing.append(g)
+        yield
+        capturing.pop()
+
+    body = cuda_graphs.CudaGraphedViT._body
+
+    def recording_body(self, g):
+        if capturing:
+            capturing[-1].owner, capturing[-1].g = self, g
+        return body(self, g)
+
+    monkeypatch.setattr(cuda_graphs.CudaGraphedViT, "_body", recording_body)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: object())
+    monkeypatch.setattr(torch.cuda, "Stream", _NoStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", _NoStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+
+    def can_graph(self, hidden_states):  # as on CUDA, minus the device test
+        return not self.model.training and not torch.is_grad_enabled()
+
+    monkeypatch.setattr(cuda_graphs.CudaGraphedViT, "can_graph", can_graph)
+
+
+@pytest.mark.parametrize("family, extra", [("siglip2", {}), ("dinov3", {}), ("aimv2", {"use_head": True})])
+def test_graph_path_on_cpu_equals_eager(graphs_on_cpu, family, extra):
+    """The graph code path, capture faked (replay = the captured body run again on the same static
+    tensors): padded tokens in their own segments, cu_seqlens padded with empty ones, one capture
+    serving batches of other layouts, and the outputs (tokens, pooled rows, prefix, last hidden
+    state) equal to the eager model's."""
+    from packvit.attention import AttentionImpl
+    from weights_conversion import FAMILIES
+
+    fam = FAMILIES[family]
+    torch.manual_seed(0)
+    model = fam.model_class(fam.config_class.from_name(DEFAULT_PRESETS[family], **TINY, **extra)).eval()
+    model.attention = AttentionImpl("fa4", "fa4", "cpu", torch.float32)  # the stand-in kernel
+    graphed = cuda_graphs.CudaGraphedViT(model, (256, 512), max_frames=8, pad_segment=64)
+    for grid in [((1, 3, 5), (2, 2, 3)), ((1, 7, 9), (1, 4, 4), (3, 2, 2)), ((1, 16, 20), (1, 5, 7))]:
+        n = sum(t * h * w for t, h, w in grid)
+        px = torch.randn(n, model.patch_dim, generator=torch.Generator().manual_seed(n))
+        with torch.no_grad():
+            ref = model(px, grid, return_dict=True)
+            out = graphed(px, grid, return_dict=True)
+            feats = graphed(px, grid)
+            eager = graphed(px, grid, output_layers=[-1])  # hidden state -1 of an untruncated model
+        torch.testing.assert_close(feats, ref.last_hidden_state, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.last_hidden_state, ref.last_hidden_state, atol=1e-5, rtol=1e-5)
+        if model.has_pooler:  # SigLIP2's and AIMv2's pooling heads run inside the graph
+            torch.testing.assert_close(out.pooler_output, ref.pooler_output, atol=1e-5, rtol=1e-5)
+        if model.num_prefix:
+            torch.testing.assert_close(out.prefix_tokens, ref.prefix_tokens, atol=1e-5, rtol=1e-5)
+        assert not out.hidden_states and len(eager.hidden_states) == 1
+    # The plain calls replayed; asking for hidden state -1 of an untruncated model runs eagerly.
+    assert graphed.replays == 6 and graphed.fallbacks == 3
+    assert sorted(graphed._graphs) == [256, 512]  # captured on first use, then replayed
+    # A truncated tower's last hidden state is its output: served by the graph.
+    model.truncate(1)
+    graphed = cuda_graphs.CudaGraphedViT(model, (256,), max_frames=8, pad_segment=64)
+    grid = ((1, 3, 5), (2, 2, 3))
+    px = torch.randn(27, model.patch_dim)
+    with torch.no_grad():
+        ref = model(px, grid, output_layers=[-1])
+        out = graphed(px, grid, output_layers=[-1])
+    assert graphed.replays == 1 and graphed.fallbacks == 0
+    torch.testing.assert_close(out.hidden_states[-1], ref.hidden_states[-1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.last_hidden_state, ref.last_hidden_state, atol=1e-5, rtol=1e-5)

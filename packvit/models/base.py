@@ -409,10 +409,21 @@ class PackedViT(nn.Module):
     def make_outputs(
         self, x: torch.Tensor, meta: PackedMeta, layers: dict[int, torch.Tensor], rich: bool
     ) -> torch.Tensor | PackedVisionOutput:
-        """The last block's output (T, D) -> final norm -> patch tokens (Tp, D) in input order; with
-        ``rich``, a ``PackedVisionOutput`` that adds the pooled output, the prefix tokens and the
-        kept hidden states, each split into patches and prefix."""
-        x = self.norm(x)
+        """The last block's output (T, D) -> final norm -> ``assemble_outputs``."""
+        return self.assemble_outputs(self.norm(x), meta, layers, rich)
+
+    def assemble_outputs(
+        self,
+        x: torch.Tensor,
+        meta: PackedMeta,
+        layers: dict[int, torch.Tensor],
+        rich: bool,
+        pooled: torch.Tensor | None = None,
+    ) -> torch.Tensor | PackedVisionOutput:
+        """Final-normed tokens (T, D) -> patch tokens (Tp, D) in input order; with ``rich``, a
+        ``PackedVisionOutput`` that adds the pooled output (``pooled`` if the caller has it, e.g. a
+        CUDA graph's, else ``pool(x)``), the prefix tokens and the kept hidden states, each split
+        into patches and prefix."""
         patches, prefix = split_prefix(x, meta)
         if not rich:
             return patches
@@ -420,7 +431,7 @@ class PackedViT(nn.Module):
         n = len(self.blocks) + 1
         return PackedVisionOutput(
             last_hidden_state=patches,
-            pooler_output=self.pool(x, meta),
+            pooler_output=pooled if pooled is not None else self.pool(x, meta),
             prefix_tokens=prefix,
             hidden_states=HiddenStates({i: p for i, (p, _) in split.items()}, n),
             prefix_hidden_states=HiddenStates({i: q for i, (_, q) in split.items()}, n) if self.num_prefix else None,
