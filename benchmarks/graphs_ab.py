@@ -170,8 +170,8 @@ def set_switches(model, on: set[str]) -> None:
     from packvit import layers
 
     model.chain_norms = "chain_norms" in on
-    layers.TRAIN_SAVES_LESS = "saves_less" in on
-    layers.MLP_CHUNK_TOKENS = 8192 if "mlp_chunks" in on else 0  # run 2 measured with 8192 in "all"
+    # run 2 measured with 8192-token chunks in "all"
+    model.set_tuning(train_saves_less="saves_less" in on, mlp_chunk_tokens=8192 if "mlp_chunks" in on else 0)
     for m in model.modules():
         if isinstance(m, layers.Mlp):
             m.fused = model.fused_kernels.get("gelu_mlp") if "gelu_mlp" in on else None

@@ -6,6 +6,7 @@ Every module works on packed tokens, ``x`` of shape (T, D); see ``packing.py`` f
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -62,8 +63,37 @@ def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
     raise ValueError(f"unknown norm {kind!r}")
 
 
+@dataclass(frozen=True)
+class Tuning:
+    """Speed and memory trade-offs of the fused CUDA path, held by the model as one value
+    (``PackedViT.set_tuning``) and read by its blocks; the reference path ignores them.
+
+    train_saves_less: training keeps fewer activations for backward where recomputing them is free:
+        the SwiGLU MLP's fc2 input (rewritten by the backward's SwiGLU kernel) and v after the fused
+        RoPE (copied, so that the (T, 3D) qkv output is not kept beside the rotated q and k). False:
+        what the autograd of the plain modules keeps (for A/B runs).
+    mlp_chunk_tokens: inference runs the MLP over row chunks of this many tokens when a batch has
+        more than twice as many, so that its (T, hidden) activations are never whole. 0 (off) by
+        default: on the H200 at 23k tokens it saved no peak memory (the peak is elsewhere: weights,
+        attention, the (T, 3D) qkv output) and cost 1.7-4.5 ms of host launches per forward.
+    quack_min_tokens: the GELU MLPs run quack's GEMM with the activation in its epilogue
+        (``packvit.quack_mlp``) from this many tokens: its launch path costs the host about 0.2 ms a
+        call more than cuBLAS's, which made eager forwards of small batches slower (one 858-patch
+        SigLIP2 image: 17.1 -> 23.0 ms on the H200).
+    """
+
+    train_saves_less: bool = True
+    mlp_chunk_tokens: int = 0
+    quack_min_tokens: int = 8192
+
+
+DEFAULT_TUNING = Tuning()
+
+
 class Mlp(nn.Module):
     """fc2(act(fc1(x)))."""
+
+    tuning: Tuning = DEFAULT_TUNING  # the model's, set by PackedViT.set_tuning
 
     def __init__(self, dim: int, hidden: int, act: str, bias: bool = True):
         super().__init__()
@@ -120,22 +150,9 @@ def linear_gelu_tanh(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) 
     return torch._addmm_activation(bias, x, weight.t(), use_gelu=True)  # eager: skip the op's dispatch
 
 
-# Training on the fused path keeps fewer activations for backward where recomputing them is free:
-# the SwiGLU MLP's fc2 input (rewritten by the backward's SwiGLU kernel) and v after the fused RoPE
-# (copied, so that the (T, 3D) qkv output is not kept beside the rotated q and k). Off: what the
-# autograd of the plain modules keeps (for A/B runs).
-TRAIN_SAVES_LESS = True
-
-# Inference on the fused path can run the MLP over row chunks of this many tokens when a batch has
-# more than twice as many, so that its (T, hidden) activations are never whole. Off (0) by default:
-# on the H200 at 23k tokens it saved no peak memory (the peak is elsewhere: weights, attention, the
-# (T, 3D) qkv output) and cost 1.7-4.5 ms of host launches per forward (RESULTS.md, s6-speed).
-MLP_CHUNK_TOKENS = 0
-
-
 def mlp_in_chunks(mlp: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """mlp(h) for (T, D) h, over row chunks in inference (see ``MLP_CHUNK_TOKENS``)."""
-    C, T = MLP_CHUNK_TOKENS, h.shape[0]
+    """mlp(h) for (T, D) h, over row chunks in inference (see ``Tuning.mlp_chunk_tokens``)."""
+    C, T = mlp.tuning.mlp_chunk_tokens, h.shape[0]
     if not C or T <= 2 * C or torch.is_grad_enabled() or torch.compiler.is_compiling():
         return mlp(h)
     first = mlp(h[:C])  # (C, D)
@@ -149,6 +166,8 @@ def mlp_in_chunks(mlp: nn.Module, h: torch.Tensor) -> torch.Tensor:
 class GatedMlp(nn.Module):
     """fc2(act(gate(x)) * up(x)), with gate and up fused in one matmul: fc1 = [gate; up]."""
 
+    tuning: Tuning = DEFAULT_TUNING  # the model's, set by PackedViT.set_tuning
+
     def __init__(self, dim: int, hidden: int, act: str, bias: bool = False):
         super().__init__()
         self.fc1 = nn.Linear(dim, 2 * hidden, bias=bias)
@@ -160,7 +179,7 @@ class GatedMlp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
             self.fused
-            and TRAIN_SAVES_LESS
+            and self.tuning.train_saves_less
             and torch.is_grad_enabled()
             and type(self.fc1) is nn.Linear
             and type(self.fc2) is nn.Linear
@@ -230,6 +249,8 @@ class Attention(nn.Module):
     one is a zero in the fused bias.
     """
 
+    tuning: Tuning = DEFAULT_TUNING  # the model's, set by PackedViT.set_tuning
+
     def __init__(self, dim: int, num_heads: int, qkv_bias: tuple[bool, bool, bool], proj_bias: bool):
         super().__init__()
         if dim % num_heads:
@@ -273,7 +294,7 @@ class Attention(nn.Module):
                 # One kernel reads q and k where the matmul wrote them and writes both rotated,
                 # contiguous; the lines below are a strided pass and a cat for each.
                 q, k = fused_ops.rope_qk(q, k, cos, sin)
-                if TRAIN_SAVES_LESS and torch.is_grad_enabled():
+                if self.tuning.train_saves_less and torch.is_grad_enabled():
                     # Attention keeps q, k, v for backward: with v a view of qkv, the whole (T, 3D)
                     # output would stay alive beside the rotated q and k. One (T, D) copy frees it.
                     v = v.contiguous()

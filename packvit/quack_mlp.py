@@ -55,15 +55,9 @@ def available() -> bool:
         return False
 
 
-# quack's launch path costs the host about 0.2 ms a call more than cuBLAS's: eager forwards of small
-# batches, already bound by the host's launches, got slower with it (one 858-patch image, SigLIP2:
-# 17.1 -> 23.0 ms on the H200). Below this many tokens the MLP keeps cuBLAS + the activation pass.
-MIN_TOKENS = 8192
-
-
 def applies(mlp: nn.Module, x: torch.Tensor) -> bool:
     return (
-        x.shape[0] >= MIN_TOKENS
+        x.shape[0] >= mlp.tuning.quack_min_tokens  # see layers.Tuning
         and type(mlp.fc1) is nn.Linear
         and type(mlp.fc2) is nn.Linear
         and mlp.fc1.bias is not None

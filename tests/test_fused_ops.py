@@ -298,14 +298,14 @@ def test_rope_op_compiles_in_one_graph_under_the_interpreter():
     assert r.returncode == 0 and "ok" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
 
 
-def test_mlp_in_chunks(monkeypatch):
-    """Inference on the fused path runs the MLP over row chunks above 2 x MLP_CHUNK_TOKENS rows."""
+def test_mlp_in_chunks():
+    """Inference on the fused path runs the MLP over row chunks above 2 x ``mlp_chunk_tokens`` rows."""
     from packvit import layers
 
     mlp = layers.Mlp(16, 40, "gelu")
     calls = []
     mlp.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
-    monkeypatch.setattr(layers, "MLP_CHUNK_TOKENS", 8)
+    mlp.tuning = layers.Tuning(mlp_chunk_tokens=8)
     h = torch.randn(21, 16)
     with torch.no_grad():
         ref = mlp(h)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from packvit import fused_ops, quack_mlp
 from packvit.attention import available_backends, varlen_attention
-from packvit.layers import Block, GatedMlp, Mlp, apply_rope
+from packvit.layers import Block, GatedMlp, Mlp, Tuning, apply_rope
 
 pytestmark = [
     pytest.mark.gpu,
@@ -226,17 +226,17 @@ def test_dinov3_block_with_and_without_fused_rope():
     "D, H, act, gated",
     [(1024, 2816, "silu", True), (1024, 4096, "gelu", False), (1152, 4304, "gelu_pytorch_tanh", False)],
 )
-def test_mlp_modules(D, H, act, gated, monkeypatch):
+def test_mlp_modules(D, H, act, gated):
     """Each MLP as the models build it, on its default CUDA path (fused where it is), against fp32."""
-    monkeypatch.setattr(quack_mlp, "MIN_TOKENS", 0)  # quack's GEMMs at this test's 3,000 tokens too
     torch.manual_seed(H)
     mlp32 = (GatedMlp(D, H, act, bias=False) if gated else Mlp(D, H, act)).to(DEV)
     mlp = copy.deepcopy(mlp32).to(BF16)
     ref16 = copy.deepcopy(mlp)
     if gated:
         mlp.fused = "triton" if fused_ops._triton_ok() else None
-    else:  # the GELU in fc1's epilogue (quack), where quack runs here
+    else:  # the GELU in fc1's epilogue (quack), where quack runs here, also at this test's 3,000 tokens
         mlp.fused = "quack" if quack_mlp.available() else None
+        mlp.tuning = Tuning(quack_min_tokens=0)
     x = rand(T, D)
     outs = []
     for m in (mlp, ref16, mlp32):

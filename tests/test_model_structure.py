@@ -123,3 +123,27 @@ def test_loading_a_reference_leaves_the_progress_bar_setting_alone():
             assert logging.is_progress_bar_enabled() is start
     finally:
         (logging.enable_progress_bar if was else logging.disable_progress_bar)()
+
+
+def test_tuning_is_one_value_the_model_holds_and_hands_its_blocks():
+    """The fused path's speed/memory trade-offs are a value on the model, not module globals a
+    benchmark patches: every MLP and attention reads the model's, repr shows a changed one, and the
+    reference path's outputs do not depend on it."""
+    from packvit.layers import DEFAULT_TUNING, Attention, GatedMlp, Mlp, Tuning
+
+    for model in _models().values():
+        model.eval()
+        x = _pixels(model)
+        with torch.no_grad():
+            ref = model(x, GRID)
+        assert model.tuning == DEFAULT_TUNING and "Tuning(" not in repr(model)
+        t = model.set_tuning(train_saves_less=False, mlp_chunk_tokens=64)
+        assert t == Tuning(train_saves_less=False, mlp_chunk_tokens=64) and model.tuning is t
+        parts = [m for m in model.modules() if isinstance(m, (Mlp, GatedMlp, Attention))]
+        assert parts and all(m.tuning is t for m in parts)
+        assert "mlp_chunk_tokens=64" in repr(model)
+        with torch.no_grad():
+            assert torch.equal(model(x, GRID), ref)
+        with pytest.raises(TypeError, match="mlp_chunks"):
+            model.set_tuning(mlp_chunks=8)
+        assert model.tuning is t

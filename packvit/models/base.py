@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple, Sequence
 
 import torch
@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 from .. import chained, fp8, quack_mlp
 from ..attention import AttentionImpl, FA4Backward, resolve_attention
 from ..fused_ops import resolve_fused
-from ..layers import Attention, Block, GatedMlp, Mlp, RMSNorm
+from ..layers import DEFAULT_TUNING, Attention, Block, GatedMlp, Mlp, RMSNorm, Tuning
 from ..packing import PackedMeta, build_meta, check_inputs, check_packed, grid_to_tuple, split_prefix
 
 
@@ -96,6 +96,7 @@ class PackedViT(nn.Module):
         self.fused_kernels: dict[str, str | None] = resolve_fused("off", "cpu", torch.float32, "sdpa")
         self.gradient_checkpointing = False  # False, True (whole blocks) or "mlp"; see the setter
         self.fp8: list[str] = []  # the linears that run FP8 matmuls from their crossover on (``set_fp8``)
+        self.tuning = DEFAULT_TUNING  # the fused path's speed/memory trade-offs (``set_tuning``)
 
     # -- set-up ---------------------------------------------------------------------------------
 
@@ -223,6 +224,17 @@ class PackedViT(nn.Module):
                 m.fused_rope = fused["rope"]
         return fused
 
+    def set_tuning(self, **changes) -> Tuning:
+        """Change the fused path's speed and memory trade-offs (``packvit.layers.Tuning``: fields
+        ``train_saves_less``, ``mlp_chunk_tokens``, ``quack_min_tokens``), held as one value by the
+        model and read by its blocks; shown in ``repr`` when not the defaults. Returns the value held."""
+        tuning = replace(self.tuning, **changes)  # an unknown field is a TypeError naming it
+        for m in self.modules():
+            if isinstance(m, (Mlp, GatedMlp, Attention)):
+                m.tuning = tuning
+        self.tuning = tuning
+        return tuning
+
     def set_fp8(
         self,
         enabled: bool = True,
@@ -257,7 +269,8 @@ class PackedViT(nn.Module):
     def extra_repr(self) -> str:
         on = ", ".join(f"{k}={v}" for k, v in self.fused_kernels.items() if v) or "off"
         fp8 = f", fp8=[{len(self.fp8)} linears]" if getattr(self, "fp8", None) else ""
-        return f"attention={self.attention!r}, fused_kernels=[{on}]{fp8}"
+        tuning = f", {self.tuning}" if self.tuning != DEFAULT_TUNING else ""
+        return f"attention={self.attention!r}, fused_kernels=[{on}]{fp8}{tuning}"
 
     def compile_blocks(self, **kwargs) -> "PackedViT":
         """Regional ``torch.compile``: each block's forward compiled in place (they share one code
