@@ -1,6 +1,6 @@
 """A/B of the inference forward on a GPU: eager against CUDA graphs (``packvit.cuda_graphs``), and the
-other switches of issue 19 on this branch (chained norms, quack's GELU in fc1, fewer saved activations,
-chunked MLP), each against main's path.
+other switches of the fused path (chained norms, quack's GELU in fc1, fewer saved activations,
+chunked MLP), each against the path without them.
 
     python benchmarks/graphs_ab.py --out rows.jsonl                     # the three families, fa4 or best
     python benchmarks/graphs_ab.py --backend torch --family dinov3

@@ -1,6 +1,6 @@
 """Does quack-kernels' ``gemm_act`` (the MLP activation in fc1's epilogue) run here, and is it faster
 than cuBLAS + the activation pass? One JSON line per case; run on the GPU machine with the fa4
-bundle on the path (issue 19 saw ``TypeError: epilogue fn depends on <ContextVar name='_LOC_TRANSFORMS'>``
+bundle on the path (imported from the unpacked bundle it failed with ``TypeError: epilogue fn depends on <ContextVar name='_LOC_TRANSFORMS'>``
 with quack 0.6.5 and nvidia-cutlass-dsl 4.8.1).
 
 quack fingerprints an epilogue function by its source and the globals it reaches, and treats code

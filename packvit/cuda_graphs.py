@@ -1,11 +1,11 @@
-"""CUDA graphs for the inference forward, over a few token-budget buckets (issue 19, item 2).
+"""CUDA graphs for the inference forward, over a few token-budget buckets.
 
     graphed = packvit.cuda_graphs.capture(model, max_tokens=32768)   # captures every bucket now
     with torch.inference_mode():
         out = graphed(hidden_states, grid_thw)                         # as model(hidden_states, grid_thw)
 
 Why: an eager forward is a few hundred kernel launches, each through Python (FA4's CuTe launch path
-alone costs about 1.5 ms of host time a call, issue 19); on a small batch the GPU waits for the host.
+alone costs about 1.5 ms of host time a call on the H200); on a small batch the GPU waits for the host.
 A CUDA graph replays the whole blocks + final norm (+ attention-pool head) from one host call.
 
 How, as vLLM does for its vision encoders: a graph is captured per bucket of ``T_b`` tokens and

@@ -19,7 +19,7 @@ quack fingerprints an epilogue by its source and the globals it reaches, treatin
 under ``site-packages`` / ``dist-packages`` as pinned by its version (``quack/gemm_runtime/identity.py``).
 Imported from elsewhere (an unpacked bundle on ``PYTHONPATH``), the fingerprint walks into the CUTLASS
 DSL's module globals and fails with ``TypeError: epilogue fn depends on <ContextVar name='_LOC_TRANSFORMS'>``
-(issue 19's failure with quack 0.6.5 / nvidia-cutlass-dsl 4.8.1: a path problem, not a version one).
+(seen with quack 0.6.5 / nvidia-cutlass-dsl 4.8.1 unpacked from a bundle: a path problem, not a version one).
 ``available()`` runs one tiny ``gemm_act`` and reports False on any failure, so such an install
 falls back to the reference MLP.
 
