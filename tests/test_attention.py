@@ -129,7 +129,9 @@ def test_backend_chosen_for_the_compute_dtype(monkeypatch):
         seen.append(dtype)
         return ["torch", "sdpa"] if dtype == torch.bfloat16 else ["sdpa"]
 
-    fake_kernel = lambda *a, **k: None  # noqa: E731
+    def fake_kernel(*a, **k):
+        return None
+
     monkeypatch.setattr(attention, "available_backends", fake_available)
     monkeypatch.setattr(attention, "_torch_varlen_func", lambda: fake_kernel)
     impl = m.set_attention("auto", torch.bfloat16)

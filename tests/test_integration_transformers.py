@@ -495,7 +495,9 @@ def test_a_placed_wrapper_chooses_its_attention_for_where_it_now_is(hf_checkpoin
     def sdpa_as_torch(q, k, v, cu_q, cu_k, max_q, max_k, scale=None):
         return attention.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, backend="sdpa", softmax_scale=scale)
 
-    bf16_wins = lambda dev, t: ["torch", "sdpa"] if t == torch.bfloat16 else ["sdpa"]  # noqa: E731
+    def bf16_wins(dev, t):
+        return ["torch", "sdpa"] if t == torch.bfloat16 else ["sdpa"]
+
     monkeypatch.setattr(attention, "available_backends", bf16_wins)
     monkeypatch.setattr(attention, "_torch_varlen_func", lambda: sdpa_as_torch)
     model.to(torch.bfloat16)

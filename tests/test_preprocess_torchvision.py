@@ -54,7 +54,7 @@ def hf_torchvision():
         pytest.skip("torchvision is not installed: transformers' torchvision processors cannot run")
     try:
         from torchvision.transforms.v2 import functional as tvF
-    except Exception as e:  # noqa: BLE001 - any import failure means: cannot compare here
+    except Exception as e:  # any import failure means: cannot compare here
         pytest.skip(f"torchvision does not import ({type(e).__name__}: {e})")
     return tvF
 

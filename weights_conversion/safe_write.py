@@ -268,7 +268,10 @@ def _signals(mode: str) -> Iterator[list[int]]:
         yield received
         return
     if mode == "hold":
-        handler = lambda signum, frame: received.append(signum)  # noqa: E731
+
+        def handler(signum, frame):
+            received.append(signum)
+
         chosen = _SIGNALS
     else:
 
