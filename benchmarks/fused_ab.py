@@ -278,14 +278,13 @@ def run_ops(args, record):
 
 def _build(family):
     from weights_conversion import FAMILIES
+    from weights_conversion.reference import randomize_
 
     fam = FAMILIES[family]
     torch.manual_seed(0)
     m = fam.model_class(fam.config_class.from_name(DEFAULT_PRESETS[family]))
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.05)
+    with torch.no_grad():  # spread the constant-initialised norms, biases and scales
+        randomize_(m, seed=0, scale=0.05, constant_only=True)
     m = m.to(DEV, BF16).eval()
     m.set_attention("auto")  # moving keeps the CPU's choice: choose for CUDA bf16
     return m

@@ -1,44 +1,59 @@
-"""Where packvit's time goes on mixed32: a torch.profiler breakdown of GPU kernel time into
-matmul, attention, elementwise/other, and idle (wall time with no kernel running).
+"""Where packvit's time goes on a workload: a torch.profiler breakdown of GPU kernel time into
+matmul, attention, elementwise/other, and idle (wall time with no kernel running), for the model
+and, in the same process, for the bound (`packvit.bench.bound`: one block's matmuls and attention
+on the same tokens, times the number of blocks). The difference per category is the answer to
+"why is the model slower than its bound": matmuls slower inside the model than alone, attention
+likewise, the elementwise work, or the GPU waiting for the host.
 
-    python benchmarks/profile_breakdown.py --model siglip2 dinov3 aimv2 --backend fa4 [--compile] [--train]
+    python benchmarks/profile_breakdown.py --model siglip2 dinov3 aimv2 --backend fa4 [--compile] [--train] \
+        [--workload mixed32 llava_mix] [--out rows.jsonl]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from packvit.bench.bound import bound_layer_step
 from packvit.bench.models import build_pair
 from packvit.bench.timing import model_step
-from packvit.bench.workloads import mixed32
+from packvit.bench.workloads import WORKLOADS
 
 MATMUL = re.compile(r"gemm|cutlass.*(?:sm90|tensorop)|nvjet|xmma|wgmma|cublas", re.I)
 ATTN = re.compile(r"flash|fmha|attention|FlashAttn|kernel_cutlass_kernel_flash|Sm90Fwd|Sm90Bwd", re.I)
 
 
-def breakdown(fn, steps: int = 5) -> dict:
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def breakdown(fn, steps: int = 5, scale: float = 1.0) -> dict:
+    """Per-step GPU time by category (ms), times ``scale`` (the bound's one block -> all blocks)."""
     for _ in range(3):
         fn()
-    torch.cuda.synchronize()
+    _sync()
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             fn()
-        torch.cuda.synchronize()
+        _sync()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     cats = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
     top: dict[str, float] = {}
+    top_mm: dict[str, float] = {}
     spans = []
     for e in kernels:
         d = e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
         name = e.name
         cat = "attention" if ATTN.search(name) else "matmul" if MATMUL.search(name) else "other"
         cats[cat] += d
-        if cat == "other":
-            top[name[:60]] = top.get(name[:60], 0.0) + d
+        into = top if cat == "other" else top_mm if cat == "matmul" else None
+        if into is not None:
+            into[name[:60]] = into.get(name[:60], 0.0) + d
         spans.append((e.time_range.start, e.time_range.end))
     spans.sort()
     busy, end = 0.0, None
@@ -50,10 +65,12 @@ def breakdown(fn, steps: int = 5) -> dict:
             busy += e - end
             end = e
     wall = spans[-1][1] - spans[0][0] if spans else 0.0
-    per = {k: v / steps / 1e3 for k, v in cats.items()}
-    per["idle"] = (wall - busy) / steps / 1e3
-    per["wall"] = wall / steps / 1e3
-    per["top_other"] = sorted(((v / steps / 1e3, k) for k, v in top.items()), reverse=True)[:6]
+    f = scale / steps / 1e3
+    per = {k: v * f for k, v in cats.items()}
+    per["idle"] = (wall - busy) * f
+    per["wall"] = wall * f
+    per["top_other"] = sorted(((v * f, k) for k, v in top.items()), reverse=True)[:8]
+    per["top_matmul"] = sorted(((v * f, k) for k, v in top_mm.items()), reverse=True)[:6]
     return per
 
 
@@ -61,32 +78,55 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", nargs="+", default=["siglip2", "dinov3", "aimv2"])
     p.add_argument("--backend", default="fa4")
+    p.add_argument("--workload", nargs="+", default=["mixed32"], choices=sorted(WORKLOADS))
     p.add_argument("--compile", action="store_true")
     p.add_argument("--train", action="store_true")
+    p.add_argument("--out", help="append one JSON line per row here")
+    p.add_argument("--device", default="cuda", help="cpu with --tiny: a smoke test of the script (no GPU kernels)")
+    p.add_argument("--tiny", action="store_true", help="tiny random models")
     a = p.parse_args()
-    dev = torch.device("cuda")
-    print("| model | backend | compiled | mode | wall ms | matmul ms | attention ms | other ms | idle ms |")
+    dev, dt = torch.device(a.device), torch.bfloat16
+    print("| model | workload | what | mode | wall ms | matmul ms | attention ms | other ms | idle ms |")
     print("|---|---|---|---|---|---|---|---|---|")
     details = []
     for family in a.model:
-        hf, pv = build_pair(family, None, dev, torch.bfloat16, a.backend)
+        hf, pv = build_pair(family, None, dev, dt, a.backend, tiny=a.tiny)
         del hf
         if a.compile:
             pv.compile_blocks()
-        wl = mixed32(pv.config.patch_size)
-        x = torch.randn(wl.num_patches, pv.patch_dim, device=dev, dtype=torch.bfloat16)
-        grid = torch.tensor(wl.grid)
-        for mode in ("infer", "train") if a.train else ("infer",):
-            r = breakdown(model_step(pv, x, grid, mode))  # sets the model's train / eval mode
-            print(
-                f"| {family} | {a.backend} | {a.compile} | {mode} | {r['wall']:.1f} | {r['matmul']:.1f} | "
-                f"{r['attention']:.1f} | {r['other']:.1f} | {r['idle']:.1f} |"
-            )
-            details.append((family, mode, r["top_other"]))
+        what = "packvit compiled" if a.compile else "packvit eager"
+        for name in a.workload:
+            wl = WORKLOADS[name](pv.config.patch_size)
+            x = torch.randn(wl.num_patches, pv.patch_dim, device=dev, dtype=dt)
+            grid = torch.tensor(wl.grid)
+            for mode in ("infer", "train") if a.train else ("infer",):
+                rows = {
+                    what: breakdown(model_step(pv, x, grid, mode)),  # sets the model's train / eval mode
+                    "bound": breakdown(
+                        bound_layer_step(pv, wl, a.backend, mode == "train", dev, dt), scale=pv.config.num_layers
+                    ),
+                }
+                for label, r in rows.items():
+                    print(
+                        f"| {family} | {name} | {label} | {mode} | {r['wall']:.1f} | {r['matmul']:.1f} | "
+                        f"{r['attention']:.1f} | {r['other']:.1f} | {r['idle']:.1f} |"
+                    )
+                    details.append((family, name, label, mode, r))
+                    if a.out:
+                        row = dict(family=family, workload=name, what=label, mode=mode, backend=a.backend, **r)
+                        row.update(
+                            device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+                            torch=torch.__version__,
+                        )
+                        with open(a.out, "a") as fh:
+                            fh.write(json.dumps(row) + "\n")
         del pv
-        torch.cuda.empty_cache()
-    for family, mode, top in details:
-        print(f"\n{family} {mode}: largest other kernels (ms/step): " + "; ".join(f"{n} {ms:.2f}" for ms, n in top))
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    for family, name, label, mode, r in details:
+        for key in ("top_matmul", "top_other"):
+            items = "; ".join(f"{n} {ms:.2f}" for ms, n in r[key])
+            print(f"\n{family} {name} {label} {mode}, {key} (ms/step): {items}")
 
 
 if __name__ == "__main__":

@@ -286,15 +286,14 @@ GRID = ((1, 20, 31), (1, 8, 8), (1, 37, 14), (2, 12, 16), (1, 1, 9))
 def _model(family: str):
     from packvit.bench.models import DEFAULT_PRESETS
     from weights_conversion import FAMILIES
+    from weights_conversion.reference import randomize_
 
     fam = FAMILIES[family]
     cfg = fam.config_class.from_name(DEFAULT_PRESETS[family])
     torch.manual_seed(0)
     m = fam.model_class(cfg)
     with torch.no_grad():  # spread the constant-initialised norms, biases and scales
-        for p in m.parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.05)
+        randomize_(m, seed=0, scale=0.05, constant_only=True)
     return m
 
 

@@ -28,6 +28,7 @@ BUCKETS = (256, 1024, 2048)
 def _model(family: str, layers: int = 3):
     from packvit.bench.models import DEFAULT_PRESETS
     from weights_conversion import FAMILIES
+    from weights_conversion.reference import randomize_
 
     fam = FAMILIES[family]
     # AIMv2 with its attention-pool head, so that the graph holds a pooling head of each kind.
@@ -35,10 +36,8 @@ def _model(family: str, layers: int = 3):
     cfg = fam.config_class.from_name(DEFAULT_PRESETS[family], num_layers=layers, **extra)
     torch.manual_seed(0)
     m = fam.model_class(cfg)
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.05)
+    with torch.no_grad():  # spread the constant-initialised norms, biases and scales
+        randomize_(m, seed=0, scale=0.05, constant_only=True)
     m = m.to(DEV, BF16).eval()
     m.set_attention("auto")  # chosen for where the model now is (moving keeps the choice made at build)
     if m.attn_backend == "sdpa":

@@ -23,6 +23,13 @@ def bound_ms(
     warmup: int = 10,
     iters: int = 30,
 ) -> float:
+    fn = bound_layer_step(model, workload, backend, train, device, dtype)
+    return measure(fn, device, warmup, iters)["ms"] * model.config.num_layers
+
+
+def bound_layer_step(model, workload: Workload, backend: str, train: bool, device: torch.device, dtype: torch.dtype):
+    """One block's matmuls and attention on the workload's packed tokens, as a callable (forward under
+    inference_mode, or forward + backward); the bound is its time times the number of blocks."""
     c = model.config
     D, H = c.hidden_size, c.num_heads
     Dh = D // H
@@ -69,4 +76,4 @@ def bound_ms(
             with torch.inference_mode():
                 layer()
 
-    return measure(fn, device, warmup, iters)["ms"] * c.num_layers
+    return fn
