@@ -22,6 +22,13 @@ batch of T >= min_tokens tokens runs the FP8 path, a smaller one the bf16 path, 
 ``x.shape[0]`` (a Python int: no host sync). The crossovers come from the per-shape sweep on the
 H200 (``benchmarks/fp8_ab.py``, RESULTS.md "FP8"); see ``CROSSOVER``.
 
+**Fused input quantisation (inference).** On the fused CUDA path the kernels that make qkv's and
+fc1's inputs (packvit's norm kernels, chained or not) and AIMv2's fc2 input (the SwiGLU kernel) write
+them as e4m3 rows with their scales (``FP8Rows``) when the linear will run FP8 (``wants_fp8_input``),
+so no separate quantisation pass runs; the bits are those of the separate pass. ``FUSE_INPUT_QUANT``
+turns it off for A/B runs; training quantises inside ``_FP8Linear`` as before. Not yet timed on the
+H200 (``benchmarks/fp8_ab.py --part models``: "fp8_unfused" against "fp8").
+
 **Fidelity (measured, H200, random weights at the published sizes, mixed32).** FP8 is opt-in
 because it does not reach the 0.999 per-patch min cosine that bf16 keeps (0.9999): with every
 linear in e4m3 the worst patch is at 0.9962 (SigLIP2), 0.9939 (DINOv3), 0.9973 (AIMv2) against
