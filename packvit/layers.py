@@ -429,9 +429,13 @@ class Block(nn.Module):
 
     def _mlp_takes_fp8(self, x: torch.Tensor) -> bool:
         """Whether norm2 (packvit's kernel) writes the MLP's input as e4m3 rows for an FP8 fc1;
-        not with row chunks (``MLP_CHUNK_TOKENS``), which slice a tensor."""
+        not with row chunks (``Tuning.mlp_chunk_tokens``), which slice a tensor."""
         fc1 = getattr(self.mlp, "fc1", None)
-        return self.fused_add_norm == "triton" and not MLP_CHUNK_TOKENS and wants_fp8_input(fc1, x.shape[0])
+        return (
+            self.fused_add_norm == "triton"
+            and not self.mlp.tuning.mlp_chunk_tokens
+            and wants_fp8_input(fc1, x.shape[0])
+        )
 
     def extra_repr(self) -> str:
         return f"fused_add_norm={self.fused_add_norm}" if self.fused_add_norm else ""
