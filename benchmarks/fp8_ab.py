@@ -17,7 +17,8 @@ fidelity: per family at the published size (random weights, ``build_pair``): per
           random pixels and on the three real images of packvit/assets; below 0.999 a per-kind
           and per-block search for the layers to keep in bf16.
 models:   mixed32 (23k tokens) and 64 images (about 46k), forward and training step, bf16 and FP8
-          with its default policy, same process, peak memory.
+          with its default policy, same process, peak memory; the forward also with the input
+          quantisation unfused (``fp8.FUSE_INPUT_QUANT`` off: "fp8_unfused") against fused.
 train:    200 steps of a small regression task (a trainable linear head on the tower, its first 8 blocks, regresses a
           fixed random projection of a frozen bf16 teacher's features; the tower is trained too),
           FP8 (every layer, min_tokens 0) against bf16 from the same initial weights and data.
@@ -415,14 +416,17 @@ def part_models(families, backend: str) -> None:
         for wl, grid in (("mixed32", g32), ("mixed64", g64)):
             px = _pixels(mbf, grid, 2)
             res = {}
-            for name in ("bf16", "fp8", "fp8_all"):
-                if name == "fp8":
+            for name in ("bf16", "fp8", "fp8_unfused", "fp8_all"):
+                # fp8_unfused: the default policy with each linear quantising its own input, not the
+                # norm / SwiGLU kernels (``fp8.FUSE_INPUT_QUANT``); inference only, as the fusion is
+                fp8.FUSE_INPUT_QUANT = name != "fp8_unfused"
+                if name in ("fp8", "fp8_unfused"):
                     mbf.set_fp8()
                 elif name == "fp8_all":  # every linear in FP8, whatever the crossover says
                     mbf.set_fp8(min_tokens=0)
                 else:
                     mbf.set_fp8(False)
-                for mode in ("infer",) if name == "fp8_all" else ("infer", "train"):
+                for mode in ("infer",) if name in ("fp8_all", "fp8_unfused") else ("infer", "train"):
                     torch.cuda.empty_cache()
                     r = measure(model_step(mbf, px, grid, mode), DEV, warmup=4, iters=10)
                     res[(name, mode)] = r
@@ -453,8 +457,12 @@ def part_models(families, backend: str) -> None:
                         "bf16_over_fp8_all": round(res[("bf16", mode)]["ms"] / res[("fp8_all", mode)]["ms"], 3)
                         if ("fp8_all", mode) in res
                         else None,
+                        "fp8_unfused_over_fp8": round(res[("fp8_unfused", mode)]["ms"] / res[("fp8", mode)]["ms"], 3)
+                        if ("fp8_unfused", mode) in res
+                        else None,
                     }
                 )
+            fp8.FUSE_INPUT_QUANT = True
             mbf.set_fp8(False)
         del mbf
         torch.cuda.empty_cache()

@@ -24,6 +24,7 @@ from torch import nn
 
 from . import fused_ops
 from .attention import AttentionImpl
+from .fp8 import wants_fp8_input
 from .layers import Block, norm_args
 from .packing import PackedMeta
 
@@ -56,12 +57,18 @@ def run_blocks(
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """The blocks with chained norms: (T, D) -> (T, D) residual stream after the last block, and
     the residual stream after block i for every i in ``want`` (Hugging Face's hidden-state index)."""
-    h = fused_ops.norm(x, *norm_args(blocks[0].norm1))  # (T, D) norm1 of the first block
+    T = x.shape[0]
+    # (T, D) norm1 of the first block; e4m3 rows (``FP8Rows``) wherever a block's qkv takes them
+    first = fused_ops.norm_fp8 if wants_fp8_input(blocks[0].attn.qkv, T) else fused_ops.norm
+    h = first(x, *norm_args(blocks[0].norm1))
     layers = {}
     n = len(blocks)
     for i, block in enumerate(blocks, start=1):
         nxt = norm_args(blocks[i].norm1) if i < n else None
-        x, h = block(x, meta, rope, attn=attn, checkpoint_mlp=checkpoint_mlp, normed=h, next_norm=nxt)
+        fp8_next = i < n and wants_fp8_input(blocks[i].attn.qkv, T)
+        x, h = block(
+            x, meta, rope, attn=attn, checkpoint_mlp=checkpoint_mlp, normed=h, next_norm=nxt, next_fp8=fp8_next
+        )
         if i in want:
             layers[i] = x
     return x, layers

@@ -22,6 +22,13 @@ batch of T >= min_tokens tokens runs the FP8 path, a smaller one the bf16 path, 
 ``x.shape[0]`` (a Python int: no host sync). The crossovers come from the per-shape sweep on the
 H200 (``benchmarks/fp8_ab.py``, RESULTS.md "FP8"); see ``CROSSOVER``.
 
+**Fused input quantisation (inference).** On the fused CUDA path the kernels that make qkv's and
+fc1's inputs (packvit's norm kernels, chained or not) and AIMv2's fc2 input (the SwiGLU kernel) write
+them as e4m3 rows with their scales (``FP8Rows``) when the linear will run FP8 (``wants_fp8_input``),
+so no separate quantisation pass runs; the bits are those of the separate pass. ``FUSE_INPUT_QUANT``
+turns it off for A/B runs; training quantises inside ``_FP8Linear`` as before. Not yet timed on the
+H200 (``benchmarks/fp8_ab.py --part models``: "fp8_unfused" against "fp8").
+
 **Fidelity (measured, H200, random weights at the published sizes, mixed32).** FP8 is opt-in
 because it does not reach the 0.999 per-patch min cosine that bf16 keeps (0.9999): with every
 linear in e4m3 the worst patch is at 0.9962 (SigLIP2), 0.9939 (DINOv3), 0.9973 (AIMv2) against
@@ -38,6 +45,8 @@ reference.)
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -218,6 +227,44 @@ class _FP8Linear(torch.autograd.Function):
         return dx, dw, db
 
 
+# -- pre-quantised inputs ---------------------------------------------------------------------------
+#
+# At 23k tokens quantising a linear's input is a pass of its own, 0.03-0.08 ms a layer on the H200,
+# which ate much of the e4m3 GEMM's gain (RESULTS.md, "FP8 linears"). Where the input comes from one
+# of packvit's Triton kernels that hold whole rows (the norms before qkv and fc1, AIMv2's SwiGLU before
+# fc2), that kernel writes the e4m3 rows and their scales itself (``fused_ops.norm_fp8``,
+# ``add_norm_fp8``, ``swiglu_fp8``), to the same bits as the separate pass, and the linear takes them.
+
+# Off: every FP8 linear quantises its own bf16 input, as before (for A/B runs).
+FUSE_INPUT_QUANT = True
+
+
+class FP8Rows(NamedTuple):
+    """An FP8 linear's input already in e4m3: q (T, K) and fp32 scales (T, 1), q * scale ~= x, and
+    ``dtype``, the dtype the bf16 input would have had (the linear's output dtype)."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+
+def wants_fp8_input(linear: nn.Module, tokens: int) -> bool:
+    """Whether the kernel making ``linear``'s input of ``tokens`` rows should hand it ``FP8Rows``: an
+    ``FP8Linear`` at or above its inference crossover, without autograd (training quantises in
+    ``_FP8Linear``) and outside ``torch.compile`` (the fp8 kernels are no custom ops)."""
+    return (
+        FUSE_INPUT_QUANT
+        and isinstance(linear, FP8Linear)
+        and tokens >= linear.min_tokens
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+    )
+
+
 # -- the module -------------------------------------------------------------------------------------
 
 
@@ -237,6 +284,9 @@ class FP8Linear(nn.Linear):
         """x (..., K) -> (..., N). ``bias`` replaces the layer's own (the fused qkv's is built from
         per-projection biases, ``layers.Attention.qkv_bias``)."""
         b = self.bias if isinstance(bias, str) else bias
+        if isinstance(x, FP8Rows):  # quantised by the kernel that made it (``wants_fp8_input``)
+            wq, sw = self.quantized_weight()
+            return scaled_mm(x.q, x.scale, wq, sw, None if b is None else b.to(x.dtype), x.dtype, FAST_ACCUM_FORWARD)
         if not self.uses_fp8(x):
             return F.linear(x, self.weight, b)
         lead = x.shape[:-1]
@@ -252,6 +302,8 @@ class FP8Linear(nn.Linear):
 
     def uses_fp8(self, x: torch.Tensor) -> bool:
         """Whether this call runs in FP8: the token count against this layer's crossover."""
+        if isinstance(x, FP8Rows):
+            return True
         tokens = x.numel() // x.shape[-1] if x.dim() != 2 else x.shape[0]
         return tokens >= (self.min_tokens_train if torch.is_grad_enabled() else self.min_tokens)
 

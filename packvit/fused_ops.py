@@ -29,6 +29,8 @@ from typing import Optional
 
 import torch
 
+from .fp8 import FP8Rows
+
 FUSED_CHOICES = ("auto", "on", "off")
 _HALF = (torch.float16, torch.bfloat16)
 OPS = ("add_layernorm", "add_rmsnorm", "rmsnorm", "swiglu", "rope", "gelu_mlp")
@@ -238,6 +240,22 @@ def norm(
     if torch.compiler.is_compiling():
         return _add_norm_op(x, None, None, weight, bias, eps, rms)[1]
     return _AddNormFn.apply(x, None, None, weight, bias, eps, rms)
+
+
+# The fp8 variants (inference): the norm's output goes out as e4m3 rows for an FP8 linear
+# (``fp8.wants_fp8_input``), no bf16 copy, no autograd.
+
+
+def add_norm_fp8(x, a, gamma, weight, bias, eps, rms=False) -> tuple[torch.Tensor, FP8Rows]:
+    """``add_norm`` with norm(s) as ``FP8Rows``: (s (T, D), e4m3 rows of norm(s)), one kernel."""
+    s, q, scale = _kernels().norm_fwd_fp8(x, a, gamma, weight, bias, eps, rms)
+    return s, FP8Rows(q, scale, x.dtype)
+
+
+def norm_fp8(x, weight, bias, eps, rms=False) -> FP8Rows:
+    """``norm`` as ``FP8Rows``."""
+    _, q, scale = _kernels().norm_fwd_fp8(x, None, None, weight, bias, eps, rms)
+    return FP8Rows(q, scale, x.dtype)
 
 
 def add_layernorm(x, a, gamma, weight, bias, eps):
@@ -468,6 +486,12 @@ def swiglu(h: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return _swiglu_op(h)
     return _SwiGLUFn.apply(h)
+
+
+def swiglu_fp8(h: torch.Tensor) -> FP8Rows:
+    """``swiglu`` as ``FP8Rows`` for an FP8 fc2 (inference), in one kernel."""
+    q, scale = _kernels().swiglu_fwd_fp8(h)
+    return FP8Rows(q, scale, h.dtype)
 
 
 # --- the whole SwiGLU MLP in training: fc2's input recomputed, not kept --------------------------------

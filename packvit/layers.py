@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import fused_ops, quack_mlp
 from .attention import AttentionImpl
-from .fp8 import FP8Linear
+from .fp8 import FP8Linear, FP8Rows, wants_fp8_input
 from .packing import PackedMeta
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -111,7 +111,9 @@ class Mlp(nn.Module):
         # (``packvit.quack_mlp``); set by the model (``PackedViT.set_fused_kernels``).
         self.fused: str | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, D) -> (T, D)
+    def forward(self, x: torch.Tensor | FP8Rows) -> torch.Tensor:  # (T, D) -> (T, D)
+        if isinstance(x, FP8Rows):  # norm2 wrote fc1's e4m3 input (``Block._mlp_takes_fp8``)
+            return self.fc2(self.act(self.fc1(x)))
         if self.fused == "quack" and quack_mlp.applies(self, x):
             return quack_mlp.gelu_mlp(self, x, self.act_name)
         if (
@@ -190,7 +192,10 @@ class GatedMlp(nn.Module):
             return fused_ops.swiglu_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
         h = self.fc1(x)  # (T, 2 * hidden)
         if self.fused and fused_ops.runs_fused(h):
-            # One pass over h instead of three kernels (silu, product, and their reads of the halves).
+            # One pass over h instead of three kernels (silu, product, and their reads of the halves);
+            # for an FP8 fc2 it writes fc2's e4m3 input (``fp8.wants_fp8_input``).
+            if self.fused == "triton" and wants_fp8_input(self.fc2, h.shape[0]):
+                return self.fc2(fused_ops.swiglu_fp8(h))
             return self.fc2(fused_ops.swiglu(h))
         gate, up = h.chunk(2, dim=-1)
         return self.fc2(self.act(gate) * up)
@@ -352,12 +357,18 @@ class Block(nn.Module):
         *,
         attn: AttentionImpl,
         checkpoint_mlp: bool = False,
-        normed: torch.Tensor | None = None,
+        normed: torch.Tensor | FP8Rows | None = None,
         next_norm: tuple | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        next_fp8: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | FP8Rows | None]:
         if normed is not None:  # chained norms (``packvit.chained``): norm1(x) came with x
-            return self._forward_chained(x, normed, meta, rope, checkpoint_mlp, next_norm, attn)
-        a = self.attn(self.norm1(x), meta, rope, attn=attn)
+            return self._forward_chained(x, normed, meta, rope, checkpoint_mlp, next_norm, attn, next_fp8)
+        n1 = self.norm1
+        if getattr(n1, "fused", None) == "triton" and fused_ops.runs_fused(x, n1.weight):
+            h = fused_ops.norm_fp8(x, *norm_args(n1)) if wants_fp8_input(self.attn.qkv, x.shape[0]) else n1(x)
+        else:
+            h = n1(x)
+        a = self.attn(h, meta, rope, attn=attn)
         if self._fuses(x, a):
             return self._forward_fused(x, a, checkpoint_mlp)
         a = self.ls1(a)
@@ -393,28 +404,38 @@ class Block(nn.Module):
         if self.fused_add_norm == "liger":
             x, h = fused_ops.add_rmsnorm(x, a, n.weight, n.eps)
         else:
-            x, h = fused_ops.add_norm(
-                x, a, gamma, n.weight, getattr(n, "bias", None), n.eps, rms=isinstance(n, RMSNorm)
-            )
+            add_norm = fused_ops.add_norm_fp8 if self._mlp_takes_fp8(x) else fused_ops.add_norm
+            x, h = add_norm(x, a, gamma, n.weight, getattr(n, "bias", None), n.eps, rms=isinstance(n, RMSNorm))
         # With checkpointing, the normed h (T, D) is what the checkpoint keeps, in place of x.
         m = checkpoint(self.mlp, h, use_reentrant=False) if checkpoint_mlp else mlp_in_chunks(self.mlp, h)
         if isinstance(self.ls2, LayerScale):
             return torch.addcmul(x, m, self.ls2.scale)
         return x + m
 
-    def _forward_chained(self, x, h, meta, rope, checkpoint_mlp, next_norm, attn: AttentionImpl):
+    def _forward_chained(self, x, h, meta, rope, checkpoint_mlp, next_norm, attn: AttentionImpl, next_fp8=False):
         """The fused block with norm1 done by the caller: ``h`` is norm1(x), and the final
         x + ls2(m) runs with the next block's norm1 (``next_norm`` = its ``norm_args``) as one
-        kernel each way. Returns (x, next block's normed input, or None after the last block)."""
+        kernel each way. Returns (x, next block's normed input, or None after the last block);
+        ``next_fp8``: that input as ``FP8Rows`` for the next block's FP8 qkv."""
         a = self.attn(h, meta, rope, attn=attn)
         n = self.norm2
         gamma = self.ls1.scale if isinstance(self.ls1, LayerScale) else None
-        x, h = fused_ops.add_norm(x, a, gamma, *norm_args(n))
+        x, h = (fused_ops.add_norm_fp8 if self._mlp_takes_fp8(x) else fused_ops.add_norm)(x, a, gamma, *norm_args(n))
         m = checkpoint(self.mlp, h, use_reentrant=False) if checkpoint_mlp else mlp_in_chunks(self.mlp, h)
         gamma = self.ls2.scale if isinstance(self.ls2, LayerScale) else None
         if next_norm is None:
             return (torch.addcmul(x, m, gamma) if gamma is not None else x + m), None
-        return fused_ops.add_norm(x, m, gamma, *next_norm)
+        return (fused_ops.add_norm_fp8 if next_fp8 else fused_ops.add_norm)(x, m, gamma, *next_norm)
+
+    def _mlp_takes_fp8(self, x: torch.Tensor) -> bool:
+        """Whether norm2 (packvit's kernel) writes the MLP's input as e4m3 rows for an FP8 fc1;
+        not with row chunks (``Tuning.mlp_chunk_tokens``), which slice a tensor."""
+        fc1 = getattr(self.mlp, "fc1", None)
+        return (
+            self.fused_add_norm == "triton"
+            and not self.mlp.tuning.mlp_chunk_tokens
+            and wants_fp8_input(fc1, x.shape[0])
+        )
 
     def extra_repr(self) -> str:
         return f"fused_add_norm={self.fused_add_norm}" if self.fused_add_norm else ""

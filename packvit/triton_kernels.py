@@ -26,6 +26,29 @@ import torch
 import triton
 import triton.language as tl
 
+# --- e4m3 rows for an FP8 linear's input (inference) --------------------------------------------------
+#
+# The fp8 variants of the norm and SwiGLU forwards end with this instead of storing the bf16 output:
+# the same per-row quantisation as ``packvit.fp8_kernels.quantize_rows`` (same expressions, so the
+# same bits on the GPU) applied to the output rounded to the storage dtype, i.e. to exactly what the
+# unfused path would store and then quantise. ``packvit.fp8`` explains the convention.
+
+E4M3_MAX = tl.constexpr(448.0)  # packvit.fp8.E4M3_MAX
+FP8_EPS = tl.constexpr(1e-12)  # packvit.fp8.EPS
+
+
+@triton.jit
+def _store_e4m3_rows(y, Q, QS, off, rows, live, mask, FMAX: tl.constexpr, EPS: tl.constexpr):
+    # y (BLOCK_M, BLOCK_N) fp32 holding storage-dtype values, whole rows -> q (e4m3) and one
+    # dequantisation scale per row (scale = max(amax, EPS) / 448, stored as 1 / (448 / max(...))).
+    y = tl.where(mask, y, 0.0)
+    amax = tl.max(tl.abs(y), axis=1)  # (BLOCK_M,)
+    qscale = FMAX / tl.maximum(amax, EPS)
+    q = tl.clamp(y * qscale[:, None], -FMAX, FMAX)
+    tl.store(Q + off, q.to(Q.dtype.element_ty), mask=mask)
+    tl.store(QS + rows, 1.0 / qscale, mask=live)
+
+
 # --- residual add + norm (+ LayerScale) --------------------------------------------------------------
 #
 # One kernel for LayerNorm and for AIMv2's RMSNorm (IS_RMS), with or without the residual add
@@ -44,6 +67,8 @@ def _norm_fwd_kernel(
     Y,
     MEAN,
     RSTD,
+    Q,
+    QS,
     M,
     N,
     eps,
@@ -53,8 +78,10 @@ def _norm_fwd_kernel(
     IS_RMS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    FP8_OUT: tl.constexpr = False,
 ):
-    # s = x + gamma * a (stored), then y = LayerNorm(s) or RMSNorm(s).
+    # s = x + gamma * a (stored), then y = LayerNorm(s) or RMSNorm(s). FP8_OUT: y goes out as e4m3
+    # rows with their scales (Q, QS) instead of into Y (inference; mean and rstd are not stored).
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     live = rows < M
@@ -78,11 +105,16 @@ def _norm_fwd_kernel(
         d = tl.where(mask, s - mean[:, None], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / N + eps)
         y = d * rstd[:, None] * w
-        tl.store(MEAN + rows, mean, mask=live)
+        if not FP8_OUT:
+            tl.store(MEAN + rows, mean, mask=live)
     if HAS_BIAS:
         y = y + tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + off, y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(RSTD + rows, rstd, mask=live)
+    if FP8_OUT:
+        y = y.to(Y.dtype.element_ty).to(tl.float32)  # what the unfused path stores, then quantises
+        _store_e4m3_rows(y, Q, QS, off, rows, live, mask, E4M3_MAX, FP8_EPS)
+    else:
+        tl.store(Y + off, y.to(Y.dtype.element_ty), mask=mask)
+        tl.store(RSTD + rows, rstd, mask=live)
 
 
 @triton.jit
@@ -203,6 +235,8 @@ def norm_fwd(
             y,
             mean,
             rstd,
+            y,
+            rstd,
             T,
             D,
             eps,
@@ -215,6 +249,53 @@ def norm_fwd(
             num_warps=_NORM_WARPS,
         )
     return s, y, mean, rstd
+
+
+def norm_fwd_fp8(
+    x: torch.Tensor,
+    a: torch.Tensor | None,
+    gamma: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float,
+    rms: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``norm_fwd`` for inference with y written as an FP8 linear's input: (s (T, D; x itself when
+    a is None), q (T, D) e4m3, scale (T, 1) fp32), q * scale ~= y, bit for bit what
+    ``fp8_kernels.quantize_rows(norm_fwd(...)[1])`` gives."""
+    x = x.contiguous()
+    a = a.contiguous() if a is not None else None
+    T, D = x.shape
+    s = torch.empty_like(x) if a is not None else x
+    q = torch.empty(T, D, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(T, 1, dtype=torch.float32, device=x.device)
+    if T:
+        bm, bn = _norm_tile(D)
+        _norm_fwd_kernel[(triton.cdiv(T, bm),)](
+            x,
+            a if a is not None else x,
+            gamma if gamma is not None else weight,
+            weight,
+            bias if bias is not None else weight,
+            s,
+            x,  # Y: not written; its dtype is the one y is rounded to before quantising
+            scale,  # MEAN, RSTD: not written
+            scale,
+            q,
+            scale,
+            T,
+            D,
+            eps,
+            HAS_RES=a is not None,
+            HAS_GAMMA=gamma is not None,
+            HAS_BIAS=bias is not None,
+            IS_RMS=rms,
+            BLOCK_M=bm,
+            BLOCK_N=bn,
+            FP8_OUT=True,
+            num_warps=_NORM_WARPS,
+        )
+    return s, q, scale
 
 
 def norm_bwd(
@@ -332,6 +413,36 @@ def swiglu_fwd(h: torch.Tensor) -> torch.Tensor:
             h, out, M, N, BLOCK_M=_SWIGLU_BLOCK_M, BLOCK_N=_SWIGLU_BLOCK_N, num_warps=4
         )
     return out
+
+
+@triton.jit
+def _swiglu_fwd_fp8_kernel(Hx, Q, QS, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # ``_swiglu_fwd_kernel`` over whole rows, its output rounded to h's dtype, then e4m3 rows.
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    live = rows < M
+    mask = live[:, None] & (cols < N)[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    h_off = r64 * (2 * N) + cols[None, :]
+    gate = tl.load(Hx + h_off, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(Hx + h_off + N, mask=mask, other=0.0).to(tl.float32)
+    act = (gate * tl.sigmoid(gate)).to(Hx.dtype.element_ty).to(tl.float32)
+    o = (act * up).to(Hx.dtype.element_ty).to(tl.float32)
+    _store_e4m3_rows(o, Q, QS, r64 * N + cols[None, :], rows, live, mask, E4M3_MAX, FP8_EPS)
+
+
+def swiglu_fwd_fp8(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """h (T, 2H) -> silu(gate) * up as e4m3 rows (T, H) and their fp32 scales (T, 1), bit for bit
+    ``fp8_kernels.quantize_rows(swiglu_fwd(h))`` (inference)."""
+    h = h.contiguous()
+    M, N = h.shape[0], h.shape[1] // 2
+    q = torch.empty(M, N, dtype=torch.float8_e4m3fn, device=h.device)
+    scale = torch.empty(M, 1, dtype=torch.float32, device=h.device)
+    if M:
+        bn = triton.next_power_of_2(N)  # one program per row (two at H <= 1024): the row amax needs it whole
+        bm = max(1, 2048 // bn)
+        _swiglu_fwd_fp8_kernel[(triton.cdiv(M, bm),)](h, q, scale, M, N, BLOCK_M=bm, BLOCK_N=bn, num_warps=8)
+    return q, scale
 
 
 def swiglu_bwd(do: torch.Tensor, h: torch.Tensor, with_output: bool = False):

@@ -356,3 +356,137 @@ def test_unfrozen_tower_trains_through_fp8(hf_checkpoints, monkeypatch):
 
 
 _orig_apply = fp8._FP8Linear.apply
+
+
+def test_fp8_rows_input_and_when_it_is_wanted(monkeypatch):
+    """A pre-quantised input (``FP8Rows``) gives the linear's own FP8 output bit for bit; it is asked
+    for only from an FP8Linear at its crossover, without autograd, with the switch on."""
+    ref, lin = _fp8_linear(min_tokens=32)
+    x = torch.randn(40, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        y = lin(x)
+        rows = fp8.FP8Rows(*fp8.quantize_rows_reference(x), torch.bfloat16)
+        assert rows.shape == x.shape and lin.uses_fp8(rows)
+        assert torch.equal(lin(rows), y)
+        assert torch.equal(lin(rows, None), lin(x, None))  # a replaced bias, as the fused qkv's
+        assert fp8.wants_fp8_input(lin, 32) and not fp8.wants_fp8_input(lin, 31)
+        assert not fp8.wants_fp8_input(ref, 10**6)  # a plain nn.Linear
+        monkeypatch.setattr(fp8, "FUSE_INPUT_QUANT", False)
+        assert not fp8.wants_fp8_input(lin, 10**6)
+    assert not fp8.wants_fp8_input(lin, 10**6)  # autograd on: training quantises in _FP8Linear
+
+
+# -- quantisation fused into the kernels that make the inputs (``fp8.FP8Rows``) ---------------------
+#
+# Under Triton's interpreter, whose e4m3 cast is not the hardware's (module docstring): so the fused
+# kernels are held to the *interpreted* ``fp8_kernels.quantize_rows`` of the bf16 output, the unfused
+# path's quantiser on the GPU (same expressions, same cast), bit for bit; the scales also to
+# ``quantize_rows_reference``'s, to an ulp (a division apart). tests/test_gpu_fp8.py checks the same on
+# the hardware.
+
+_FUSED_QUANT = """
+import copy
+import torch
+from packvit import chained, fp8, fused_ops, triton_kernels as K, fp8_kernels as FK
+
+torch.manual_seed(0)
+bf16 = torch.bfloat16
+
+def same_rows(q, scale, y, what):
+    qr, sr = FK.quantize_rows(y)
+    assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8)), what
+    assert torch.equal(scale, sr), what
+    torch.testing.assert_close(scale, fp8.quantize_rows_reference(y)[1], rtol=1e-6, atol=0)
+
+# LayerNorm (+ residual, + LayerScale, + bias), RMSNorm (+ residual); narrow rows (many per tile),
+# SigLIP2's width (one row of a 2048-wide tile), an all-zero row (the EPS floor).
+for D, res, gamma, bias, rms in [(48, True, True, True, False), (40, False, False, True, False),
+                                 (64, True, False, False, True), (64, False, False, False, True),
+                                 (1152, True, True, True, False)]:
+    T = 13
+    x = torch.randn(T, D).to(bf16)
+    a = (torch.randn(T, D) * 3).to(bf16) if res else None
+    g = (torch.rand(D) + 0.5).to(bf16) if gamma else None
+    w = (torch.randn(D) * 0.3 + 1).to(bf16)
+    b = (torch.randn(D) * 0.1).to(bf16) if bias else None
+    x[2] = 0
+    if a is not None:
+        a[2] = 0
+    s, y, _, _ = K.norm_fwd(x, a, g, w, b, 1e-6, rms)
+    if res:
+        s8, rows = fused_ops.add_norm_fp8(x, a, g, w, b, 1e-6, rms)
+        assert torch.equal(s8, s)
+    else:
+        rows = fused_ops.norm_fp8(x, w, b, 1e-6, rms)
+    assert rows.dtype == bf16 and rows.shape == (T, D)
+    same_rows(rows.q, rows.scale, y, f"norm D={D} res={res} rms={rms}")
+h = torch.randn(7, 2 * 300).to(bf16)  # SwiGLU: a hidden width that is no power of two
+rows = fused_ops.swiglu_fp8(h)
+same_rows(rows.q, rows.scale, K.swiglu_fwd(h), "swiglu")
+
+# Whole tiny models in bf16 on their fused route (forced on the CPU) with every linear in FP8: the
+# output with the quantisation fused equals the one with each linear quantising its own input.
+from packvit.layers import GatedMlp, RMSNorm
+from packvit.models.aimv2 import AIMv2, AIMv2Config
+from packvit.models.dinov3 import DINOv3, DINOv3Config
+from packvit.models.siglip2 import Siglip2, Siglip2Config
+
+fused_ops.runs_fused = lambda *t: True
+fp8._triton_runs = lambda x: True  # the unfused linears quantise with the (interpreted) Triton kernel
+calls = []
+for name in ("norm_fp8", "add_norm_fp8", "swiglu_fp8"):
+    def counted(*args, _f=getattr(fused_ops, name), _n=name, **kw):
+        calls.append(_n)
+        return _f(*args, **kw)
+    setattr(fused_ops, name, counted)
+grid = torch.tensor([[1, 3, 5], [1, 4, 4], [2, 2, 3]])
+for m in (DINOv3(DINOv3Config(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=96, num_register_tokens=1)),
+          Siglip2(Siglip2Config(hidden_size=48, num_layers=2, num_heads=4, intermediate_size=80, use_head=False)),
+          AIMv2(AIMv2Config(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=96))):
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    m = m.to(bf16).eval()
+    for mod in m.modules():
+        if isinstance(mod, (RMSNorm, GatedMlp)):
+            mod.fused = "triton"
+    for b in m.blocks:
+        b.fused_add_norm = "triton"
+        b.attn.fused_rope = "triton" if m.uses_rope else None
+    assert fp8.convert(m, min_tokens=0)
+    px = torch.randn(int((grid[:, 0] * grid[:, 1] * grid[:, 2]).sum()), m.patch_dim).to(bf16)
+    for chain in (True, False):
+        m.chain_norms = chain
+        outs = []
+        with torch.no_grad():
+            for fuse in (False, True):
+                fp8.FUSE_INPUT_QUANT = fuse
+                calls.clear()
+                outs.append(m(px, grid))
+                # fused: norm1 and norm2 of every block (and SwiGLU for AIMv2); SigLIP2 / DINOv3's
+                # unchained norm1 is torch's LayerNorm, which stays as it is
+                assert bool(calls) == fuse, (type(m).__name__, chain, calls)
+        assert torch.equal(outs[0], outs[1]), (type(m).__name__, chain)
+        if chain or isinstance(m, AIMv2):
+            assert len([c for c in calls if c != "swiglu_fp8"]) == 2 * len(m.blocks), calls
+        assert calls.count("swiglu_fp8") == (len(m.blocks) if isinstance(m, AIMv2) else 0)
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_fused_input_quantisation_under_the_interpreter():
+    """The fp8 norm / SwiGLU kernels equal the unfused quantisation bit for bit, alone and in whole models."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+
+    from helpers import ROOT
+
+    env = dict(
+        os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", _FUSED_QUANT], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
