@@ -82,6 +82,18 @@ def run_python(args, timeout: int = 240) -> str:
     return r.stdout
 
 
+def run_interpreted(script: str, timeout: int = 300) -> None:
+    """Run the Python source ``script`` in a fresh process with Triton's interpreter on
+    (``TRITON_INTERPRET=1``: the kernels run on the CPU), packvit importable; it must print "ok"."""
+    env = dict(
+        os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
+
+
 def torchrun(script, *args, nproc: int = 2, timeout: int = 240) -> str:
     """Run ``script`` under torchrun with ``nproc`` CPU processes. ``--standalone`` lets torchrun
     bind its own free port: choosing one here and handing it over left a window in which another

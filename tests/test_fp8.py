@@ -478,15 +478,6 @@ print("ok")
 def test_fused_input_quantisation_under_the_interpreter():
     """The fp8 norm / SwiGLU kernels equal the unfused quantisation bit for bit, alone and in whole models."""
     pytest.importorskip("triton")
-    import os
-    import subprocess
+    from helpers import run_interpreted
 
-    from helpers import ROOT
-
-    env = dict(
-        os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    )
-    r = subprocess.run(
-        [sys.executable, "-c", _FUSED_QUANT], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
-    assert r.returncode == 0 and "ok" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
+    run_interpreted(_FUSED_QUANT)

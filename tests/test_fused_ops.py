@@ -5,14 +5,10 @@ test_gpu_fused.py."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from helpers import ROOT
+from helpers import run_interpreted
 from packvit import fused_ops
 from packvit.layers import Attention, Block, GatedMlp, RMSNorm
 from packvit.models.aimv2 import AIMv2, AIMv2Config
@@ -244,13 +240,7 @@ print("ok")
 @pytest.mark.slow
 def test_triton_kernels_under_the_interpreter():
     pytest.importorskip("triton")
-    env = dict(
-        os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    )
-    r = subprocess.run(
-        [sys.executable, "-c", _INTERPRETED], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
-    assert r.returncode == 0 and "ok" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
+    run_interpreted(_INTERPRETED)
 
 
 _ROPE_COMPILED = """
@@ -289,13 +279,7 @@ print("ok")
 def test_rope_op_compiles_in_one_graph_under_the_interpreter():
     """The fused RoPE as a custom op (fake, autograd formula) under ``torch.compile(fullgraph=True)``."""
     pytest.importorskip("triton")
-    env = dict(
-        os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    )
-    r = subprocess.run(
-        [sys.executable, "-c", _ROPE_COMPILED], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
-    assert r.returncode == 0 and "ok" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
+    run_interpreted(_ROPE_COMPILED)
 
 
 def test_mlp_in_chunks():
