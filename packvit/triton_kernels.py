@@ -218,36 +218,12 @@ def norm_fwd(
     mean, rstd (T,) fp32 (mean unused for RMSNorm)."""
     x = x.contiguous()
     a = a.contiguous() if a is not None else None
-    T, D = x.shape
+    T = x.shape[0]
     s = torch.empty_like(x) if a is not None else x
     y = torch.empty_like(x)
     mean = x.new_empty(T, dtype=torch.float32)
     rstd = x.new_empty(T, dtype=torch.float32)
-    if T:
-        bm, bn = _norm_tile(D)
-        _norm_fwd_kernel[(triton.cdiv(T, bm),)](
-            x,
-            a if a is not None else x,
-            gamma if gamma is not None else weight,
-            weight,
-            bias if bias is not None else weight,
-            s,
-            y,
-            mean,
-            rstd,
-            y,
-            rstd,
-            T,
-            D,
-            eps,
-            HAS_RES=a is not None,
-            HAS_GAMMA=gamma is not None,
-            HAS_BIAS=bias is not None,
-            IS_RMS=rms,
-            BLOCK_M=bm,
-            BLOCK_N=bn,
-            num_warps=_NORM_WARPS,
-        )
+    _launch_norm_fwd(x, a, gamma, weight, bias, eps, rms, s, y, mean, rstd, q=y, qs=rstd, fp8=False)
     return s, y, mean, rstd
 
 
@@ -269,33 +245,42 @@ def norm_fwd_fp8(
     s = torch.empty_like(x) if a is not None else x
     q = torch.empty(T, D, dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty(T, 1, dtype=torch.float32, device=x.device)
-    if T:
-        bm, bn = _norm_tile(D)
-        _norm_fwd_kernel[(triton.cdiv(T, bm),)](
-            x,
-            a if a is not None else x,
-            gamma if gamma is not None else weight,
-            weight,
-            bias if bias is not None else weight,
-            s,
-            x,  # Y: not written; its dtype is the one y is rounded to before quantising
-            scale,  # MEAN, RSTD: not written
-            scale,
-            q,
-            scale,
-            T,
-            D,
-            eps,
-            HAS_RES=a is not None,
-            HAS_GAMMA=gamma is not None,
-            HAS_BIAS=bias is not None,
-            IS_RMS=rms,
-            BLOCK_M=bm,
-            BLOCK_N=bn,
-            FP8_OUT=True,
-            num_warps=_NORM_WARPS,
-        )
+    # Y is not written: its dtype is the one y is rounded to before quantising. MEAN, RSTD: not written.
+    _launch_norm_fwd(x, a, gamma, weight, bias, eps, rms, s, x, scale, scale, q=q, qs=scale, fp8=True)
     return s, q, scale
+
+
+def _launch_norm_fwd(x, a, gamma, weight, bias, eps, rms, s, y, mean, rstd, *, q, qs, fp8: bool) -> None:
+    """One launch of ``_norm_fwd_kernel`` over x's rows (T, D); absent optional inputs are passed as
+    a tensor the kernel never reads (its HAS_* flags are off)."""
+    T, D = x.shape
+    if not T:
+        return
+    bm, bn = _norm_tile(D)
+    _norm_fwd_kernel[(triton.cdiv(T, bm),)](
+        x,
+        a if a is not None else x,
+        gamma if gamma is not None else weight,
+        weight,
+        bias if bias is not None else weight,
+        s,
+        y,
+        mean,
+        rstd,
+        q,
+        qs,
+        T,
+        D,
+        eps,
+        HAS_RES=a is not None,
+        HAS_GAMMA=gamma is not None,
+        HAS_BIAS=bias is not None,
+        IS_RMS=rms,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        FP8_OUT=fp8,
+        num_warps=_NORM_WARPS,
+    )
 
 
 def norm_bwd(
