@@ -25,9 +25,12 @@ H200 (``benchmarks/fp8_ab.py``, RESULTS.md "FP8"); see ``CROSSOVER``.
 **Fused input quantisation (inference).** On the fused CUDA path the kernels that make qkv's and
 fc1's inputs (packvit's norm kernels, chained or not) and AIMv2's fc2 input (the SwiGLU kernel) write
 them as e4m3 rows with their scales (``FP8Rows``) when the linear will run FP8 (``wants_fp8_input``),
-so no separate quantisation pass runs; the bits are those of the separate pass. ``FUSE_INPUT_QUANT``
-turns it off for A/B runs; training quantises inside ``_FP8Linear`` as before. Not yet timed on the
-H200 (``benchmarks/fp8_ab.py --part models``: "fp8_unfused" against "fp8").
+so no separate quantisation pass runs. The kernel rounds y to bf16 and quantises it exactly as the
+separate pass does; the bits are the same for DINOv3 and AIMv2 (D 1024), and for SigLIP2 (D 1152)
+but a rare element, where the FP8_OUT kernel variant's fp32 row arithmetic rounds y differently (3
+of 26.6M inputs of one layer, H200, 2026-12-03; equally faithful to fp32). ``FUSE_INPUT_QUANT`` turns
+it off for A/B runs; training quantises inside ``_FP8Linear`` as before. H200, FA4, 23k tokens:
+forward 25.1 -> 23.1 ms (AIMv2), 42.6 -> 38.0 (DINOv3), 38.1 -> 37.1 (SigLIP2) (RESULTS.md).
 
 **Fidelity (measured, H200, random weights at the published sizes, mixed32).** FP8 is opt-in
 because it does not reach the 0.999 per-patch min cosine that bf16 keeps (0.9999): with every
@@ -233,7 +236,7 @@ class _FP8Linear(torch.autograd.Function):
 # which ate much of the e4m3 GEMM's gain (RESULTS.md, "FP8 linears"). Where the input comes from one
 # of packvit's Triton kernels that hold whole rows (the norms before qkv and fc1, AIMv2's SwiGLU before
 # fc2), that kernel writes the e4m3 rows and their scales itself (``fused_ops.norm_fp8``,
-# ``add_norm_fp8``, ``swiglu_fp8``), to the same bits as the separate pass, and the linear takes them.
+# ``add_norm_fp8``, ``swiglu_fp8``), quantising as the separate pass does, and the linear takes them.
 
 # Off: every FP8 linear quantises its own bf16 input, as before (for A/B runs).
 FUSE_INPUT_QUANT = True

@@ -364,10 +364,12 @@ class Block(nn.Module):
         if normed is not None:  # chained norms (``packvit.chained``): norm1(x) came with x
             return self._forward_chained(x, normed, meta, rope, checkpoint_mlp, next_norm, attn, next_fp8)
         n1 = self.norm1
-        if getattr(n1, "fused", None) == "triton" and fused_ops.runs_fused(x, n1.weight):
-            h = fused_ops.norm_fp8(x, *norm_args(n1)) if wants_fp8_input(self.attn.qkv, x.shape[0]) else n1(x)
-        else:
-            h = n1(x)
+        qkv_takes_fp8 = (  # packvit's norm kernel writes an FP8 qkv's e4m3 input itself
+            getattr(n1, "fused", None) == "triton"
+            and fused_ops.runs_fused(x, n1.weight)
+            and wants_fp8_input(self.attn.qkv, x.shape[0])
+        )
+        h = fused_ops.norm_fp8(x, *norm_args(n1)) if qkv_takes_fp8 else n1(x)
         a = self.attn(h, meta, rope, attn=attn)
         if self._fuses(x, a):
             return self._forward_fused(x, a, checkpoint_mlp)
