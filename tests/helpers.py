@@ -120,6 +120,22 @@ def assert_hf_export_exact(hf_model, src_dir, export_dir) -> None:
         assert k1 == k2 and torch.equal(v1, v2), k1
 
 
+def torch_kernel_for_bf16_on_cpu(monkeypatch):
+    """Make ``auto`` choose the ``torch`` backend for bf16 and ``sdpa`` for fp32 on this machine,
+    with the exact reference standing in for PyTorch's varlen kernel: a move between dtypes then
+    changes what ``auto`` would choose, as a CUDA move does on the GPU."""
+    from packvit import attention
+
+    def sdpa_as_torch(q, k, v, cu_q, cu_k, max_q, max_k, scale=None):
+        return attention.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, backend="sdpa", softmax_scale=scale)
+
+    def bf16_wins(dev, t):
+        return ["torch", "sdpa"] if t == torch.bfloat16 else ["sdpa"]
+
+    monkeypatch.setattr(attention, "available_backends", bf16_wins)
+    monkeypatch.setattr(attention, "_torch_varlen_func", lambda: sdpa_as_torch)
+
+
 def fake_fa4_on_cpu(monkeypatch, seen: list | None = None):
     """Run the ``fa4`` backend's custom ops on the CPU, with the exact reference standing in for
     FA4's kernels (and for PyTorch's FA2 backward). Like FA4, the stand-ins read the segments from

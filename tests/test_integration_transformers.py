@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import FAMILIES, PATCH, hf_reference, random_images, tiny_hf_config
+from helpers import FAMILIES, PATCH, hf_reference, random_images, tiny_hf_config, torch_kernel_for_bf16_on_cpu
 from weights_conversion import FAMILIES as REGISTRY
 
 transformers = pytest.importorskip("transformers")
@@ -486,20 +486,12 @@ def test_a_placed_wrapper_chooses_its_attention_for_where_it_now_is(hf_checkpoin
     """transformers places a model after building it; the packvit model keeps its choice when moved,
     so the wrapper makes an "auto" choice again at its next forward (a bf16 "torch" kernel faked by sdpa)."""
     import packvit
-    from packvit import attention
 
     _, d = hf_checkpoints["dinov3"]
     model = PackvitVisionModel.from_checkpoint(d).eval()
     assert model.packvit.attention.request == "auto" and model.packvit.attention.name == "sdpa"
 
-    def sdpa_as_torch(q, k, v, cu_q, cu_k, max_q, max_k, scale=None):
-        return attention.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, backend="sdpa", softmax_scale=scale)
-
-    def bf16_wins(dev, t):
-        return ["torch", "sdpa"] if t == torch.bfloat16 else ["sdpa"]
-
-    monkeypatch.setattr(attention, "available_backends", bf16_wins)
-    monkeypatch.setattr(attention, "_torch_varlen_func", lambda: sdpa_as_torch)
+    torch_kernel_for_bf16_on_cpu(monkeypatch)
     model.to(torch.bfloat16)
     x, g = packvit.patchify(random_images([(1, 3, 5)], PATCH["dinov3"]), PATCH["dinov3"])
     out = model(x.bfloat16(), grid_thw=g)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import packvit
-from helpers import PATCH, hf_reference, random_images
+from helpers import PATCH, hf_reference, random_images, torch_kernel_for_bf16_on_cpu
 from packvit.tower import PackedVisionTower
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -149,20 +149,11 @@ def test_a_moved_tower_chooses_its_attention_for_where_it_now_is(hf_checkpoints,
     """LLaVA moves the tower after loading it (tower.to(device, dtype)); the model keeps its choice
     when moved, so the tower makes an "auto" choice again at its next forward. A "torch" kernel that
     would win in bf16 is faked here by the sdpa reference."""
-    from packvit import attention
-
     _, d = hf_checkpoints["siglip2"]
     tower = PackedVisionTower(d, _args())
     assert tower.vision_tower.attention.name == "sdpa"
 
-    def sdpa_as_torch(q, k, v, cu_q, cu_k, max_q, max_k, scale=None):
-        return attention.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, backend="sdpa", softmax_scale=scale)
-
-    def bf16_wins(dev, t):
-        return ["torch", "sdpa"] if t == torch.bfloat16 else ["sdpa"]
-
-    monkeypatch.setattr(attention, "available_backends", bf16_wins)
-    monkeypatch.setattr(attention, "_torch_varlen_func", lambda: sdpa_as_torch)
+    torch_kernel_for_bf16_on_cpu(monkeypatch)
     tower.to(torch.bfloat16)
     assert tower.vision_tower.attention.name == "sdpa"  # kept by the move
     x, g = packvit.patchify(random_images([(1, 3, 5)], PATCH["siglip2"]), PATCH["siglip2"])
