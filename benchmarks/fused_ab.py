@@ -173,29 +173,7 @@ def run_sweep(args, record):
     """Tile shapes of the norm kernels and of the RoPE kernel, by kernel time (forward, forward + backward)."""
     from packvit import triton_kernels as K
 
-    cases = {k: v for k, v in op_cases(args.tokens).items() if "Norm" in k}
-    for elems, warps in [(1024, 4), (4096, 8), (8192, 8)]:
-        K._TILE_ELEMS, K._NORM_WARPS = elems, warps
-        for name, (_ref, impls, make) in cases.items():
-            inputs = make()
-            for train in (False, True):
-                record(
-                    dict(
-                        part="sweep",
-                        op=name,
-                        mode="fwd+bwd" if train else "fwd",
-                        tile_elems=elems,
-                        warps=warps,
-                        gpu_ms=gpu_ms(_step(impls["triton"], inputs, train)),
-                    )
-                )
-    K._TILE_ELEMS, K._NORM_WARPS = 4096, 8
-    # The RoPE kernel's tile (elements of each half-tile) and warps; the defaults restored after.
-    default = K._ROPE_TILE_ELEMS, K._ROPE_WARPS
-    ((name, (ref, impls, make)),) = ((k, v) for k, v in op_cases(args.tokens).items() if "RoPE" in k)
-    inputs = make()
-    for elems, warps in [(1024, 4), (2048, 4), (4096, 4), (4096, 8), (8192, 8)]:
-        K._ROPE_TILE_ELEMS, K._ROPE_WARPS = elems, warps
+    def time_tiles(name, impls, inputs, elems, warps):
         for train in (False, True):
             record(
                 dict(
@@ -207,6 +185,22 @@ def run_sweep(args, record):
                     gpu_ms=gpu_ms(_step(impls["triton"], inputs, train)),
                 )
             )
+
+    # The norm kernels' tile (elements of a row block) and warps; the defaults restored after.
+    default = K._TILE_ELEMS, K._NORM_WARPS
+    cases = {k: v for k, v in op_cases(args.tokens).items() if "Norm" in k}
+    for elems, warps in [(1024, 4), (4096, 8), (8192, 8)]:
+        K._TILE_ELEMS, K._NORM_WARPS = elems, warps
+        for name, (_ref, impls, make) in cases.items():
+            time_tiles(name, impls, make(), elems, warps)
+    K._TILE_ELEMS, K._NORM_WARPS = default
+    # The RoPE kernel's tile (elements of each half-tile) and warps; the defaults restored after.
+    default = K._ROPE_TILE_ELEMS, K._ROPE_WARPS
+    ((name, (_ref, impls, make)),) = ((k, v) for k, v in op_cases(args.tokens).items() if "RoPE" in k)
+    inputs = make()
+    for elems, warps in [(1024, 4), (2048, 4), (4096, 4), (4096, 8), (8192, 8)]:
+        K._ROPE_TILE_ELEMS, K._ROPE_WARPS = elems, warps
+        time_tiles(name, impls, inputs, elems, warps)
     K._ROPE_TILE_ELEMS, K._ROPE_WARPS = default
 
 
