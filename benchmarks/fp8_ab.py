@@ -154,32 +154,37 @@ def _scaled_mm_steps(xq, sx, wq, sw, one, fast) -> dict:
     }
 
 
-def part_gemm(ms=(23103, 65536)) -> None:
-    """The GEMM alone (operands already e4m3) and the activation quantiser alone, per shape."""
+def _distinct_shapes():
+    """(family, layer, K, N) of every layer shape in SHAPES, each (K, N) once (first family that has it)."""
     done = set()
     for fam, layers in SHAPES.items():
         for kind, (K, N) in layers.items():
-            if (K, N) in done:
-                continue
-            done.add((K, N))
-            w = torch.randn(N, K, device=DEV, dtype=BF16) * 0.02
-            wq, sw = fp8.quantize_rows(w)
-            one = torch.ones((), device=DEV)
-            for M in ms:
-                x = torch.randn(M, K, device=DEV, dtype=BF16)
-                xq, sx = fp8.quantize_rows(x)
-                row = {"part": "gemm", "family": fam, "layer": kind, "K": K, "N": N, "M": M}
-                for key, fn in _gemm_steps(x, w).items():
+            if (K, N) not in done:
+                done.add((K, N))
+                yield fam, kind, K, N
+
+
+def part_gemm(ms=(23103, 65536)) -> None:
+    """The GEMM alone (operands already e4m3) and the activation quantiser alone, per shape."""
+    for fam, kind, K, N in _distinct_shapes():
+        w = torch.randn(N, K, device=DEV, dtype=BF16) * 0.02
+        wq, sw = fp8.quantize_rows(w)
+        one = torch.ones((), device=DEV)
+        for M in ms:
+            x = torch.randn(M, K, device=DEV, dtype=BF16)
+            xq, sx = fp8.quantize_rows(x)
+            row = {"part": "gemm", "family": fam, "layer": kind, "K": K, "N": N, "M": M}
+            for key, fn in _gemm_steps(x, w).items():
+                row[key] = timed(fn)
+            for fast in (False, True):
+                for key, fn in _scaled_mm_steps(xq, sx, wq, sw, one, fast).items():
                     row[key] = timed(fn)
-                for fast in (False, True):
-                    for key, fn in _scaled_mm_steps(xq, sx, wq, sw, one, fast).items():
-                        row[key] = timed(fn)
-                flops = 2 * M * K * N
-                row.update({k: round(v, 4) for k, v in row.items() if k.endswith("_ms")})
-                row["bf16_tflops"] = round(flops / row["bf16_ms"] / 1e9, 1)
-                row["rowwise_fast1_tflops"] = round(flops / row["rowwise_fast1_ms"] / 1e9, 1)
-                row["tensorwise_fast1_tflops"] = round(flops / row["tensorwise_fast1_ms"] / 1e9, 1)
-                emit(row)
+            flops = 2 * M * K * N
+            row.update({k: round(v, 4) for k, v in row.items() if k.endswith("_ms")})
+            row["bf16_tflops"] = round(flops / row["bf16_ms"] / 1e9, 1)
+            row["rowwise_fast1_tflops"] = round(flops / row["rowwise_fast1_ms"] / 1e9, 1)
+            row["tensorwise_fast1_tflops"] = round(flops / row["tensorwise_fast1_ms"] / 1e9, 1)
+            emit(row)
 
 
 # -- sweep ------------------------------------------------------------------------------------------
@@ -206,39 +211,34 @@ def _train_step(m, xg, dy):
 
 
 def part_sweep(ms=MS) -> None:
-    done = set()
-    for fam, layers in SHAPES.items():
-        for kind, (K, N) in layers.items():
-            if (K, N) in done:
-                continue
-            done.add((K, N))
-            ref, lin = _layer(K, N, True)
-            for M in ms:
-                x = torch.randn(M, K, device=DEV, dtype=BF16)
-                dy = torch.randn(M, N, device=DEV, dtype=BF16)
-                with torch.inference_mode():
-                    t_bf = timed(functools.partial(ref, x))
-                    t_f8 = timed(functools.partial(lin, x))
-                xg = x.clone().requires_grad_(True)
-                tt_bf = timed(_train_step(ref, xg, dy), reps=3)
-                tt_f8 = timed(_train_step(lin, xg, dy), reps=3)
-                emit(
-                    {
-                        "part": "sweep",
-                        "family": fam,
-                        "layer": kind,
-                        "K": K,
-                        "N": N,
-                        "M": M,
-                        "infer_bf16_ms": round(t_bf, 4),
-                        "infer_fp8_ms": round(t_f8, 4),
-                        "infer_speedup": round(t_bf / t_f8, 3),
-                        "train_bf16_ms": round(tt_bf, 4),
-                        "train_fp8_ms": round(tt_f8, 4),
-                        "train_speedup": round(tt_bf / tt_f8, 3),
-                    }
-                )
-                del x, dy, xg
+    for fam, kind, K, N in _distinct_shapes():
+        ref, lin = _layer(K, N, True)
+        for M in ms:
+            x = torch.randn(M, K, device=DEV, dtype=BF16)
+            dy = torch.randn(M, N, device=DEV, dtype=BF16)
+            with torch.inference_mode():
+                t_bf = timed(functools.partial(ref, x))
+                t_f8 = timed(functools.partial(lin, x))
+            xg = x.clone().requires_grad_(True)
+            tt_bf = timed(_train_step(ref, xg, dy), reps=3)
+            tt_f8 = timed(_train_step(lin, xg, dy), reps=3)
+            emit(
+                {
+                    "part": "sweep",
+                    "family": fam,
+                    "layer": kind,
+                    "K": K,
+                    "N": N,
+                    "M": M,
+                    "infer_bf16_ms": round(t_bf, 4),
+                    "infer_fp8_ms": round(t_f8, 4),
+                    "infer_speedup": round(t_bf / t_f8, 3),
+                    "train_bf16_ms": round(tt_bf, 4),
+                    "train_fp8_ms": round(tt_f8, 4),
+                    "train_speedup": round(tt_bf / tt_f8, 3),
+                }
+            )
+            del x, dy, xg
     # Crossovers: the smallest M from which every larger M measured is faster in FP8.
     rows = [r for r in OUT if r["part"] == "sweep"]
     for K, N in sorted({(r["K"], r["N"]) for r in rows}):
