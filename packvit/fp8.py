@@ -120,14 +120,28 @@ def quantize_cols_t_reference(x: torch.Tensor, pad_to: int = 16) -> tuple[torch.
 
     The operand of a GEMM that reduces over M (the weight gradient). ``_scaled_mm`` needs the
     reduction length to be a multiple of 16: Mp is M rounded up, the extra columns are zeros."""
+    return cast_cols_t_reference(x, x.float().abs().amax(dim=0), pad_to)
+
+
+def cast_cols_t_reference(x: torch.Tensor, amax: torch.Tensor, pad_to: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_cols_t_reference`` with the columns' amax (C,) fp32 given (gathered earlier)."""
     M, C = x.shape
-    x32 = x.float()
-    qscale = E4M3_MAX / x32.abs().amax(dim=0).clamp(min=EPS)  # (C,)
-    q = (x32 * qscale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    qscale = E4M3_MAX / amax.clamp(min=EPS)  # (C,)
+    q = (x.float() * qscale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
     Mp = -(-M // pad_to) * pad_to
     out = torch.zeros(C, Mp, dtype=E4M3, device=x.device)
     out[:, :M] = q.t()
     return out, qscale.reciprocal()[:, None]
+
+
+def quantize_rows_col_stats_reference(
+    x: torch.Tensor, col_sum: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``quantize_rows_reference`` of (M, K) x, its columns' amax (K,) fp32 and, with ``col_sum``,
+    their fp32 sums (K,): one read of x on the GPU (``fp8_kernels.quantize_rows_col_stats``)."""
+    q, s = quantize_rows_reference(x)
+    x32 = x.float()
+    return q, s, x32.abs().amax(dim=0), (x32.sum(dim=0) if col_sum else None)
 
 
 def _triton_runs(x: torch.Tensor) -> bool:
@@ -154,6 +168,24 @@ def quantize_cols_t(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
         return kernel(x)
     return quantize_cols_t_reference(x)
+
+
+def quantize_rows_col_stats(x: torch.Tensor, col_sum: bool):
+    """``quantize_rows_col_stats_reference`` as one Triton kernel on CUDA (one read of x)."""
+    if _triton_runs(x):
+        from .fp8_kernels import quantize_rows_col_stats as kernel
+
+        return kernel(x, col_sum)
+    return quantize_rows_col_stats_reference(x, col_sum)
+
+
+def cast_cols_t(x: torch.Tensor, amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cast_cols_t_reference`` as one Triton kernel on CUDA (one read of x)."""
+    if _triton_runs(x):
+        from .fp8_kernels import cast_cols_t as kernel
+
+        return kernel(x, amax)
+    return cast_cols_t_reference(x, amax)
 
 
 # -- the matmuls ------------------------------------------------------------------------------------
@@ -198,35 +230,61 @@ def fp8_linear_inference(
     return scaled_mm(xq, sx, wq, sw, None if bias is None else bias.to(x.dtype), x.dtype, FAST_ACCUM_FORWARD)
 
 
+# The weight gradient's GEMM: "fp8" runs it in e4m3 with dy and x quantised per column over the
+# tokens (torchao's "rowwise" recipe); "bf16" runs it on the bf16 dy and x (torchao's
+# "rowwise_with_gw_hp": no column-wise quantisation at all, the GEMM at bf16's rate). Which pays is
+# measured per shape by benchmarks/fp8_ab.py (--part sweep, "train_fp8_ms" against "train_gwhp_ms").
+WGRAD = "fp8"
+
+
 class _FP8Linear(torch.autograd.Function):
-    """y = x @ W.T + b with all three GEMMs in e4m3 (torchao's rowwise recipe); bf16 is kept for
-    what is saved (x and W, quantised again along the other axis in backward) and for the grads."""
+    """y = x @ W.T + b with the forward and input-gradient GEMMs in e4m3 and the weight gradient's in
+    e4m3 or bf16 (``WGRAD``); bf16 is kept for what is saved (x and W, quantised again along the
+    other axis in backward) and for the grads.
+
+    Each activation is read as few times as the recipe allows: the forward's row quantisation of x
+    also gathers x's column amax (what the e4m3 weight gradient's column scales need), and the
+    backward's row quantisation of dy gathers dy's column amax and column sums (the bias gradient),
+    so the column-wise casts are one read each (``quantize_rows_col_stats``, ``cast_cols_t``)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         w = weight.to(x.dtype)  # FSDP2 mixed precision hands a bf16 weight already; fp32 masters are cast
-        xq, sx = quantize_rows(x)  # (M, K), (M, 1)
+        fp8_wgrad = WGRAD == "fp8" and ctx.needs_input_grad[1]
+        if fp8_wgrad:
+            xq, sx, x_amax, _ = quantize_rows_col_stats(x, col_sum=False)  # (M, K), (M, 1), (K,)
+        else:
+            (xq, sx), x_amax = quantize_rows(x), None
         wq, sw = quantize_rows(w)  # (N, K), (N, 1)
-        ctx.save_for_backward(x, w)
+        ctx.save_for_backward(x, w, x_amax)
         ctx.has_bias = bias is not None
         ctx.weight_dtype = weight.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return scaled_mm(xq, sx, wq, sw, None if bias is None else bias.to(x.dtype), x.dtype, FAST_ACCUM_FORWARD)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        x, w = ctx.saved_tensors
+        x, w, x_amax = ctx.saved_tensors
         dy = dy.contiguous()  # (M, N)
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_db = ctx.has_bias and ctx.needs_input_grad[2]
+        fp8_dw = need_dw and x_amax is not None
+        dx = dw = db = dy_sum = None
+        if fp8_dw or (need_dx and need_db):  # one read of dy: its rows, column amax and column sums
+            dyq, sdy, dy_amax, dy_sum = quantize_rows_col_stats(dy, col_sum=need_db)
+        elif need_dx:
             dyq, sdy = quantize_rows(dy)  # per token row, over N
+        if need_dx:
             wtq, swt = quantize_rows(w.t().contiguous())  # (K, N): per input column of W, over N
             dx = scaled_mm(dyq, sdy, wtq, swt, None, x.dtype)  # (M, K)
-        if ctx.needs_input_grad[1]:
-            dytq, sdyt = quantize_cols_t(dy)  # (N, Mp): per output column, over tokens
-            xtq, sxt = quantize_cols_t(x)  # (K, Mp): per input column, over tokens
+        if fp8_dw:
+            dytq, sdyt = cast_cols_t(dy, dy_amax)  # (N, Mp): per output column, over tokens
+            xtq, sxt = cast_cols_t(x, x_amax)  # (K, Mp): per input column, over tokens
             dw = scaled_mm(dytq, sdyt, xtq, sxt, None, x.dtype).to(ctx.weight_dtype)  # (N, K)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy.sum(0)
+        elif need_dw:
+            dw = (dy.t() @ x).to(ctx.weight_dtype)  # (N, K), bf16 GEMM
+        if need_db:
+            db = (dy.float().sum(0) if dy_sum is None else dy_sum).to(ctx.bias_dtype)
         return dx, dw, db
 
 
@@ -265,6 +323,18 @@ def wants_fp8_input(linear: nn.Module, tokens: int) -> bool:
         and tokens >= linear.min_tokens
         and not torch.is_grad_enabled()
         and not torch.compiler.is_compiling()
+    )
+
+
+def runs_plain(linear: nn.Module, tokens: int) -> bool:
+    """Whether ``linear`` computes a call of ``tokens`` rows as a plain ``nn.Linear`` would: it is one,
+    or an ``FP8Linear`` below its crossover for the current grad mode. Fused paths that take the
+    weights themselves (quack's GELU MLP, the SwiGLU training MLP) may then run, so an FP8 model
+    keeps them wherever its linears stay bf16."""
+    if type(linear) is nn.Linear:
+        return True
+    return isinstance(linear, FP8Linear) and tokens < (
+        linear.min_tokens_train if torch.is_grad_enabled() else linear.min_tokens
     )
 
 

@@ -9,6 +9,8 @@ uses, so a few elements may land one e4m3 step apart from the reference (the GPU
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -18,18 +20,68 @@ EPS = 1e-12
 
 
 @triton.jit
-def _rows_kernel(X, Q, S, M, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, FMAX: tl.constexpr, EPS: tl.constexpr):
-    # BLOCK_M whole rows per program: amax, scale and cast from registers.
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+def _rows_kernel(
+    X,
+    Q,
+    S,
+    AMAX,
+    SUMS,
+    M,
+    K,
+    blocks_per_prog,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    FMAX: tl.constexpr,
+    EPS: tl.constexpr,
+    COL_AMAX: tl.constexpr,
+    COL_SUM: tl.constexpr,
+):
+    # Each program takes ``blocks_per_prog`` consecutive blocks of BLOCK_M whole rows: row amax, scale
+    # and cast from registers. COL_AMAX / COL_SUM: the same read also gathers the columns' |x| maxima
+    # (folded into AMAX (K,) by one atomic max per column per program: max is order-free, so the
+    # result is deterministic) and fp32 sums (row ``pid`` of SUMS (programs, K), added up by the
+    # caller in a fixed order: deterministic too).
+    pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_K)
-    mask = (rows < M)[:, None] & (cols < K)[None, :]
-    off = rows.to(tl.int64)[:, None] * K + cols[None, :]
-    x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
-    amax = tl.max(tl.abs(x), axis=1)  # (BLOCK_M,)
-    qscale = FMAX / tl.maximum(amax, EPS)
-    q = tl.clamp(x * qscale[:, None], -FMAX, FMAX)
-    tl.store(Q + off, q.to(Q.dtype.element_ty), mask=mask)
-    tl.store(S + rows, 1.0 / qscale, mask=rows < M)
+    cmask = cols < K
+    camax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    csum = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    first = pid * blocks_per_prog
+    for blk in range(first, first + blocks_per_prog):
+        rows = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask = (rows < M)[:, None] & cmask[None, :]
+        off = rows.to(tl.int64)[:, None] * K + cols[None, :]
+        x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
+        ax = tl.abs(x)
+        amax = tl.max(ax, axis=1)  # (BLOCK_M,)
+        qscale = FMAX / tl.maximum(amax, EPS)
+        q = tl.clamp(x * qscale[:, None], -FMAX, FMAX)
+        tl.store(Q + off, q.to(Q.dtype.element_ty), mask=mask)
+        tl.store(S + rows, 1.0 / qscale, mask=rows < M)
+        if COL_AMAX:
+            camax = tl.maximum(camax, tl.max(ax, axis=0))
+        if COL_SUM:
+            csum += tl.sum(x, axis=0)
+    if COL_AMAX:
+        tl.atomic_max(AMAX + cols, camax, mask=cmask)
+    if COL_SUM:
+        tl.store(SUMS + pid * K + cols, csum, mask=cmask)
+
+
+def _row_tiles(K: int) -> tuple[int, int]:
+    """(BLOCK_K, BLOCK_M): a whole row, and as many rows as make 16k elements (64 at most)."""
+    block_k = triton.next_power_of_2(K)
+    return block_k, max(1, min(64, 16384 // block_k))
+
+
+# Programs of the column-statistics variant per SM: each loops over its share of the row blocks and
+# writes one (K,) partial sum, so more programs hide more load latency but write more partials.
+COL_STATS_PROGRAMS_PER_SM = 4
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,21 +92,38 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s = torch.empty(M, 1, dtype=torch.float32, device=x.device)
     if M == 0:
         return q, s
-    block_k = triton.next_power_of_2(K)
-    block_m = max(1, min(64, 16384 // block_k))
+    block_k, block_m = _row_tiles(K)
     _rows_kernel[(triton.cdiv(M, block_m),)](
-        x,
-        q,
-        s,
-        M,
-        K,
-        BLOCK_M=block_m,
-        BLOCK_K=block_k,
-        FMAX=E4M3_MAX,
-        EPS=EPS,
-        num_warps=8,
-    )
+        x, q, s, s, s, M, K, 1,
+        BLOCK_M=block_m, BLOCK_K=block_k, FMAX=E4M3_MAX, EPS=EPS, COL_AMAX=False, COL_SUM=False, num_warps=8,
+    )  # fmt: skip
     return q, s
+
+
+def quantize_rows_col_stats(
+    x: torch.Tensor, col_sum: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``quantize_rows`` of (M, K) x plus, from the same read, its columns' amax (K,) fp32 and, with
+    ``col_sum``, their sums (K,) fp32: what the weight gradient's column-wise quantisation
+    (``cast_cols_t``) and the bias gradient need, so neither reads x again."""
+    x = x.contiguous()
+    M, K = x.shape
+    q = torch.empty(M, K, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty(M, 1, dtype=torch.float32, device=x.device)
+    amax = torch.zeros(K, dtype=torch.float32, device=x.device)
+    if M == 0:
+        return q, s, amax, (torch.zeros(K, dtype=torch.float32, device=x.device) if col_sum else None)
+    block_k, block_m = _row_tiles(K)
+    blocks = triton.cdiv(M, block_m)
+    sms = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device()) if x.is_cuda else 1
+    per = triton.cdiv(blocks, max(1, min(blocks, COL_STATS_PROGRAMS_PER_SM * sms)))
+    progs = triton.cdiv(blocks, per)
+    sums = torch.empty(progs, K, dtype=torch.float32, device=x.device) if col_sum else amax
+    _rows_kernel[(progs,)](
+        x, q, s, amax, sums, M, K, per,
+        BLOCK_M=block_m, BLOCK_K=block_k, FMAX=E4M3_MAX, EPS=EPS, COL_AMAX=True, COL_SUM=col_sum, num_warps=8,
+    )  # fmt: skip
+    return q, s, amax, (sums.sum(0) if col_sum else None)
 
 
 @triton.jit
@@ -86,29 +155,33 @@ def _cols_cast_t_kernel(
         tl.store(S + cols, 1.0 / qscale, mask=cmask)
 
 
-def quantize_cols_t(x: torch.Tensor, pad_to: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M, C) -> e4m3 x.T (C, Mp) with Mp = M rounded up to ``pad_to`` (zero columns), scales (C, 1)."""
+def cast_cols_t(x: torch.Tensor, amax: torch.Tensor, pad_to: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, C) x and its columns' amax (C,) -> e4m3 x.T (C, Mp) with Mp = M rounded up to ``pad_to``
+    (zero columns), scales (C, 1): one read of x."""
     x = x.contiguous()
     M, C = x.shape
     Mp = -(-M // pad_to) * pad_to
     qt = torch.empty(C, Mp, dtype=torch.float8_e4m3fn, device=x.device)
     s = torch.empty(C, 1, dtype=torch.float32, device=x.device)
+    bm, bc = 64, 64
+    _cols_cast_t_kernel[(max(1, triton.cdiv(Mp, bm)), triton.cdiv(C, bc))](
+        x, amax, qt, s, M, Mp, C,
+        BLOCK_M=bm, BLOCK_C=bc, FMAX=E4M3_MAX, EPS=EPS, num_warps=4,
+    )  # fmt: skip
+    return qt, s
+
+
+def col_amax(x: torch.Tensor) -> torch.Tensor:
+    """(M, C) -> the columns' |x| maxima (C,) fp32."""
+    x = x.contiguous()
+    M, C = x.shape
     amax = torch.zeros(C, dtype=torch.float32, device=x.device)
     bm, bc = 64, 64
     if M:
         _cols_amax_kernel[(triton.cdiv(M, bm), triton.cdiv(C, bc))](x, amax, M, C, BLOCK_M=bm, BLOCK_C=bc, num_warps=4)
-    _cols_cast_t_kernel[(max(1, triton.cdiv(Mp, bm)), triton.cdiv(C, bc))](
-        x,
-        amax,
-        qt,
-        s,
-        M,
-        Mp,
-        C,
-        BLOCK_M=bm,
-        BLOCK_C=bc,
-        FMAX=E4M3_MAX,
-        EPS=EPS,
-        num_warps=4,
-    )
-    return qt, s
+    return amax
+
+
+def quantize_cols_t(x: torch.Tensor, pad_to: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, C) -> e4m3 x.T (C, Mp) with Mp = M rounded up to ``pad_to`` (zero columns), scales (C, 1)."""
+    return cast_cols_t(x, col_amax(x), pad_to)

@@ -2,13 +2,16 @@
 
 * the Triton quantisers against their torch definitions (same e4m3 values but for rare one-step
   differences from Triton's fp32 division; same scales to 1e-6);
-* one FP8 linear at each family's shapes against fp32, forward and the three gradients;
+* the training quantiser (rows plus column amax and sums in one read) against the plain kernels;
+* one FP8 linear at each family's shapes against fp32, forward and the three gradients, with the
+  weight gradient in e4m3 and in bf16 (``fp8.WGRAD``);
 * each family's model at the published size (random weights) with ``set_fp8()`` on mixed32 against
   the same weights in fp32 on the reference path (packvit fp32 matches HF to 1e-6 in the parity
   tests: it stands in for HF): the layers that run FP8 are those whose crossover the batch reaches,
   and the per-patch min cosine stays at what was measured (>= 0.993). Issue 20's target, 0.999, is
   kept as a strict xfail: measured 0.9974 / 0.9945 / 0.9980 on the H200 (2026-12-03), see
   ``packvit.fp8``'s docstring for why;
+* below every crossover an FP8 model is the bf16 model, forward and gradients, bit for bit;
 * the policy's premise: at twice its crossover, AIMv2's fc1 is faster in FP8 than in bf16;
 * ``set_fp8`` refuses an fp32 model; ``from_pretrained``-style ``.to`` then ``set_fp8`` works.
 
@@ -62,11 +65,31 @@ def test_triton_quantisers_match_the_reference(shape):
         assert step.numel() == 0 or step.max() <= 0.34, kern.__name__
 
 
+@pytest.mark.parametrize("shape", [(23103, 5632), (23103, 1152), (1000, 4304), (37, 1024)])
+def test_training_quantisers_match_the_plain_ones(shape):
+    """``quantize_rows_col_stats``: the plain row kernel's rows bit for bit, torch's column amax
+    exactly, fp32 column sums to 1e-5; ``cast_cols_t`` from that amax is ``quantize_cols_t``."""
+    from packvit import fp8_kernels as FK
+
+    g = torch.Generator(device=DEV).manual_seed(1)
+    x = (torch.randn(*shape, device=DEV, generator=g) * torch.rand(shape[1], device=DEV, generator=g) * 5).to(BF16)
+    x[0] = 0
+    q, s, amax, sums = FK.quantize_rows_col_stats(x, col_sum=True)
+    qr, sr = FK.quantize_rows(x)
+    assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8)) and torch.equal(s, sr)
+    assert torch.equal(amax, x.float().abs().amax(0))
+    torch.testing.assert_close(sums, x.float().sum(0), rtol=1e-5, atol=1e-3)
+    (qt, st), (qc, sc) = FK.cast_cols_t(x, amax), FK.quantize_cols_t(x)
+    assert torch.equal(qt.view(torch.uint8), qc.view(torch.uint8)) and torch.equal(st, sc)
+
+
 SHAPES = [(1152, 3456), (4304, 1152), (1024, 5632), (2816, 1024)]
 
 
+@pytest.mark.parametrize("wgrad", ["fp8", "bf16"])
 @pytest.mark.parametrize("K,N", SHAPES)
-def test_fp8_linear_against_fp32(K, N):
+def test_fp8_linear_against_fp32(K, N, wgrad, monkeypatch):
+    monkeypatch.setattr(fp8, "WGRAD", wgrad)  # the weight gradient's GEMM in e4m3 or in bf16
     torch.manual_seed(0)
     M = 3000
     ref = nn.Linear(K, N, device=DEV)
@@ -141,6 +164,38 @@ def test_model_fidelity_as_measured_and_policy(models, family):
                 assert lin.uses_fp8(torch.empty(T, lin.in_features, device="meta")) == (
                     T >= fp8.crossover(lin.in_features, lin.out_features, "infer")
                 ), name
+
+
+@pytest.mark.parametrize("family", ["siglip2", "dinov3", "aimv2"])
+def test_below_its_crossovers_an_fp8_model_is_the_bf16_model(models, family, monkeypatch):
+    """A batch below every crossover runs the bf16 model's own fused MLP paths (quack's GELU MLP, the
+    SwiGLU training MLP: ``fp8.runs_plain``): the same calls, the same forward bit for bit, and the
+    same gradients (to the attention backward's own run-to-run noise: FA4 accumulates dq atomically)."""
+    from packvit import fused_ops, quack_mlp
+
+    calls = []
+    for mod, name in ((quack_mlp, "gelu_mlp"), (fused_ops, "swiglu_mlp")):
+        f = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _f=f, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    torch.manual_seed(0)
+    mbf = copy.deepcopy(models[family]).to(BF16)
+    mbf.set_attention_backend("auto")
+    m8 = copy.deepcopy(mbf)
+    assert m8.set_fp8(min_tokens=10**6)  # every linear an FP8Linear, every one below its crossover
+    grid = [(1, 90, 100), (1, 20, 30)]  # 9,600 tokens: past quack's own minimum (Tuning.quack_min_tokens)
+    px = torch.randn(sum(t * h * w for t, h, w in grid), mbf.patch_dim, device=DEV, dtype=BF16)
+    outs, counts = [], []
+    for m in (mbf, m8):
+        calls.clear()
+        out = m(px, grid)
+        out.float().square().mean().backward()
+        outs.append((out, [p.grad for p in m.parameters()]))
+        counts.append(len(calls))
+    assert counts[0] == counts[1], counts
+    assert counts[1] == len(mbf.blocks) or mbf.blocks[0].mlp.fused is None, (counts, mbf.blocks[0].mlp.fused)
+    assert torch.equal(outs[0][0], outs[1][0])
+    for a, b in zip(outs[0][1], outs[1][1]):
+        assert F.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0) > 0.9999
 
 
 def test_fp8_faster_past_the_crossover():
