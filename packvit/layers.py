@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import fused_ops, quack_mlp
 from .attention import AttentionImpl
-from .fp8 import FP8Linear, FP8Rows, wants_fp8_input
+from .fp8 import FP8Linear, FP8Rows, runs_plain, wants_fp8_input
 from .packing import PackedMeta
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -183,8 +183,8 @@ class GatedMlp(nn.Module):
             self.fused
             and self.tuning.train_saves_less
             and torch.is_grad_enabled()
-            and type(self.fc1) is nn.Linear
-            and type(self.fc2) is nn.Linear
+            and runs_plain(self.fc1, x.shape[0])
+            and runs_plain(self.fc2, x.shape[0])
             and fused_ops.runs_fused(x, self.fc1.weight)
             and not torch.compiler.is_compiling()
         ):

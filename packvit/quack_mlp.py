@@ -23,8 +23,8 @@ DSL's module globals and fails with ``TypeError: epilogue fn depends on <Context
 ``available()`` runs one tiny ``gemm_act`` and reports False on any failure, so such an install
 falls back to the reference MLP.
 
-Only for ``nn.Linear`` fc1 / fc2 exactly (a swapped linear, e.g. FP8, keeps its own path), CUDA,
-fp16/bf16, and eagerly: under ``torch.compile`` the MLP takes the reference ops (inductor fuses the
+Only where fc1 and fc2 compute as plain ``nn.Linear`` (an FP8 linear at or above its crossover keeps
+its own path: ``fp8.runs_plain``), CUDA, fp16/bf16, and eagerly: under ``torch.compile`` the MLP takes the reference ops (inductor fuses the
 activation into a pointwise kernel there).
 """
 
@@ -35,6 +35,8 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import fp8
 
 # packvit's activation names -> quack's
 ACTIVATIONS = {"gelu": "gelu_erf", "gelu_pytorch_tanh": "gelu_tanh_approx"}
@@ -58,8 +60,8 @@ def available() -> bool:
 def applies(mlp: nn.Module, x: torch.Tensor) -> bool:
     return (
         x.shape[0] >= mlp.tuning.quack_min_tokens  # see layers.Tuning
-        and type(mlp.fc1) is nn.Linear
-        and type(mlp.fc2) is nn.Linear
+        and fp8.runs_plain(mlp.fc1, x.shape[0])
+        and fp8.runs_plain(mlp.fc2, x.shape[0])
         and mlp.fc1.bias is not None
         and x.is_cuda
         and x.dtype in (torch.float16, torch.bfloat16)
