@@ -26,7 +26,8 @@ Falls back to the model's eager forward (same results) when a graph cannot serve
 training or with autograd on, on the CPU or the ``sdpa`` reference attention, above the largest
 bucket or with more frames than ``max_frames``, or when ``output_layers`` asks for hidden states
 other than a truncated tower's last one. If the model's attention backend, fused kernels, device or
-dtype change after capture, the graphs are dropped and captured again on their next use.
+dtype change after capture, the graphs are dropped and captured again on their next use; so do FP8
+changes (``set_fp8``, and an FP8 linear's weight changed in place: a graph holds its e4m3 copy).
 
 Results: real tokens get the same kernels as eager on the same values, except that the matmuls run
 with T_b rows instead of T (cuBLAS may pick another tiling, so outputs agree to bf16 rounding, and
@@ -44,7 +45,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from . import chained
+from . import chained, fp8
 from .models.base import PackedBatch, PackedVisionOutput, PackedViT
 from .packing import PackedMeta
 
@@ -138,6 +139,7 @@ class CudaGraphedViT(nn.Module):
         self._buffers: dict[str, torch.Tensor] = {}
         self._pool = None
         self._key = None
+        self._fp8_modules: tuple[tuple[str, ...], list[nn.Module]] = ((), [])
         self.replays = 0  # forwards served by a graph
         self.fallbacks = 0  # forwards run eagerly
 
@@ -158,7 +160,30 @@ class CudaGraphedViT(nn.Module):
     def _state_key(self):
         m = self.model
         p = next(m.parameters())
-        return (m.attention, tuple(sorted(m.fused_kernels.items())), p.device, p.dtype, p.data_ptr(), len(m.blocks))
+        return (
+            m.attention,
+            tuple(sorted(m.fused_kernels.items())),
+            p.device,
+            p.dtype,
+            p.data_ptr(),
+            len(m.blocks),
+            self._fp8_state(),
+        )
+
+    def _fp8_state(self) -> tuple:
+        # A graph holds the FP8 linears' cached e4m3 weights by address, and whether each runs FP8
+        # at its bucket. So ``set_fp8``, a crossover change, or a weight changed in place (its
+        # version counter: an optimizer step, ``copy_``, ``load_state_dict``), which makes eager
+        # quantise afresh and free the old copy, must drop the graphs, as a new backend does.
+        names = tuple(self.model.fp8)
+        if not names:
+            return ()
+        if self._fp8_modules[0] != names:
+            self._fp8_modules = (names, [self.model.get_submodule(n) for n in names])
+        return (names, fp8.FUSE_INPUT_QUANT) + tuple(
+            (lin.min_tokens, lin.weight.data_ptr(), None if lin.weight.is_inference() else lin.weight._version)
+            for lin in self._fp8_modules[1]
+        )
 
     def can_graph(self, hidden_states: torch.Tensor) -> bool:
         m = self.model

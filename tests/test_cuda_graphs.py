@@ -155,3 +155,47 @@ def test_graph_path_on_cpu_equals_eager(graphs_on_cpu, family, extra):
     assert graphed.replays == 1 and graphed.fallbacks == 0
     torch.testing.assert_close(out.hidden_states[-1], ref.hidden_states[-1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.last_hidden_state, ref.last_hidden_state, atol=1e-5, rtol=1e-5)
+
+
+def test_fp8_changes_drop_the_graphs(graphs_on_cpu):
+    """A graph holds each FP8 linear's cached e4m3 weight by address (``packvit.fp8``): after the
+    weight changes in place (an optimizer step, ``copy_``) eager quantises afresh and frees the old
+    copy, so the graphs must be captured again, as after ``set_fp8`` or a crossover change."""
+    from packvit import fp8
+    from packvit.attention import AttentionImpl
+    from weights_conversion import FAMILIES
+
+    fam = FAMILIES["dinov3"]
+    torch.manual_seed(0)
+    model = fam.model_class(fam.config_class.from_name(DEFAULT_PRESETS["dinov3"], **TINY)).to(torch.bfloat16).eval()
+    model.attention = AttentionImpl("fa4", "fa4", "cpu", torch.bfloat16)
+    graphed = cuda_graphs.CudaGraphedViT(model, (256,), max_frames=8, pad_segment=64)
+    grid = ((1, 3, 5), (2, 2, 3))
+    px = torch.randn(27, model.patch_dim).to(torch.bfloat16)
+    captures = []
+    capture_one = graphed._capture_one
+    graphed._capture_one = lambda tokens: captures.append(tokens) or capture_one(tokens)
+
+    def run():
+        with torch.no_grad():
+            out, ref = graphed(px, grid), model(px, grid)
+        torch.testing.assert_close(out, ref, atol=0, rtol=0)
+
+    run()
+    model.fp8 = fp8.convert(model, min_tokens=0)  # what set_fp8 does, past its CUDA check
+    run()
+    run()
+    assert len(captures) == 2  # bf16, then FP8: the second FP8 call replays
+    lin = model.get_submodule(model.fp8[0])
+    with torch.no_grad():
+        lin.weight.mul_(1.5)  # in place: same storage, a new version
+    run()
+    assert len(captures) == 3
+    for m in model.modules():
+        if isinstance(m, fp8.FP8Linear):
+            m.min_tokens = 10**6  # every linear back below its crossover
+    run()
+    fp8.unconvert(model)
+    model.fp8 = []
+    run()
+    assert len(captures) == 5 and graphed.replays == 6
