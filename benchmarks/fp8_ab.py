@@ -5,10 +5,13 @@
 
 ops:      torch._scaled_mm's schema, whether it takes a bias with row-wise scales, the Triton
           quantisers against their torch references, one FP8 linear against a dequantised fp32 one.
+quant:    the training quantisers' kernels at 23k tokens (row pass with column statistics at several
+          programs per SM, column amax, transposing cast), ms and GB/s.
 sweep:    each family's four block linears (K -> N) at M = 1k .. 64k tokens, bf16 against FP8
           (activation quantisation included; the weight's e4m3 copy is cached as in inference),
-          forward under inference_mode and forward + backward; median ms of 5 repeats of 10 calls.
-          The per-shape crossover is the smallest M from which FP8 stays faster.
+          forward under inference_mode and forward + backward with each weight-gradient recipe
+          (``fp8.WGRAD``); median ms of 5 repeats of 10 calls. The per-shape crossover is the
+          smallest M from which FP8 stays faster; the run keeps the faster recipe for later parts.
 torchao:  torchao's ``convert_to_float8_training`` (rowwise recipe, eager) on SigLIP2's MLP at
           23k tokens against packvit.fp8 and bf16, if torchao imports (PYTHONPATH).
 fidelity: per family at the published size (random weights, ``build_pair``): per-patch min cosine
@@ -17,8 +20,8 @@ fidelity: per family at the published size (random weights, ``build_pair``): per
           random pixels and on the three real images of packvit/assets; below 0.999 a per-kind
           and per-block search for the layers to keep in bf16.
 models:   mixed32 (23k tokens) and 64 images (about 46k), forward and training step, bf16 and FP8
-          with its default policy, same process, peak memory; the forward also with the input
-          quantisation unfused (``fp8.FUSE_INPUT_QUANT`` off: "fp8_unfused") against fused.
+          (``MODEL_VARIANTS``: the crossovers, every linear, both weight-gradient recipes, the input
+          quantisation unfused, CUDA graphs), same process, peak memory.
 train:    200 steps of a small regression task (a trainable linear head on the tower, its first 8 blocks, regresses a
           fixed random projection of a frozen bf16 teacher's features; the tower is trained too),
           FP8 (every layer, min_tokens 0) against bf16 from the same initial weights and data.
@@ -187,6 +190,35 @@ def part_gemm(ms=(23103, 65536)) -> None:
             emit(row)
 
 
+# -- quant ------------------------------------------------------------------------------------------
+
+
+def part_quant(M: int = 23103) -> None:
+    """The training quantisers at 23k tokens on AIMv2's fc1 operands (x 1024 wide, dy 5632): the
+    plain row pass, the row pass that also gathers column amax and sums (``quantize_rows_col_stats``)
+    at several programs per SM, and the column passes; with the bytes each moves, as GB/s."""
+    from packvit import fp8_kernels as FK
+
+    default = FK.COL_STATS_PROGRAMS_PER_SM
+    for what, C in (("x", 1024), ("dy", 5632), ("dy_siglip2_fc1", 4304)):
+        t = torch.randn(M, C, device=DEV, dtype=BF16)
+        amax = FK.col_amax(t)
+        read, q8 = t.numel() * 2, t.numel()
+        row = {"part": "quant", "operand": what, "M": M, "C": C}
+        row["rows_ms"] = timed(functools.partial(FK.quantize_rows, t))
+        for pps in (1, 2, 4, 8, 16):
+            FK.COL_STATS_PROGRAMS_PER_SM = pps
+            row[f"rows_colstats_pps{pps}_ms"] = timed(functools.partial(FK.quantize_rows_col_stats, t, True))
+        FK.COL_STATS_PROGRAMS_PER_SM = default
+        row["col_amax_ms"] = timed(functools.partial(FK.col_amax, t))
+        row["cast_cols_t_ms"] = timed(functools.partial(FK.cast_cols_t, t, amax))
+        row["sum0_ms"] = timed(functools.partial(t.sum, 0))
+        row = {k: round(v, 4) if k.endswith("_ms") else v for k, v in row.items()}
+        row["rows_gbps"] = round((read + q8) / row["rows_ms"] / 1e6)
+        row["cast_cols_t_gbps"] = round((read + q8) / row["cast_cols_t_ms"] / 1e6)
+        emit(row)
+
+
 # -- sweep ------------------------------------------------------------------------------------------
 
 
@@ -211,6 +243,10 @@ def _train_step(m, xg, dy):
 
 
 def part_sweep(ms=MS) -> None:
+    """Per shape and token count: inference, and the training step of each weight-gradient recipe
+    (``fp8.WGRAD`` "fp8" and "bf16"). Sets, for this process's later parts, the recipe that is faster
+    summed over the shapes at 23k and 48k tokens, and each shape's crossovers under it."""
+    default_wgrad = fp8.WGRAD
     for fam, kind, K, N in _distinct_shapes():
         ref, lin = _layer(K, N, True)
         for M in ms:
@@ -221,7 +257,11 @@ def part_sweep(ms=MS) -> None:
                 t_f8 = timed(functools.partial(lin, x))
             xg = x.clone().requires_grad_(True)
             tt_bf = timed(_train_step(ref, xg, dy), reps=3)
-            tt_f8 = timed(_train_step(lin, xg, dy), reps=3)
+            tt = {}
+            for wgrad in ("fp8", "bf16"):
+                fp8.WGRAD = wgrad
+                tt[wgrad] = timed(_train_step(lin, xg, dy), reps=3)
+            fp8.WGRAD = default_wgrad
             emit(
                 {
                     "part": "sweep",
@@ -234,26 +274,33 @@ def part_sweep(ms=MS) -> None:
                     "infer_fp8_ms": round(t_f8, 4),
                     "infer_speedup": round(t_bf / t_f8, 3),
                     "train_bf16_ms": round(tt_bf, 4),
-                    "train_fp8_ms": round(tt_f8, 4),
-                    "train_speedup": round(tt_bf / tt_f8, 3),
+                    "train_fp8_ms": round(tt["fp8"], 4),
+                    "train_gwhp_ms": round(tt["bf16"], 4),  # weight gradient in bf16
+                    "train_speedup": round(tt_bf / tt["fp8"], 3),
+                    "train_gwhp_speedup": round(tt_bf / tt["bf16"], 3),
                 }
             )
             del x, dy, xg
-    # Crossovers: the smallest M from which every larger M measured is faster in FP8.
     rows = [r for r in OUT if r["part"] == "sweep"]
+    at = {M for M in ms if M in (23103, 49152)} or {max(ms)}
+    total = {key: sum(r[key] for r in rows if r["M"] in at) for key in ("train_fp8_ms", "train_gwhp_ms")}
+    fp8.WGRAD = "fp8" if total["train_fp8_ms"] <= total["train_gwhp_ms"] else "bf16"
+    emit({"part": "wgrad_choice", "summed_ms": total, "tokens": sorted(at), "wgrad": fp8.WGRAD})
+    train_key = "train_speedup" if fp8.WGRAD == "fp8" else "train_gwhp_speedup"
+    # Crossovers: the smallest M from which every larger M measured is faster in FP8.
     for K, N in sorted({(r["K"], r["N"]) for r in rows}):
         rs = sorted((r for r in rows if (r["K"], r["N"]) == (K, N)), key=lambda r: r["M"])
         cross = {}
-        for mode in ("infer", "train"):
+        for mode, key in (("infer", "infer_speedup"), ("train", train_key)):
             c = None
             for r in reversed(rs):
-                if r[f"{mode}_speedup"] > 1.0:
+                if r[key] > 1.0:
                     c = r["M"]
                 else:
                     break
             cross[mode] = c
             fp8.CROSSOVER[mode][(K, N)] = c  # what the model parts of this run use
-        emit({"part": "crossover", "K": K, "N": N, **cross})
+        emit({"part": "crossover", "K": K, "N": N, "wgrad": fp8.WGRAD, **cross})
 
 
 # -- torchao ----------------------------------------------------------------------------------------
@@ -406,7 +453,29 @@ def _fidelity(fam, m32, mbf, m8) -> None:
             )
 
 
+# The model part's variants: name -> (set_fp8 arguments or None for bf16, modes, CUDA graphs).
+# "fp8": the crossovers (this run's sweep, if it ran first); "fp8_unfused": the same with each linear
+# quantising its own input (``fp8.FUSE_INPUT_QUANT`` off: inference only, as the fusion is);
+# "fp8_all": every linear FP8 whatever its crossover, training with this process's weight-gradient
+# recipe (``fp8.WGRAD``) and, as "fp8_all_other_wgrad", with the other one; "*_graphs": the forward
+# replayed from a CUDA graph of one bucket just above the batch (``packvit.cuda_graphs``), which
+# takes the host's launch cost out.
+MODEL_VARIANTS = {
+    "bf16": (None, ("infer", "train"), False),
+    "fp8": ({}, ("infer", "train"), False),
+    "fp8_unfused": ({}, ("infer",), False),
+    "fp8_all": ({"min_tokens": 0}, ("infer", "train"), False),
+    "fp8_all_other_wgrad": ({"min_tokens": 0}, ("train",), False),
+    "bf16_graphs": (None, ("infer",), True),
+    "fp8_graphs": ({}, ("infer",), True),
+}
+
+
 def part_models(families, backend: str) -> None:
+    from packvit import cuda_graphs
+
+    wgrad = fp8.WGRAD
+    other = {"fp8": "bf16", "bf16": "fp8"}[wgrad]
     for fam in families:
         _, mbf = build_pair(fam, None, DEV, BF16, backend)
         mbf.set_attention_backend(backend)
@@ -416,19 +485,20 @@ def part_models(families, backend: str) -> None:
         for wl, grid in (("mixed32", g32), ("mixed64", g64)):
             px = _pixels(mbf, grid, 2)
             res = {}
-            for name in ("bf16", "fp8", "fp8_unfused", "fp8_all"):
-                # fp8_unfused: the default policy with each linear quantising its own input, not the
-                # norm / SwiGLU kernels (``fp8.FUSE_INPUT_QUANT``); inference only, as the fusion is
+            for name, (args, modes, graphs) in MODEL_VARIANTS.items():
                 fp8.FUSE_INPUT_QUANT = name != "fp8_unfused"
-                if name in ("fp8", "fp8_unfused"):
-                    mbf.set_fp8()
-                elif name == "fp8_all":  # every linear in FP8, whatever the crossover says
-                    mbf.set_fp8(min_tokens=0)
-                else:
+                fp8.WGRAD = other if name == "fp8_all_other_wgrad" else wgrad
+                if args is None:
                     mbf.set_fp8(False)
-                for mode in ("infer",) if name in ("fp8_all", "fp8_unfused") else ("infer", "train"):
+                else:
+                    mbf.set_fp8(**args)
+                target = mbf
+                if graphs:
+                    tokens = int(px.shape[0]) + mbf.num_prefix * len(grid)
+                    target = cuda_graphs.capture(mbf, buckets=(-(-tokens // 256) * 256,))
+                for mode in modes:
                     torch.cuda.empty_cache()
-                    r = measure(model_step(mbf, px, grid, mode), DEV, warmup=4, iters=10)
+                    r = measure(model_step(target, px, grid, mode), DEV, warmup=4, iters=10)
                     res[(name, mode)] = r
                     emit(
                         {
@@ -443,26 +513,28 @@ def part_models(families, backend: str) -> None:
                             "p90": round(r["p90"], 3),
                             "peak_gib": r["peak_gib"] and round(r["peak_gib"], 3),
                             "fp8_layers": len(mbf.fp8),
+                            "wgrad": fp8.WGRAD if mode == "train" and mbf.fp8 else None,
                             "backend": mbf.attn_backend,
+                            "graph_replays": getattr(target, "replays", None),
                         }
                     )
+                del target
             for mode in ("infer", "train"):
+                base = res[("bf16", mode)]["ms"]
                 emit(
                     {
                         "part": "models_ratio",
                         "family": fam,
                         "workload": wl,
                         "mode": mode,
-                        "bf16_over_fp8": round(res[("bf16", mode)]["ms"] / res[("fp8", mode)]["ms"], 3),
-                        "bf16_over_fp8_all": round(res[("bf16", mode)]["ms"] / res[("fp8_all", mode)]["ms"], 3)
-                        if ("fp8_all", mode) in res
-                        else None,
-                        "fp8_unfused_over_fp8": round(res[("fp8_unfused", mode)]["ms"] / res[("fp8", mode)]["ms"], 3)
-                        if ("fp8_unfused", mode) in res
-                        else None,
+                        **{
+                            f"bf16_over_{name}": round(base / r["ms"], 3)
+                            for (name, m), r in res.items()
+                            if m == mode and name != "bf16"
+                        },
                     }
                 )
-            fp8.FUSE_INPUT_QUANT = True
+            fp8.FUSE_INPUT_QUANT, fp8.WGRAD = True, wgrad
             mbf.set_fp8(False)
         del mbf
         torch.cuda.empty_cache()
@@ -532,13 +604,36 @@ def part_train(families, backend: str, steps: int = 200, every: int = 20) -> Non
         torch.cuda.empty_cache()
 
 
+def summary() -> None:
+    """A short table of this run's rows, for a terminal that shows only the tail (the JSON lines
+    above it hold everything)."""
+    print("# summary")
+    for r in OUT:
+        part = r["part"]
+        if part == "quant":
+            print("quant", {k: v for k, v in r.items() if k != "part"})
+        elif part in ("wgrad_choice", "crossover"):
+            print(part, {k: v for k, v in r.items() if k != "part"})
+        elif part == "sweep" and r["M"] in (23103, 49152):
+            print(
+                f"sweep {r['family']:8} {r['layer']:5} M={r['M']:6} infer x{r['infer_speedup']:.2f} "
+                f"train x{r['train_speedup']:.2f} (bf16 wgrad x{r['train_gwhp_speedup']:.2f})"
+            )
+        elif part == "models":
+            print(
+                f"models {r['family']:8} {r['workload']} {r['mode']:5} {r['impl']:20} {r['ms']:8.2f} ms p90 {r['p90']:.2f}"
+            )
+        elif part == "models_ratio":
+            print("ratio", {k: v for k, v in r.items() if k != "part"})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
         "--part",
         nargs="+",
         default=["ops", "sweep"],
-        choices=["ops", "gemm", "sweep", "torchao", "fidelity", "models", "train"],
+        choices=["ops", "gemm", "quant", "sweep", "torchao", "fidelity", "models", "train"],
     )
     ap.add_argument("--family", nargs="+", default=list(SHAPES))
     ap.add_argument("--backend", default="torch", help="attention backend of the model parts (default: torch's varlen)")
@@ -551,6 +646,8 @@ def main() -> None:
             part_ops()
         elif part == "gemm":
             part_gemm()
+        elif part == "quant":
+            part_quant()
         elif part == "sweep":
             part_sweep()
         elif part == "torchao":
@@ -562,6 +659,7 @@ def main() -> None:
         elif part == "train":
             part_train(args.family, args.backend, args.steps)
         print(f"# part {part}: {time.perf_counter() - t0:.1f} s", flush=True)
+    summary()
     if args.out:
         with open(args.out, "a") as f:
             for r in OUT:

@@ -16,6 +16,8 @@
 #   train      packvit's training step (FA4, eager and compiled) and its bound, mixed32 and llava_mix,
 #              ~7 min
 #   fp8        FP8 against bf16 with FA4: model timings and fidelity (benchmarks/fp8_ab.py)
+#   fp8train   FP8's training quantisers, the per-shape sweep with both weight-gradient recipes, then
+#              the models with FA4 (every variant: crossovers, every linear, CUDA graphs), ~6 min
 #
 # FlashAttention-4, quack and the CUTLASS DSL come unpacked in /tmp/fa4 (the fa4 bundle). They are
 # imported through a folder named site-packages: quack fingerprints its GEMM epilogues by the code
@@ -23,7 +25,7 @@
 # /tmp/fa4 itself, the fingerprint walks into the DSL's globals and fails (RESULTS.md, "quack's
 # gemm_act runs with the bundle's versions").
 set -uo pipefail
-(($#)) || { echo "usage: h200_stages.sh tests|profile|switches|infer|train|fp8 ..." >&2; exit 2; }
+(($#)) || { echo "usage: h200_stages.sh tests|profile|switches|infer|train|fp8|fp8train ..." >&2; exit 2; }
 out=${OUT:-results-$(date +%F)}
 mkdir -p "$out"
 if [[ -d /tmp/fa4 ]]; then
@@ -71,6 +73,10 @@ train)
 fp8)
     timeout 150 python benchmarks/fp8_ab.py --part models fidelity --backend fa4 \
         --out "$out/fp8-ab-models-fa4-h200-$day.jsonl" 2>&1 | tail -n 40
+    ;;
+fp8train)
+    timeout 420 python benchmarks/fp8_ab.py --part quant sweep models --backend fa4 \
+        --out "$out/fp8-ab-train-fa4-h200-$day.jsonl" 2>&1 | sed -n '/^# summary/,$p'
     ;;
 *)
     echo "unknown stage $stage" >&2
