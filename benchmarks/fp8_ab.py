@@ -206,10 +206,15 @@ def part_quant(M: int = 23103) -> None:
         read, q8 = t.numel() * 2, t.numel()
         row = {"part": "quant", "operand": what, "M": M, "C": C}
         row["rows_ms"] = timed(functools.partial(FK.quantize_rows, t))
-        for pps in (1, 2, 4, 8, 16):
+        min_k = FK.COL_STATS_FUSED_MIN_K
+        FK.COL_STATS_FUSED_MIN_K = 0
+        for pps in (1, 2, 4, 8):
             FK.COL_STATS_PROGRAMS_PER_SM = pps
             row[f"rows_colstats_pps{pps}_ms"] = timed(functools.partial(FK.quantize_rows_col_stats, t, True))
         FK.COL_STATS_PROGRAMS_PER_SM = default
+        FK.COL_STATS_FUSED_MIN_K = 1 << 30
+        row["rows_colstats_separate_ms"] = timed(functools.partial(FK.quantize_rows_col_stats, t, True))
+        FK.COL_STATS_FUSED_MIN_K = min_k
         row["col_amax_ms"] = timed(functools.partial(FK.col_amax, t))
         row["cast_cols_t_ms"] = timed(functools.partial(FK.cast_cols_t, t, amax))
         row["sum0_ms"] = timed(functools.partial(t.sum, 0))

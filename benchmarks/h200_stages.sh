@@ -75,7 +75,7 @@ fp8)
         --out "$out/fp8-ab-models-fa4-h200-$day.jsonl" 2>&1 | tail -n 40
     ;;
 fp8train)
-    timeout 420 python benchmarks/fp8_ab.py --part quant sweep models --backend fa4 \
+    timeout 480 python benchmarks/fp8_ab.py --part quant sweep models fidelity --backend fa4 \
         --out "$out/fp8-ab-train-fa4-h200-$day.jsonl" 2>&1 | sed -n '/^# summary/,$p'
     ;;
 *)

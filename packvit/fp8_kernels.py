@@ -38,9 +38,9 @@ def _rows_kernel(
 ):
     # Each program takes ``blocks_per_prog`` consecutive blocks of BLOCK_M whole rows: row amax, scale
     # and cast from registers. COL_AMAX / COL_SUM: the same read also gathers the columns' |x| maxima
-    # (folded into AMAX (K,) by one atomic max per column per program: max is order-free, so the
-    # result is deterministic) and fp32 sums (row ``pid`` of SUMS (programs, K), added up by the
-    # caller in a fixed order: deterministic too).
+    # and fp32 sums, written as row ``pid`` of AMAX and SUMS (programs, K) and reduced by the caller
+    # in a fixed order, so the result is deterministic. (One atomic max per column per program
+    # instead was 2-4x slower on the H200: 0.15-0.45 ms against a 0.03-0.10 ms row pass at 23k tokens.)
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_K)
     cmask = cols < K
@@ -63,7 +63,7 @@ def _rows_kernel(
         if COL_SUM:
             csum += tl.sum(x, axis=0)
     if COL_AMAX:
-        tl.atomic_max(AMAX + cols, camax, mask=cmask)
+        tl.store(AMAX + pid * K + cols, camax, mask=cmask)
     if COL_SUM:
         tl.store(SUMS + pid * K + cols, csum, mask=cmask)
 
@@ -75,8 +75,9 @@ def _row_tiles(K: int) -> tuple[int, int]:
 
 
 # Programs of the column-statistics variant per SM: each loops over its share of the row blocks and
-# writes one (K,) partial sum, so more programs hide more load latency but write more partials.
-COL_STATS_PROGRAMS_PER_SM = 4
+# writes one (K,) partial amax and sum, so more programs hide more load latency but write more
+# partials. With atomics, one per SM was the fastest measured (H200, 1-16 tried); not re-measured yet.
+COL_STATS_PROGRAMS_PER_SM = 2
 
 
 @functools.cache
@@ -100,30 +101,41 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, s
 
 
+# From this width on the column statistics come from the row pass itself (one read of x); below it
+# from separate passes (the plain row pass, ``col_amax`` and torch's column sum), which measured
+# faster there: H200, 23k tokens, x 1024 wide 0.07 ms separate against 0.15 fused; dy 4304 / 5632
+# wide 0.25 / 0.29 ms separate against 0.18 / 0.20 fused (benchmarks/fp8_ab.py --part quant).
+COL_STATS_FUSED_MIN_K = 2048
+
+
 def quantize_rows_col_stats(
     x: torch.Tensor, col_sum: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``quantize_rows`` of (M, K) x plus, from the same read, its columns' amax (K,) fp32 and, with
-    ``col_sum``, their sums (K,) fp32: what the weight gradient's column-wise quantisation
-    (``cast_cols_t``) and the bias gradient need, so neither reads x again."""
+    """``quantize_rows`` of (M, K) x plus its columns' amax (K,) fp32 and, with ``col_sum``, their
+    sums (K,) fp32: what the weight gradient's column-wise quantisation (``cast_cols_t``) and the
+    bias gradient need. From ``COL_STATS_FUSED_MIN_K`` columns on, in the same read as the rows."""
     x = x.contiguous()
     M, K = x.shape
+    if K < COL_STATS_FUSED_MIN_K:
+        q, s = quantize_rows(x)
+        return q, s, col_amax(x), (x.sum(0, dtype=torch.float32) if col_sum else None)
     q = torch.empty(M, K, dtype=torch.float8_e4m3fn, device=x.device)
     s = torch.empty(M, 1, dtype=torch.float32, device=x.device)
-    amax = torch.zeros(K, dtype=torch.float32, device=x.device)
     if M == 0:
-        return q, s, amax, (torch.zeros(K, dtype=torch.float32, device=x.device) if col_sum else None)
+        zeros = torch.zeros(K, dtype=torch.float32, device=x.device)
+        return q, s, zeros, (zeros.clone() if col_sum else None)
     block_k, block_m = _row_tiles(K)
     blocks = triton.cdiv(M, block_m)
     sms = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device()) if x.is_cuda else 1
     per = triton.cdiv(blocks, max(1, min(blocks, COL_STATS_PROGRAMS_PER_SM * sms)))
     progs = triton.cdiv(blocks, per)
+    amax = torch.empty(progs, K, dtype=torch.float32, device=x.device)
     sums = torch.empty(progs, K, dtype=torch.float32, device=x.device) if col_sum else amax
     _rows_kernel[(progs,)](
         x, q, s, amax, sums, M, K, per,
         BLOCK_M=block_m, BLOCK_K=block_k, FMAX=E4M3_MAX, EPS=EPS, COL_AMAX=True, COL_SUM=col_sum, num_warps=8,
     )  # fmt: skip
-    return q, s, amax, (sums.sum(0) if col_sum else None)
+    return q, s, amax.amax(0), (sums.sum(0) if col_sum else None)
 
 
 @triton.jit

@@ -9,6 +9,7 @@ over a (T, D) or (T, hidden) activation in device memory. The fused path does ea
     swiglu          silu(gate) * up of fc1's [gate | up]   packvit's Triton kernel   (AIMv2)
     rope            RoPE of q and k, read from qkv         packvit's Triton kernel   (DINOv3)
     gelu_mlp        GELU in fc1's GEMM epilogue, fwd+bwd   quack-kernels gemm_act    (SigLIP2, DINOv3; ``quack_mlp``)
+    gelu_fp8        GELU written as an FP8 fc2's e4m3 input packvit's Triton kernel   (SigLIP2, DINOv3; FP8 inference)
 
 Both RMSNorms normalise in fp32, cast back, then scale, which is AIMv2's order (``layers.RMSNorm``;
 Liger's "llama" casting mode). Why packvit has kernels of its own: ``triton_kernels``.
@@ -33,7 +34,7 @@ from .fp8 import FP8Rows
 
 FUSED_CHOICES = ("auto", "on", "off")
 _HALF = (torch.float16, torch.bfloat16)
-OPS = ("add_layernorm", "add_rmsnorm", "rmsnorm", "swiglu", "rope", "gelu_mlp")
+OPS = ("add_layernorm", "add_rmsnorm", "rmsnorm", "swiglu", "rope", "gelu_mlp", "gelu_fp8")
 # AIMv2's RMSNorm, in order of preference: packvit's kernel's backward measured 1.7-2.4x faster than
 # Liger-Kernel's on the H200, the forwards tie (benchmarks/fused_ab.py, RESULTS.md); Liger's stays
 # as the alternative.
@@ -80,7 +81,7 @@ def resolve_fused(
     if torch.device(device).type != "cuda" or dtype not in _HALF:
         return out
     if _triton_ok():
-        out["add_layernorm"] = out["swiglu"] = out["rope"] = "triton"
+        out["add_layernorm"] = out["swiglu"] = out["rope"] = out["gelu_fp8"] = "triton"
     if _quack_ok():
         out["gelu_mlp"] = "quack"
     for impl in RMSNORM_IMPLS:
@@ -486,6 +487,12 @@ def swiglu(h: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return _swiglu_op(h)
     return _SwiGLUFn.apply(h)
+
+
+def gelu_fp8(h: torch.Tensor, approximate: str) -> FP8Rows:
+    """``F.gelu(h, approximate=...)`` as ``FP8Rows`` for an FP8 fc2 (inference), in one kernel."""
+    q, scale = _kernels().gelu_fwd_fp8(h, approximate)
+    return FP8Rows(q, scale, h.dtype)
 
 
 def swiglu_fp8(h: torch.Tensor) -> FP8Rows:

@@ -26,6 +26,10 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+# The GELU activations by name, as ``F.gelu``'s ``approximate`` argument.
+GELU_APPROXIMATE = {"gelu": "none", "gelu_pytorch_tanh": "tanh"}
+
+
 def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     if name not in ACTIVATIONS:
         raise ValueError(f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}")
@@ -110,10 +114,12 @@ class Mlp(nn.Module):
         # "quack": fc1's GEMM applies the activation in its epilogue, forward and backward
         # (``packvit.quack_mlp``); set by the model (``PackedViT.set_fused_kernels``).
         self.fused: str | None = None
+        # "triton": for an FP8 fc2 the activation writes fc2's e4m3 input itself (``fused_ops.gelu_fp8``).
+        self.fused_gelu_fp8: str | None = None
 
     def forward(self, x: torch.Tensor | FP8Rows) -> torch.Tensor:  # (T, D) -> (T, D)
         if isinstance(x, FP8Rows):  # norm2 wrote fc1's e4m3 input (``Block._mlp_takes_fp8``)
-            return self.fc2(self.act(self.fc1(x)))
+            return self.fc2(self._act(self.fc1(x)))
         if self.fused == "quack" and quack_mlp.applies(self, x):
             return quack_mlp.gelu_mlp(self, x, self.act_name)
         if (
@@ -125,8 +131,15 @@ class Mlp(nn.Module):
         ):
             h = linear_gelu_tanh(x, self.fc1.weight, self.fc1.bias)  # (T, hidden)
         else:
-            h = self.act(self.fc1(x))
+            h = self._act(self.fc1(x))
         return self.fc2(h)
+
+    def _act(self, h: torch.Tensor) -> torch.Tensor | FP8Rows:
+        """The activation of fc1's output h (T, hidden); for an FP8 fc2 that will run FP8, written as
+        its e4m3 rows in the same pass where packvit's kernel runs (``fp8.wants_fp8_input``)."""
+        if self.fused_gelu_fp8 == "triton" and fused_ops.runs_fused(h) and wants_fp8_input(self.fc2, h.shape[0]):
+            return fused_ops.gelu_fp8(h, GELU_APPROXIMATE[self.act_name])
+        return self.act(h)
 
     def extra_repr(self) -> str:
         return f"fused={self.fused}" if self.fused else ""

@@ -430,6 +430,49 @@ def swiglu_fwd_fp8(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+# --- GELU as fc2's e4m3 input (FP8 inference) ---------------------------------------------------------
+#
+# With an FP8 fc1 the GELU MLP loses its fused activation (quack's epilogue, cuBLASLt's GELU epilogue:
+# ``_scaled_mm`` has none), so the activation would be a pass of its own over the (T, hidden) output and
+# fc2's input quantisation another. This kernel is both in one read: torch's GELU formula in fp32,
+# rounded to h's dtype (what ``F.gelu`` stores), then e4m3 rows. tanh is written through the sigmoid
+# (tanh(u) = 2 sigmoid(2u) - 1), a few fp32 ulps from torch's tanhf, so a rare element may round to the
+# neighbouring bf16 value; the GPU tests bound how many.
+
+
+@triton.jit
+def _gelu_fwd_fp8_kernel(Hx, Q, QS, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TANH: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    live = rows < M
+    mask = live[:, None] & (cols < N)[None, :]
+    off = rows.to(tl.int64)[:, None] * N + cols[None, :]
+    x = tl.load(Hx + off, mask=mask, other=0.0).to(tl.float32)
+    if TANH:  # torch: 0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3)))
+        inner = 0.7978845608028654 * (x + 0.044715 * (x * x * x))
+        g = 0.5 * x * (2.0 * tl.sigmoid(2.0 * inner))
+    else:  # torch: x * 0.5 * (1 + erf(x / sqrt(2)))
+        g = x * 0.5 * (1.0 + tl.erf(x * 0.7071067811865476))
+    o = g.to(Hx.dtype.element_ty).to(tl.float32)
+    _store_e4m3_rows(o, Q, QS, off, rows, live, mask, E4M3_MAX, FP8_EPS)
+
+
+def gelu_fwd_fp8(h: torch.Tensor, approximate: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """h (T, H) -> gelu(h) (``approximate`` "tanh" or "none", as ``F.gelu``) as e4m3 rows (T, H) and
+    their fp32 scales (T, 1): ``fp8_kernels.quantize_rows(F.gelu(h))`` in one kernel (inference)."""
+    h = h.contiguous()
+    M, N = h.shape
+    q = torch.empty(M, N, dtype=torch.float8_e4m3fn, device=h.device)
+    scale = torch.empty(M, 1, dtype=torch.float32, device=h.device)
+    if M:
+        bn = triton.next_power_of_2(N)  # whole rows: the row amax needs them
+        bm = max(1, 2048 // bn)
+        _gelu_fwd_fp8_kernel[(triton.cdiv(M, bm),)](
+            h, q, scale, M, N, BLOCK_M=bm, BLOCK_N=bn, TANH=approximate == "tanh", num_warps=8
+        )
+    return q, scale
+
+
 def swiglu_bwd(do: torch.Tensor, h: torch.Tensor, with_output: bool = False):
     """do (T, H), h (T, 2H) -> dh (T, 2H); with ``with_output`` also (dh, silu(gate) * up (T, H))."""
     do, h = do.contiguous(), h.contiguous()

@@ -474,6 +474,17 @@ for D, res, gamma, bias, rms in [(48, True, True, True, False), (40, False, Fals
 h = torch.randn(7, 2 * 300).to(bf16)  # SwiGLU: a hidden width that is no power of two
 rows = fused_ops.swiglu_fp8(h)
 same_rows(rows.q, rows.scale, K.swiglu_fwd(h), "swiglu")
+# GELU (both of torch's formulas) as fc2's e4m3 input. Its GELU is not torch's expression (tanh
+# through the sigmoid, Triton's erf), and the interpreter's bf16 and e4m3 casts are not the hardware's,
+# so here only the scales (the rows' GELU amax) are held to torch's; the codes are checked on the GPU.
+for approx in ("tanh", "none"):
+    h = (torch.randn(9, 300) * 3).to(bf16)
+    h[2] = 0
+    rows = fused_ops.gelu_fp8(h, approx)
+    g = torch.nn.functional.gelu(h, approximate=approx)
+    assert rows.q.shape == h.shape and rows.dtype == bf16
+    torch.testing.assert_close(rows.scale, fp8.quantize_rows_reference(g)[1], rtol=1e-2, atol=0)
+    assert (rows.q[2].float() == 0).all()
 
 # Whole tiny models in bf16 on their fused route (forced on the CPU) with every linear in FP8: the
 # output with the quantisation fused equals the one with each linear quantising its own input.
@@ -485,7 +496,7 @@ from packvit.models.siglip2 import Siglip2, Siglip2Config
 fused_ops.runs_fused = lambda *t: True
 fp8._triton_runs = lambda x: True  # the unfused linears quantise with the (interpreted) Triton kernel
 calls = []
-for name in ("norm_fp8", "add_norm_fp8", "swiglu_fp8"):
+for name in ("norm_fp8", "add_norm_fp8", "swiglu_fp8", "gelu_fp8"):
     def counted(*args, _f=getattr(fused_ops, name), _n=name, **kw):
         calls.append(_n)
         return _f(*args, **kw)
@@ -521,6 +532,15 @@ for m in (DINOv3(DINOv3Config(hidden_size=64, num_layers=2, num_heads=4, interme
         if chain or isinstance(m, AIMv2):
             assert len([c for c in calls if c != "swiglu_fp8"]) == 2 * len(m.blocks), calls
         assert calls.count("swiglu_fp8") == (len(m.blocks) if isinstance(m, AIMv2) else 0)
+    # the GELU MLPs' fc2 input from gelu_fp8: one call a block (its values: the GPU tests)
+    if not isinstance(m, AIMv2):
+        for mod in m.modules():
+            if hasattr(mod, "fused_gelu_fp8"):
+                mod.fused_gelu_fp8 = "triton"
+        calls.clear()
+        with torch.no_grad():
+            out = m(px, grid)
+        assert calls.count("gelu_fp8") == len(m.blocks) and torch.isfinite(out.float()).all(), calls
 print("ok")
 """
 
@@ -545,7 +565,8 @@ for M, K in [(37, 48), (130, 40), (9, 4304)]:
     x = (torch.randn(M, K) * torch.rand(K) * 5).to(torch.bfloat16)
     x[1] = 0
     FK.COL_STATS_PROGRAMS_PER_SM = 2
-    for col_sum in (False, True):
+    for col_sum, min_k in ((False, 0), (True, 0), (True, 1 << 30)):  # the fused row pass; separate passes
+        FK.COL_STATS_FUSED_MIN_K = min_k
         q, s, amax, sums = FK.quantize_rows_col_stats(x, col_sum)
         qr, sr = FK.quantize_rows(x)  # the same rows, bit for bit, as the plain row kernel
         assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8)) and torch.equal(s, sr), (M, K)

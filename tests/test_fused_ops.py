@@ -41,6 +41,7 @@ def test_resolution_rules(monkeypatch):
         "swiglu": "triton",
         "rope": "triton",
         "gelu_mlp": "quack",
+        "gelu_fp8": "triton",
     }
     assert set(fused_ops.resolve_fused("auto", "cuda", torch.bfloat16, "sdpa").values()) == {None}  # the reference
     assert fused_ops.resolve_fused("on", "cuda", torch.bfloat16, "sdpa") == on

@@ -65,12 +65,14 @@ def test_triton_quantisers_match_the_reference(shape):
         assert step.numel() == 0 or step.max() <= 0.34, kern.__name__
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("shape", [(23103, 5632), (23103, 1152), (1000, 4304), (37, 1024)])
-def test_training_quantisers_match_the_plain_ones(shape):
+def test_training_quantisers_match_the_plain_ones(shape, fused, monkeypatch):
     """``quantize_rows_col_stats``: the plain row kernel's rows bit for bit, torch's column amax
     exactly, fp32 column sums to 1e-5; ``cast_cols_t`` from that amax is ``quantize_cols_t``."""
     from packvit import fp8_kernels as FK
 
+    monkeypatch.setattr(FK, "COL_STATS_FUSED_MIN_K", 0 if fused else 1 << 30)  # one read, or separate passes
     g = torch.Generator(device=DEV).manual_seed(1)
     x = (torch.randn(*shape, device=DEV, generator=g) * torch.rand(shape[1], device=DEV, generator=g) * 5).to(BF16)
     x[0] = 0
@@ -194,8 +196,11 @@ def test_below_its_crossovers_an_fp8_model_is_the_bf16_model(models, family, mon
     assert counts[0] == counts[1], counts
     assert counts[1] == len(mbf.blocks) or mbf.blocks[0].mlp.fused is None, (counts, mbf.blocks[0].mlp.fused)
     assert torch.equal(outs[0][0], outs[1][0])
-    for a, b in zip(outs[0][1], outs[1][1]):
-        assert F.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0) > 0.9999
+    scale = max(b.float().norm() for b in outs[0][1])
+    for (name, _), a, b in zip(mbf.named_parameters(), outs[1][1], outs[0][1]):
+        if b.float().norm() < 1e-6 * scale:
+            continue  # zero in exact arithmetic, noise here: the key bias (softmax ignores a shift of all keys)
+        assert F.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0) > 0.9999, name
 
 
 def test_fp8_faster_past_the_crossover():
@@ -275,12 +280,31 @@ def test_fp8_swiglu_kernel_equals_the_unfused_quantisation(H):
     assert torch.equal(rows.q.view(torch.uint8), qr.view(torch.uint8)) and torch.equal(rows.scale, sr)
 
 
+@pytest.mark.parametrize("H,approximate", [(4304, "tanh"), (4096, "none"), (300, "tanh")])
+def test_fp8_gelu_kernel_against_the_unfused_quantisation(H, approximate):
+    """``gelu_fp8`` against ``quantize_rows(F.gelu(h))``: its tanh is written through the sigmoid and
+    its erf is Triton's, so a rare element's bf16 GELU (hence its e4m3 code) is a neighbour of torch's;
+    equal scales but for such rows, and the dequantised rows as close as one e4m3 step."""
+    from packvit import fused_ops
+
+    h = (torch.randn(3001, H, device=DEV) * 3).to(BF16)
+    rows = fused_ops.gelu_fp8(h, approximate)
+    qr, sr = fp8.quantize_rows(F.gelu(h, approximate=approximate))
+    diff = rows.q.view(torch.uint8) != qr.view(torch.uint8)
+    assert diff.float().mean() < 1e-3, diff.float().mean()
+    torch.testing.assert_close(rows.scale, sr, rtol=1e-2, atol=0)
+    deq, ref = rows.q.float() * rows.scale, qr.float() * sr
+    assert ((deq - ref).abs().amax(1) <= ref.abs().amax(1) / 8 + 1e-30).all()
+
+
 @pytest.mark.parametrize("family", ["siglip2", "dinov3", "aimv2"])
 def test_fused_input_quantisation_changes_no_bit(models, family, monkeypatch):
     """Each family at its published size on mixed32, fp8 on: the same output with the quantisation in
     the norm / SwiGLU kernels as with each linear quantising its own input.
 
-    Bit for bit for DINOv3 and AIMv2 (D 1024). SigLIP2 (D 1152, a masked 2048-wide tile) is not: on
+    Bit for bit for AIMv2. The GELU families' fc2 input now comes from ``gelu_fp8``, whose GELU is a
+    rare bf16 step from torch's (its own test), so for them the check is the fidelity one below.
+    SigLIP2 (D 1152, a masked 2048-wide tile) was not bit-equal even before that: on
     the H200 (2026-12-03) 3 of block 0's 26.6M e4m3 qkv inputs differed, the scales were equal. The
     FP8_OUT variant of the norm kernel is compiled separately from the plain one, and its fp32 row
     arithmetic can round differently in rare elements, so its bf16 y (which it quantises exactly as
@@ -297,7 +321,7 @@ def test_fused_input_quantisation_changes_no_bit(models, family, monkeypatch):
     m8.set_fused_kernels("on")
     m8.set_fp8()
     calls = []
-    for name in ("norm_fp8", "add_norm_fp8", "swiglu_fp8"):
+    for name in ("norm_fp8", "add_norm_fp8", "swiglu_fp8", "gelu_fp8"):
         f = getattr(fused_ops, name)
         monkeypatch.setattr(fused_ops, name, lambda *a, _f=f, _n=name, **k: calls.append(_n) or _f(*a, **k))
     grid = mixed32(m8.config.patch_size).grid
@@ -309,11 +333,12 @@ def test_fused_input_quantisation_changes_no_bit(models, family, monkeypatch):
             monkeypatch.setattr(fp8, "FUSE_INPUT_QUANT", fuse)
             outs.append(m8(px, grid))
     assert calls, "no fused quantisation ran at mixed32's token count"
-    if family == "siglip2":
+    assert ("gelu_fp8" in calls) == (family != "aimv2") and ("swiglu_fp8" in calls) == (family == "aimv2")
+    if family != "aimv2":
         with torch.inference_mode():
             ref = models[family](px.float(), grid)
         unfused, fused = (F.cosine_similarity(o.float(), ref, dim=-1).min().item() for o in outs)
-        print(f"siglip2 against fp32, per-patch cosine min: unfused {unfused:.5f}, fused {fused:.5f}")
+        print(f"{family} against fp32, per-patch cosine min: unfused {unfused:.5f}, fused {fused:.5f}")
         assert fused >= unfused - 5e-4, (unfused, fused)
     else:
         assert torch.equal(outs[0], outs[1]), (outs[0].float() - outs[1].float()).abs().max()

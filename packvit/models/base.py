@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 from .. import chained, fp8, quack_mlp
 from ..attention import AttentionImpl, FA4Backward, resolve_attention
 from ..fused_ops import resolve_fused
-from ..layers import DEFAULT_TUNING, Attention, Block, GatedMlp, Mlp, RMSNorm, Tuning
+from ..layers import DEFAULT_TUNING, GELU_APPROXIMATE, Attention, Block, GatedMlp, Mlp, RMSNorm, Tuning
 from ..packing import PackedMeta, build_meta, check_inputs, check_packed, grid_to_tuple, split_prefix
 
 
@@ -220,6 +220,7 @@ class PackedViT(nn.Module):
                 m.fused = fused["swiglu"] if m.act_name == "silu" else None
             elif isinstance(m, Mlp):
                 m.fused = fused["gelu_mlp"] if m.act_name in quack_mlp.ACTIVATIONS else None
+                m.fused_gelu_fp8 = fused["gelu_fp8"] if m.act_name in GELU_APPROXIMATE else None
             elif isinstance(m, Attention):
                 m.fused_rope = fused["rope"]
         return fused
