@@ -61,44 +61,44 @@ EPS = 1e-12  # floor of a row's amax, so an all-zero row (padding) gets a finite
 LAYERS = ("qkv", "proj", "fc1", "fc2")
 
 # Token crossover per linear (in_features, out_features): at T >= this many tokens the FP8 path is
-# faster than bf16 on the H200 (benchmarks/fp8_ab.py, "sweep": median of 20 timed calls each, the
-# activation quantisation included). Shapes not listed get DEFAULT_MIN_TOKENS. "train" is the
-# forward + backward of the linear (three GEMMs and five quantisations).
+# faster than bf16 on the H200 (benchmarks/fp8_ab.py, "sweep": median of 5 x 10 timed calls each,
+# the activation quantisation included). Shapes not listed get DEFAULT_MIN_TOKENS. "train" is the
+# forward + backward of the linear (three GEMMs, the weight gradient's in bf16: ``WGRAD``).
 # None: not faster at any measured size (up to 64k tokens), so the layer stays bf16 (``convert``
 # leaves a layer that is None in both modes a plain nn.Linear). Measured 2026-12-03 on an H200
-# (torch 2.11, fast accumulation in the forward), M = 1k, 2k, 4k, 8k, 12k, 16k, 23k, 32k, 48k, 64k;
-# results/fp8-ab-gemm-sweep-fastaccum-h200-2026-12-03.jsonl. Speedups at mixed32's 23k tokens,
-# inference: qkv 1.12-1.35x, fc1 1.33-1.41x, fc2 1.03-1.19x, proj 0.48-0.70x (its quantisation
-# costs as much as its GEMM saves). Training (three GEMMs, five quantisations) pays only from 48k on.
+# (torch 2.11, FA4 bundle present), M = 1k, 2k, 4k, 8k, 12k, 16k, 23k, 32k, 48k, 64k;
+# results/fp8-ab-train-fa4-h200-2026-12-03-session8.jsonl. Speedups at mixed32's 23k tokens,
+# inference: qkv 1.25-1.37x, fc1 1.34-1.38x, fc2 1.02-1.24x, proj 0.41-0.64x (its quantisation
+# costs as much as its GEMM saves). Training pays from 48k tokens on, AIMv2's fc1 from 23k.
 CROSSOVER: dict[str, dict[tuple[int, int], int | None]] = {
     "infer": {
-        (1152, 3456): 8192,
-        (1152, 1152): 32768,
-        (1152, 4304): 8192,
+        (1152, 3456): 23103,
+        (1152, 1152): 49152,
+        (1152, 4304): 12288,
         (4304, 1152): 12288,  # SigLIP2 so400m
-        (1024, 3072): 16384,
+        (1024, 3072): 23103,
         (1024, 1024): 65536,
-        (1024, 4096): 12288,
-        (4096, 1024): 16384,  # DINOv3-L
-        (1024, 5632): 8192,
-        (2816, 1024): 23103,  # AIMv2-L (qkv, proj as DINOv3's)
+        (1024, 4096): 16384,
+        (4096, 1024): 23103,  # DINOv3-L
+        (1024, 5632): 12288,
+        (2816, 1024): 16384,  # AIMv2-L (qkv, proj as DINOv3's)
     },
     "train": {
         (1152, 3456): 49152,
         (1152, 1152): None,
-        (1152, 4304): None,
-        (4304, 1152): None,
-        (1024, 3072): None,
+        (1152, 4304): 49152,
+        (4304, 1152): 49152,
+        (1024, 3072): 49152,
         (1024, 1024): None,
-        (1024, 4096): 65536,
+        (1024, 4096): 49152,
         (4096, 1024): 49152,
-        (1024, 5632): 49152,
-        (2816, 1024): None,
+        (1024, 5632): 23103,
+        (2816, 1024): 49152,
     },
 }
-# Other shapes (other presets): the wide layers measured cross over at 8k-16k tokens for inference
-# and 48k-64k for training.
-DEFAULT_MIN_TOKENS = {"infer": 16384, "train": 65536}
+# Other shapes (other presets): the wide layers measured cross over at 12k-23k tokens for inference
+# and 23k-48k for training.
+DEFAULT_MIN_TOKENS = {"infer": 16384, "train": 49152}
 NEVER = 1 << 62  # min_tokens of a layer that never runs FP8 in that mode
 
 
@@ -230,11 +230,12 @@ def fp8_linear_inference(
     return scaled_mm(xq, sx, wq, sw, None if bias is None else bias.to(x.dtype), x.dtype, FAST_ACCUM_FORWARD)
 
 
-# The weight gradient's GEMM: "fp8" runs it in e4m3 with dy and x quantised per column over the
-# tokens (torchao's "rowwise" recipe); "bf16" runs it on the bf16 dy and x (torchao's
-# "rowwise_with_gw_hp": no column-wise quantisation at all, the GEMM at bf16's rate). Which pays is
-# measured per shape by benchmarks/fp8_ab.py (--part sweep, "train_fp8_ms" against "train_gwhp_ms").
-WGRAD = "fp8"
+# The weight gradient's GEMM: "bf16" runs it on the bf16 dy and x (torchao's "rowwise_with_gw_hp":
+# no column-wise quantisation at all, the GEMM at bf16's rate); "fp8" runs it in e4m3 with dy and x
+# quantised per column over the tokens (torchao's "rowwise" recipe). bf16 measured faster in sum
+# over the ten layer shapes at 23k and 48k tokens on the H200 (31.4 against 35.6 ms, 2026-12-03,
+# benchmarks/fp8_ab.py --part sweep): the two column-wise casts cost more than the e4m3 GEMM saves.
+WGRAD = "bf16"
 
 
 class _FP8Linear(torch.autograd.Function):

@@ -196,9 +196,10 @@ def test_below_its_crossovers_an_fp8_model_is_the_bf16_model(models, family, mon
     assert counts[0] == counts[1], counts
     assert counts[1] == len(mbf.blocks) or mbf.blocks[0].mlp.fused is None, (counts, mbf.blocks[0].mlp.fused)
     assert torch.equal(outs[0][0], outs[1][0])
-    scale = max(b.float().norm() for b in outs[0][1])
+    scale = max(b.float().norm() for b in outs[0][1] if b is not None)
     for (name, _), a, b in zip(mbf.named_parameters(), outs[1][1], outs[0][1]):
-        if b.float().norm() < 1e-6 * scale:
+        assert (a is None) == (b is None), name  # None: not on the output's path (SigLIP2's pooling head)
+        if b is None or b.float().norm() < 1e-6 * scale:
             continue  # zero in exact arithmetic, noise here: the key bias (softmax ignores a shift of all keys)
         assert F.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0) > 0.9999, name
 
