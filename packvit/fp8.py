@@ -8,7 +8,7 @@ training. Each operand is cast to e4m3 with one fp32 scale per row of the reduct
 
     forward   y  = x @ W.T     x: one scale per token row,      W: one per output row
     dgrad     dx = dy @ W      dy: one per token row,           W: one per input column
-    wgrad     dW = dy.T @ x    dy: one per output column,       x: one per input column (over tokens)
+    wgrad     dW = dy.T @ x    bf16 by default (``WGRAD``); in e4m3, dy and x one per column over tokens
 
 with bf16 output and the bias in the matmul's epilogue. The parameters stay the bf16 (or, under
 FSDP2 mixed precision, fp32) master weights; their e4m3 copy is made once and cached for inference
@@ -23,12 +23,14 @@ batch of T >= min_tokens tokens runs the FP8 path, a smaller one the bf16 path, 
 H200 (``benchmarks/fp8_ab.py``, RESULTS.md "FP8"); see ``CROSSOVER``.
 
 **Fused input quantisation (inference).** On the fused CUDA path the kernels that make qkv's and
-fc1's inputs (packvit's norm kernels, chained or not) and AIMv2's fc2 input (the SwiGLU kernel) write
-them as e4m3 rows with their scales (``FP8Rows``) when the linear will run FP8 (``wants_fp8_input``),
-so no separate quantisation pass runs. The kernel rounds y to bf16 and quantises it exactly as the
-separate pass does; the bits are the same for DINOv3 and AIMv2 (D 1024), and for SigLIP2 (D 1152)
-but a rare element, where the FP8_OUT kernel variant's fp32 row arithmetic rounds y differently (3
-of 26.6M inputs of one layer, H200, 2026-12-03; equally faithful to fp32). ``FUSE_INPUT_QUANT`` turns
+fc1's inputs (packvit's norm kernels, chained or not) and fc2's input (AIMv2's SwiGLU kernel, the GELU
+kernel of SigLIP2 and DINOv3) write them as e4m3 rows with their scales (``FP8Rows``) when the linear
+will run FP8 (``wants_fp8_input``), so no separate quantisation pass runs. The norm and SwiGLU
+kernels round y to bf16 and quantise it exactly as the separate pass does; the bits are the same for
+DINOv3 and AIMv2 (D 1024), and for SigLIP2 (D 1152) but a rare element, where the FP8_OUT kernel
+variant's fp32 row arithmetic rounds y differently (3 of 26.6M inputs of one layer, H200,
+2026-12-03; equally faithful to fp32). The GELU kernel's GELU is a rare bf16 step from torch's
+(``triton_kernels.gelu_fwd_fp8``); the fidelity is unchanged. ``FUSE_INPUT_QUANT`` turns
 it off for A/B runs; training quantises inside ``_FP8Linear`` as before. H200, FA4, 23k tokens:
 forward 25.1 -> 23.1 ms (AIMv2), 42.6 -> 38.0 (DINOv3), 38.1 -> 37.1 (SigLIP2) (RESULTS.md).
 
