@@ -19,15 +19,14 @@ from .attention import AttentionImpl
 from .fp8 import FP8Linear, FP8Rows, runs_plain, wants_fp8_input
 from .packing import PackedMeta
 
+# The GELU activations by name, as ``F.gelu``'s ``approximate`` argument (also what the fused GELU
+# kernels take: ``fused_ops.gelu_fp8``).
+GELU_APPROXIMATE = {"gelu": "none", "gelu_pytorch_tanh": "tanh"}
+
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "gelu": F.gelu,
-    "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh"),
+    **{name: functools.partial(F.gelu, approximate=a) for name, a in GELU_APPROXIMATE.items()},
     "silu": F.silu,
 }
-
-
-# The GELU activations by name, as ``F.gelu``'s ``approximate`` argument.
-GELU_APPROXIMATE = {"gelu": "none", "gelu_pytorch_tanh": "tanh"}
 
 
 def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
