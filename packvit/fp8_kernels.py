@@ -39,8 +39,9 @@ def _rows_kernel(
     # Each program takes ``blocks_per_prog`` consecutive blocks of BLOCK_M whole rows: row amax, scale
     # and cast from registers. COL_AMAX / COL_SUM: the same read also gathers the columns' |x| maxima
     # and fp32 sums, written as row ``pid`` of AMAX and SUMS (programs, K) and reduced by the caller
-    # in a fixed order, so the result is deterministic. (One atomic max per column per program
-    # instead was 2-4x slower on the H200: 0.15-0.45 ms against a 0.03-0.10 ms row pass at 23k tokens.)
+    # in a fixed order, so the result is deterministic. (An atomic max per column per program timed
+    # about the same on the H200; the loop over row blocks is what makes this pass 2x a plain row
+    # pass: 0.15-0.18 ms against 0.06-0.10 at 23k tokens.)
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_K)
     cmask = cols < K
@@ -75,8 +76,8 @@ def _row_tiles(K: int) -> tuple[int, int]:
 
 
 # Programs of the column-statistics variant per SM: each loops over its share of the row blocks and
-# writes one (K,) partial amax and sum, so more programs hide more load latency but write more
-# partials. With atomics, one per SM was the fastest measured (H200, 1-16 tried); not re-measured yet.
+# writes one (K,) partial amax and sum. On the H200 fewer were faster: 1 per SM 5-8% ahead of 2, 8
+# slowest (benchmarks/fp8_ab.py --part quant, 2026-12-03); the model timings of that run used 2.
 COL_STATS_PROGRAMS_PER_SM = 2
 
 

@@ -24,8 +24,8 @@ DSL's module globals and fails with ``TypeError: epilogue fn depends on <Context
 falls back to the reference MLP.
 
 Only where fc1 and fc2 compute as plain ``nn.Linear`` (an FP8 linear at or above its crossover keeps
-its own path: ``fp8.runs_plain``), CUDA, fp16/bf16, and eagerly: under ``torch.compile`` the MLP takes the reference ops (inductor fuses the
-activation into a pointwise kernel there).
+its own path: ``fp8.runs_plain``), CUDA, fp16/bf16, and eagerly: under ``torch.compile`` the MLP
+takes the reference ops (inductor fuses the activation into a pointwise kernel there).
 """
 
 from __future__ import annotations
