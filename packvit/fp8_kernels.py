@@ -76,7 +76,7 @@ def _row_tiles(K: int) -> tuple[int, int]:
 
 
 # Programs of the column-statistics variant per SM: each loops over its share of the row blocks and
-# writes one (K,) partial amax and sum. On the H200 fewer were faster: 1 per SM 5-8% ahead of 2, 8
+# writes one (K,) partial amax and sum. On the H200 fewer were faster: 1 per SM 6-10% ahead of 2, 8
 # slowest (benchmarks/fp8_ab.py --part quant, 2026-12-03); the model timings of that run used 2.
 COL_STATS_PROGRAMS_PER_SM = 2
 
