@@ -287,7 +287,7 @@ class _FP8Linear(torch.autograd.Function):
         elif need_dw:
             dw = (dy.t() @ x).to(ctx.weight_dtype)  # (N, K), bf16 GEMM
         if need_db:
-            db = (dy.float().sum(0) if dy_sum is None else dy_sum).to(ctx.bias_dtype)
+            db = (dy.sum(0, dtype=torch.float32) if dy_sum is None else dy_sum).to(ctx.bias_dtype)
         return dx, dw, db
 
 
