@@ -6,7 +6,11 @@ on the same tokens, times the number of blocks). The difference per category is 
 likewise, the elementwise work, or the GPU waiting for the host.
 
     python benchmarks/profile_breakdown.py --model siglip2 dinov3 aimv2 --backend fa4 [--compile] [--train] \
-        [--workload mixed32 llava_mix] [--out rows.jsonl]
+        [--fp8] [--workload mixed32 llava_mix] [--out rows.jsonl]
+
+``--fp8`` adds the FP8 model (``set_fp8()``, the measured crossovers) beside the bf16 one, so the two
+kernel lists can be read against each other. Each row also has ``host_ms``: the Python time to enqueue
+one step on an idle GPU (median of 5); a step whose host_ms exceeds its wall is host-bound.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -32,11 +38,24 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def breakdown(fn, steps: int = 5, scale: float = 1.0) -> dict:
+def host_ms(fn, reps: int = 5) -> float:
+    """The host's time to enqueue one step with the GPU idle at its start (ms, median)."""
+    ts = []
+    for _ in range(reps):
+        _sync()
+        t = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t) * 1e3)
+    _sync()
+    return statistics.median(ts)
+
+
+def breakdown(fn, steps: int = 5, scale: float = 1.0, top_n: int = 8) -> dict:
     """Per-step GPU time by category (ms), times ``scale`` (the bound's one block -> all blocks)."""
     for _ in range(3):
         fn()
     _sync()
+    host = host_ms(fn) * scale
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             fn()
@@ -69,8 +88,9 @@ def breakdown(fn, steps: int = 5, scale: float = 1.0) -> dict:
     per = {k: v * f for k, v in cats.items()}
     per["idle"] = (wall - busy) * f
     per["wall"] = wall * f
-    per["top_other"] = sorted(((v * f, k) for k, v in top.items()), reverse=True)[:8]
-    per["top_matmul"] = sorted(((v * f, k) for k, v in top_mm.items()), reverse=True)[:6]
+    per["host_ms"] = host
+    per["top_other"] = sorted(((v * f, k) for k, v in top.items()), reverse=True)[:top_n]
+    per["top_matmul"] = sorted(((v * f, k) for k, v in top_mm.items()), reverse=True)[:top_n]
     return per
 
 
@@ -81,13 +101,16 @@ def main() -> None:
     p.add_argument("--workload", nargs="+", default=["mixed32"], choices=sorted(WORKLOADS))
     p.add_argument("--compile", action="store_true")
     p.add_argument("--train", action="store_true")
+    p.add_argument("--fp8", action="store_true", help="also the FP8 model (set_fp8(), measured crossovers)")
+    p.add_argument("--no-bound", action="store_true", help="skip the bound's rows")
+    p.add_argument("--top", type=int, default=8, help="kernels listed per category")
     p.add_argument("--out", help="append one JSON line per row here")
     p.add_argument("--device", default="cuda", help="cpu with --tiny: a smoke test of the script (no GPU kernels)")
     p.add_argument("--tiny", action="store_true", help="tiny random models")
     a = p.parse_args()
     dev, dt = torch.device(a.device), torch.bfloat16
-    print("| model | workload | what | mode | wall ms | matmul ms | attention ms | other ms | idle ms |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | workload | what | mode | wall ms | matmul ms | attention ms | other ms | idle ms | host ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     details = []
     for family in a.model:
         hf, pv = build_pair(family, None, dev, dt, a.backend, tiny=a.tiny)
@@ -100,16 +123,21 @@ def main() -> None:
             x = torch.randn(wl.num_patches, pv.patch_dim, device=dev, dtype=dt)
             grid = torch.tensor(wl.grid)
             for mode in ("infer", "train") if a.train else ("infer",):
-                rows = {
-                    what: breakdown(model_step(pv, x, grid, mode)),  # sets the model's train / eval mode
-                    "bound": breakdown(
-                        bound_layer_step(pv, wl, a.backend, mode == "train", dev, dt), scale=pv.config.num_layers
-                    ),
-                }
+                rows = {what: breakdown(model_step(pv, x, grid, mode), top_n=a.top)}  # sets train / eval
+                if a.fp8:
+                    pv.set_fp8()
+                    rows[what + " fp8"] = breakdown(model_step(pv, x, grid, mode), top_n=a.top)
+                    pv.set_fp8(False)
+                if not a.no_bound:
+                    rows["bound"] = breakdown(
+                        bound_layer_step(pv, wl, a.backend, mode == "train", dev, dt),
+                        scale=pv.config.num_layers,
+                        top_n=a.top,
+                    )
                 for label, r in rows.items():
                     print(
                         f"| {family} | {name} | {label} | {mode} | {r['wall']:.1f} | {r['matmul']:.1f} | "
-                        f"{r['attention']:.1f} | {r['other']:.1f} | {r['idle']:.1f} |"
+                        f"{r['attention']:.1f} | {r['other']:.1f} | {r['idle']:.1f} | {r['host_ms']:.1f} |"
                     )
                     details.append((family, name, label, mode, r))
                     if a.out:
