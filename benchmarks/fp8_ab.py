@@ -5,6 +5,8 @@
 
 ops:      torch._scaled_mm's schema, whether it takes a bias with row-wise scales, the Triton
           quantisers against their torch references, one FP8 linear against a dequantised fp32 one.
+producers: the kernels writing an FP8 linear's e4m3 input (GELU, SwiGLU, add + norm) at 23k tokens,
+          at several tilings, against a bf16 copy and the plain row quantiser (GB/s).
 quant:    the training quantisers' kernels at 23k tokens (row pass with column statistics at several
           programs per SM, column amax, transposing cast), ms and GB/s.
 sweep:    each family's four block linears (K -> N) at M = 1k .. 64k tokens, bf16 against FP8
@@ -222,6 +224,149 @@ def part_quant(M: int = 23103) -> None:
         row["rows_gbps"] = round((read + q8) / row["rows_ms"] / 1e6)
         row["cast_cols_t_gbps"] = round((read + q8) / row["cast_cols_t_ms"] / 1e6)
         emit(row)
+
+
+def part_producers(M: int = 23103) -> None:
+    """The kernels that write an FP8 linear's e4m3 input (GELU, SwiGLU, the norms) at 23k tokens, at
+    several tilings, beside the plain row quantiser and a bf16 copy as bandwidth references: ms and
+    GB/s (bytes read + written). The GELU kernel as it was before (``_gelu_fp8_before``) is the
+    baseline: each tiling reports the fraction of its e4m3 codes that differ from it; SwiGLU's
+    tilings must give the first tiling's bits."""
+    from packvit import fp8_kernels as FK
+    from packvit import triton_kernels as K
+
+    def gbps(nbytes, ms):
+        return round(nbytes / ms / 1e6)
+
+    for N in (4304, 4096, 2816, 1152):
+        t = torch.randn(M, N, device=DEV, dtype=BF16) * 2
+        nb = t.numel() * 2
+        emit(
+            {
+                "part": "producers",
+                "op": "copy_bf16",
+                "N": N,
+                "ms": round(ms := timed(t.clone), 4),
+                "gbps": gbps(2 * nb, ms),
+            }
+        )
+        ms = timed(functools.partial(FK.quantize_rows, t))
+        emit({"part": "producers", "op": "quantize_rows", "N": N, "ms": round(ms, 4), "gbps": gbps(nb * 3 // 2, ms)})
+    for op, N, kw in (("gelu_tanh", 4304, {"TANH": True}), ("gelu_erf", 4096, {"TANH": False}), ("swiglu", 2816, {})):
+        h = torch.randn(M, 2 * N if op == "swiglu" else N, device=DEV, dtype=BF16) * 2
+        kernel = K._swiglu_fwd_fp8_kernel if op == "swiglu" else K._gelu_fwd_fp8_kernel
+        nbytes = h.numel() * 2 + M * N
+        ref = None
+        if op != "swiglu":  # the kernel before this part existed, as the baseline
+            q = torch.empty(M, N, dtype=fp8.E4M3, device=DEV)
+            sc = torch.empty(M, 1, dtype=torch.float32, device=DEV)
+            bn = triton_next_pow2(N)
+            run = functools.partial(_gelu_fp8_before()[(M,)], h, q, sc, M, N, BLOCK_M=1, BLOCK_N=bn, num_warps=8, **kw)
+            ms = timed(run)
+            ref = (q.clone(), sc.clone())
+            emit(
+                {
+                    "part": "producers",
+                    "op": op,
+                    "N": N,
+                    "variant": "before",
+                    "ms": round(ms, 4),
+                    "gbps": gbps(nbytes, ms),
+                }
+            )
+        for split in (False, True):
+            a, b = K._row_split(N) if split else (triton_next_pow2(N), 0)
+            for warps in (4, 8, 16):
+                for bm in (1, 2):
+                    q = torch.empty(M, N, dtype=fp8.E4M3, device=DEV)
+                    sc = torch.empty(M, 1, dtype=torch.float32, device=DEV)
+
+                    run = functools.partial(
+                        kernel[((M + bm - 1) // bm,)],
+                        h,
+                        q,
+                        sc,
+                        M,
+                        N,
+                        BLOCK_M=bm,
+                        BLOCK_A=a,
+                        BLOCK_B=b,
+                        num_warps=warps,
+                        **kw,
+                    )
+                    ms = timed(run)
+                    if ref is None:
+                        ref = (q.clone(), sc.clone())
+                    same = (q.view(torch.uint8) != ref[0].view(torch.uint8)).float().mean().item()  # codes that differ
+                    same = same if op != "swiglu" else same == 0 and torch.equal(sc, ref[1])
+                    emit(
+                        {
+                            "part": "producers",
+                            "op": op,
+                            "N": N,
+                            "split": split,
+                            "tiles": [a, b],
+                            "warps": warps,
+                            "bm": bm,
+                            "ms": round(ms, 4),
+                            "gbps": gbps(nbytes, ms),
+                            ("same_bits" if op == "swiglu" else "codes_differ_from_before"): same,
+                        }
+                    )
+    # the norms at D 1152 (SigLIP2) and 1024: bf16 output against e4m3 rows, add + LayerNorm, per tiling
+    for D in (1152, 1024):
+        x = torch.randn(M, D, device=DEV, dtype=BF16)
+        a_ = torch.randn(M, D, device=DEV, dtype=BF16)
+        w = torch.rand(D, device=DEV, dtype=BF16) + 0.5
+        bias = torch.randn(D, device=DEV, dtype=BF16) * 0.1
+        tile0, warps0 = K._TILE_ELEMS, K._NORM_WARPS
+        for tile in (1024, 2048, 4096):
+            for warps in (4, 8):
+                K._TILE_ELEMS, K._NORM_WARPS = tile, warps
+                row = {"part": "producers", "op": "add_layernorm", "N": D, "tile_elems": tile, "warps": warps}
+                ms16 = timed(functools.partial(K.norm_fwd, x, a_, None, w, bias, 1e-6, False))
+                ms8 = timed(functools.partial(K.norm_fwd_fp8, x, a_, None, w, bias, 1e-6, False))
+                row.update(
+                    bf16_ms=round(ms16, 4),
+                    fp8_ms=round(ms8, 4),
+                    bf16_gbps=gbps(x.numel() * 8, ms16),
+                    fp8_gbps=gbps(x.numel() * 7, ms8),
+                )
+                emit(row)
+        K._TILE_ELEMS, K._NORM_WARPS = tile0, warps0
+
+
+def _gelu_fp8_before():
+    """The GELU e4m3 kernel as it was before the producers part (one next_power_of_2 tile a row,
+    tl.sigmoid, clamp before the cast), kept here only as the same-run baseline."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(Hx, Q, QS, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TANH: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, BLOCK_N)
+        live = rows < M
+        mask = live[:, None] & (cols < N)[None, :]
+        off = rows.to(tl.int64)[:, None] * N + cols[None, :]
+        x = tl.load(Hx + off, mask=mask, other=0.0).to(tl.float32)
+        if TANH:
+            inner = 0.7978845608028654 * (x + 0.044715 * (x * x * x))
+            g = 0.5 * x * (2.0 * tl.sigmoid(2.0 * inner))
+        else:
+            g = x * 0.5 * (1.0 + tl.erf(x * 0.7071067811865476))
+        y = tl.where(mask, g.to(Hx.dtype.element_ty).to(tl.float32), 0.0)
+        amax = tl.max(tl.abs(y), axis=1)
+        qscale = 448.0 / tl.maximum(amax, 1e-12)
+        q = tl.clamp(y * qscale[:, None], -448.0, 448.0)
+        tl.store(Q + off, q.to(Q.dtype.element_ty), mask=mask)
+        tl.store(QS + rows, 1.0 / qscale, mask=live)
+
+    return kernel
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
 
 
 # -- sweep ------------------------------------------------------------------------------------------
@@ -476,8 +621,12 @@ MODEL_VARIANTS = {
 }
 
 
-def part_models(families, backend: str) -> None:
+def part_models(families, backend: str, variants=None, modes=("infer", "train")) -> None:
+    """``MODEL_VARIANTS`` (or the ``variants`` named) in the ``modes`` given; "bf16" always runs, as
+    the ratios' base."""
     from packvit import cuda_graphs
+
+    chosen = {k: v for k, v in MODEL_VARIANTS.items() if variants is None or k in variants or k == "bf16"}
 
     wgrad = fp8.WGRAD
     other = {"fp8": "bf16", "bf16": "fp8"}[wgrad]
@@ -490,7 +639,7 @@ def part_models(families, backend: str) -> None:
         for wl, grid in (("mixed32", g32), ("mixed64", g64)):
             px = _pixels(mbf, grid, 2)
             res = {}
-            for name, (args, modes, graphs) in MODEL_VARIANTS.items():
+            for name, (args, var_modes, graphs) in chosen.items():
                 fp8.FUSE_INPUT_QUANT = name != "fp8_unfused"
                 fp8.WGRAD = other if name == "fp8_all_other_wgrad" else wgrad
                 if args is None:
@@ -501,7 +650,7 @@ def part_models(families, backend: str) -> None:
                 if graphs:
                     tokens = int(px.shape[0]) + mbf.num_prefix * len(grid)
                     target = cuda_graphs.capture(mbf, buckets=(-(-tokens // 256) * 256,))
-                for mode in modes:
+                for mode in (m for m in var_modes if m in modes):
                     torch.cuda.empty_cache()
                     r = measure(model_step(target, px, grid, mode), DEV, warmup=4, iters=10)
                     res[(name, mode)] = r
@@ -524,7 +673,7 @@ def part_models(families, backend: str) -> None:
                         }
                     )
                 del target
-            for mode in ("infer", "train"):
+            for mode in modes:
                 base = res[("bf16", mode)]["ms"]
                 emit(
                     {
@@ -545,66 +694,88 @@ def part_models(families, backend: str) -> None:
         torch.cuda.empty_cache()
 
 
-def part_train(families, backend: str, steps: int = 200, every: int = 20) -> None:
+def part_train(families, backend: str, steps: int = 200, every: int = 20, seeds=(0,)) -> None:
+    """bf16 against FP8 (every linear) on a short regression task, once per seed. A seed sets the
+    student's starting noise and the batches, the same for both recipes, so the spread of bf16 over
+    the seeds is the noise that FP8's gap is read against."""
     for fam in families:
         _, teacher = build_pair(fam, None, DEV, BF16, backend)
-        teacher.truncate(TRAIN_BLOCKS)  # the first blocks only: 2 x 200 steps per family in a short device call
+        teacher.truncate(TRAIN_BLOCKS)  # the first blocks only: 2 x 200 steps per family and seed in one call
         teacher.set_attention_backend(backend)
         teacher.eval().requires_grad_(False)
         D = teacher.hidden_size
         proj = torch.randn(D, 64, device=DEV, generator=torch.Generator(device=DEV).manual_seed(3)) / D**0.5
         curves = {}
-        for name in ("bf16", "fp8"):
-            student = copy.deepcopy(teacher).requires_grad_(True).train()
-            torch.manual_seed(5)
-            with torch.no_grad():  # the student starts off the teacher
-                for q in student.blocks.parameters():
-                    q.add_(torch.randn_like(q) * 0.02 * q.float().std().to(q.dtype))
-            if name == "fp8":
-                student.set_fp8(min_tokens=0)
-            head = nn.Linear(D, 64, device=DEV, dtype=BF16)
-            nn.init.zeros_(head.bias)
-            opt = torch.optim.AdamW(list(student.parameters()) + list(head.parameters()), lr=1e-4, weight_decay=0.0)
-            g = torch.Generator().manual_seed(7)
-            losses = []
-            t0 = time.perf_counter()
-            for step in range(steps):
-                grid = [
-                    (1, int(torch.randint(12, 33, (1,), generator=g)), int(torch.randint(12, 33, (1,), generator=g)))
-                    for _ in range(12)
-                ]
-                px = _pixels(teacher, grid, 1000 + step)
-                with torch.no_grad():
-                    target = teacher(px, grid).float() @ proj
-                loss = F.mse_loss(head(student(px, grid)).float(), target)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                losses.append(loss.item())
-            curves[name] = losses
-            emit(
-                {
-                    "part": "train_run",
-                    "family": fam,
-                    "impl": name,
-                    "steps": steps,
-                    "s": round(time.perf_counter() - t0, 1),
-                    "fp8_layers": len(student.fp8),
-                }
-            )
-            del student, opt, head
-            torch.cuda.empty_cache()
+        for seed in seeds:
+            for name in ("bf16", "fp8"):
+                student = copy.deepcopy(teacher).requires_grad_(True).train()
+                torch.manual_seed(5 + 100 * seed)
+                with torch.no_grad():  # the student starts off the teacher
+                    for q in student.blocks.parameters():
+                        q.add_(torch.randn_like(q) * 0.02 * q.float().std().to(q.dtype))
+                if name == "fp8":
+                    student.set_fp8(min_tokens=0)
+                head = nn.Linear(D, 64, device=DEV, dtype=BF16)
+                nn.init.zeros_(head.bias)
+                opt = torch.optim.AdamW(list(student.parameters()) + list(head.parameters()), lr=1e-4, weight_decay=0.0)
+                g = torch.Generator().manual_seed(7 + 100 * seed)
+                losses = []
+                t0 = time.perf_counter()
+                for step in range(steps):
+                    grid = [
+                        (
+                            1,
+                            int(torch.randint(12, 33, (1,), generator=g)),
+                            int(torch.randint(12, 33, (1,), generator=g)),
+                        )
+                        for _ in range(12)
+                    ]
+                    px = _pixels(teacher, grid, 1000 + step + 100_000 * seed)
+                    with torch.no_grad():
+                        target = teacher(px, grid).float() @ proj
+                    loss = F.mse_loss(head(student(px, grid)).float(), target)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    losses.append(loss.detach())
+                curves[name, seed] = torch.stack(losses).tolist()  # one sync per run, not per step
+                secs = time.perf_counter() - t0
+                # Held-out loss of the trained weights, run in bf16 and (the FP8 student) in FP8: where
+                # the two recipes' students tie in bf16, FP8 training learned as well, and a gap in the
+                # training curve is FP8's forward noise on the exact targets, not worse weights.
+                held = {}
+                student.eval()
+                for mode in ("bf16", "fp8") if name == "fp8" else ("bf16",):
+                    student.set_fp8(mode == "fp8", min_tokens=0)
+                    ls = []
+                    for i in range(4):
+                        gh = torch.Generator().manual_seed(99_000 + i)
+                        grid = [(1, int(torch.randint(12, 33, (1,), generator=gh)), 24) for _ in range(12)]
+                        px = _pixels(teacher, grid, 99_000 + i)
+                        with torch.inference_mode():
+                            target = teacher(px, grid).float() @ proj
+                            ls.append(F.mse_loss(head(student(px, grid)).float(), target))
+                    held[f"held_out_as_{mode}"] = round(torch.stack(ls).mean().item(), 5)
+                emit(
+                    {
+                        "part": "train_run",
+                        "family": fam,
+                        "impl": name,
+                        "seed": seed,
+                        "steps": steps,
+                        "s": round(secs, 1),
+                        "fp8_layers": len(student.fp8),
+                        **held,
+                    }
+                )
+                del student, opt, head
+                torch.cuda.empty_cache()
         for s in range(0, steps, every):
             w = slice(s, s + every)
-            emit(
-                {
-                    "part": "train_loss",
-                    "family": fam,
-                    "steps": f"{s + 1}-{s + every}",
-                    "bf16": round(statistics.mean(curves["bf16"][w]), 5),
-                    "fp8": round(statistics.mean(curves["fp8"][w]), 5),
-                }
-            )
+            row = {"part": "train_loss", "family": fam, "steps": f"{s + 1}-{s + every}"}
+            for (name, seed), c in curves.items():
+                row[f"{name}_s{seed}"] = round(statistics.mean(c[w]), 5)
+            emit(row)
         del teacher
         torch.cuda.empty_cache()
 
@@ -615,8 +786,8 @@ def summary() -> None:
     print("# summary")
     for r in OUT:
         part = r["part"]
-        if part == "quant":
-            print("quant", {k: v for k, v in r.items() if k != "part"})
+        if part in ("quant", "producers"):
+            print(part, {k: v for k, v in r.items() if k != "part"})
         elif part in ("wgrad_choice", "crossover"):
             print(part, {k: v for k, v in r.items() if k != "part"})
         elif part == "sweep" and r["M"] in (23103, 49152):
@@ -630,6 +801,8 @@ def summary() -> None:
             )
         elif part == "models_ratio":
             print("ratio", {k: v for k, v in r.items() if k != "part"})
+        elif part in ("train_loss", "train_run"):
+            print(part, {k: v for k, v in r.items() if k != "part"})
 
 
 def main() -> None:
@@ -638,11 +811,14 @@ def main() -> None:
         "--part",
         nargs="+",
         default=["ops", "sweep"],
-        choices=["ops", "gemm", "quant", "sweep", "torchao", "fidelity", "models", "train"],
+        choices=["ops", "gemm", "producers", "quant", "sweep", "torchao", "fidelity", "models", "train"],
     )
     ap.add_argument("--family", nargs="+", default=list(SHAPES))
     ap.add_argument("--backend", default="torch", help="attention backend of the model parts (default: torch's varlen)")
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--variants", nargs="+", choices=list(MODEL_VARIANTS), help="models part: these only")
+    ap.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="train part: one bf16 and one FP8 run per seed")
     ap.add_argument("--out", default=None, help="append the rows as JSON lines here")
     args = ap.parse_args()
     for part in args.part:
@@ -653,6 +829,8 @@ def main() -> None:
             part_gemm()
         elif part == "quant":
             part_quant()
+        elif part == "producers":
+            part_producers()
         elif part == "sweep":
             part_sweep()
         elif part == "torchao":
@@ -660,9 +838,9 @@ def main() -> None:
         elif part == "fidelity":
             part_fidelity(args.family, args.backend)
         elif part == "models":
-            part_models(args.family, args.backend)
+            part_models(args.family, args.backend, args.variants, tuple(args.modes))
         elif part == "train":
-            part_train(args.family, args.backend, args.steps)
+            part_train(args.family, args.backend, args.steps, seeds=args.seeds)
         print(f"# part {part}: {time.perf_counter() - t0:.1f} s", flush=True)
     summary()
     if args.out:

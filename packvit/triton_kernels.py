@@ -22,6 +22,8 @@ fp32 and rounds once per stored tensor. They also run on the CPU under Triton's 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -41,11 +43,12 @@ FP8_EPS = tl.constexpr(1e-12)  # packvit.fp8.EPS
 def _store_e4m3_rows(y, Q, QS, off, rows, live, mask, FMAX: tl.constexpr, EPS: tl.constexpr):
     # y (BLOCK_M, BLOCK_N) fp32 holding storage-dtype values, whole rows -> q (e4m3) and one
     # dequantisation scale per row (scale = max(amax, EPS) / 448, stored as 1 / (448 / max(...))).
-    y = tl.where(mask, y, 0.0)
-    amax = tl.max(tl.abs(y), axis=1)  # (BLOCK_M,)
+    amax = tl.max(tl.abs(y), axis=1)  # (BLOCK_M,); y is 0 where masked (see the callers)
     qscale = FMAX / tl.maximum(amax, EPS)
-    q = tl.clamp(y * qscale[:, None], -FMAX, FMAX)
-    tl.store(Q + off, q.to(Q.dtype.element_ty), mask=mask)
+    # No clamp to +-448 before the cast, unlike ``fp8_kernels.quantize_rows``: the GPU's cast
+    # (cvt.rn.satfinite.e4m3x2.f32) saturates to +-448 itself, so the codes are the same, and these
+    # kernels are bound by instruction issue, not memory (RESULTS.md, "FP8 producer kernels").
+    tl.store(Q + off, (y * qscale[:, None]).to(Q.dtype.element_ty), mask=mask)
     tl.store(QS + rows, 1.0 / qscale, mask=live)
 
 
@@ -109,7 +112,7 @@ def _norm_fwd_kernel(
             tl.store(MEAN + rows, mean, mask=live)
     if HAS_BIAS:
         y = y + tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    if FP8_OUT:
+    if FP8_OUT:  # y is 0 in masked lanes: s (or d) and w, b load 0 there
         y = y.to(Y.dtype.element_ty).to(tl.float32)  # what the unfused path stores, then quantises
         _store_e4m3_rows(y, Q, QS, off, rows, live, mask, E4M3_MAX, FP8_EPS)
     else:
@@ -400,20 +403,78 @@ def swiglu_fwd(h: torch.Tensor) -> torch.Tensor:
     return out
 
 
+# --- e4m3 rows of a whole activation row, in two tiles --------------------------------------------
+#
+# The row amax needs the whole row in registers, and a Triton tile is a power of two wide: one tile of
+# next_power_of_2(H) lanes wastes nearly half of them at H = 4304 (SigLIP2's GELU, 8192 lanes) and 31%
+# at 2816 (AIMv2's SwiGLU), lanes that still compute the activation and hold registers. So a row is
+# two tiles, BLOCK_A = the largest power of two <= H and BLOCK_B = next_power_of_2(H - BLOCK_A)
+# (0 when H is a power of two): 4096 + 256 lanes for 4304. The amax is the max of the two tiles'
+# (exact), so the bits are those of one tile. ``_row_split`` picks the tiles. On the H200 the split
+# and the faster GELU below took SigLIP2's GELU kernel from 0.206 to 0.096 ms at 23k tokens
+# (RESULTS.md, "FP8 producer kernels").
+
+
+def _row_split(n: int) -> tuple[int, int]:
+    a = 1 << (n.bit_length() - 1)
+    return a, (triton.next_power_of_2(n - a) if n > a else 0)
+
+
+# Warps per program (one row a program from 2048 columns on): 4 measured fastest for all three uses
+# (H200, 23k tokens: GELU-tanh 4304 wide 0.096 ms against 0.098 with 8, GELU-erf 4096 0.148 against
+# 0.154, SwiGLU 2816 0.088 against 0.104; results/fp8-ab-producers-after-h200-2026-12-03-s9.jsonl).
+_ACT_FP8_WARPS = 4
+
+
+def _act_fp8_launch(kernel, h, M, N, q, scale, **kw) -> None:
+    block_a, block_b = _row_split(N)
+    bm = 1 << max(0, (2048 // (block_a + block_b)).bit_length() - 1)  # rows a program: a power of two
+    kernel[(triton.cdiv(M, bm),)](
+        h, q, scale, M, N, BLOCK_M=bm, BLOCK_A=block_a, BLOCK_B=block_b, num_warps=_ACT_FP8_WARPS, **kw
+    )
+
+
 @triton.jit
-def _swiglu_fwd_fp8_kernel(Hx, Q, QS, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # ``_swiglu_fwd_kernel`` over whole rows, its output rounded to h's dtype, then e4m3 rows.
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_N)
-    live = rows < M
-    mask = live[:, None] & (cols < N)[None, :]
-    r64 = rows.to(tl.int64)[:, None]
+def _swiglu_tile(Hx, r64, cols, mask, N):
+    # ``_swiglu_fwd_kernel``'s output for one tile of the rows, rounded to h's dtype, in fp32 (0 where
+    # masked: silu(0) * 0).
     h_off = r64 * (2 * N) + cols[None, :]
     gate = tl.load(Hx + h_off, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(Hx + h_off + N, mask=mask, other=0.0).to(tl.float32)
     act = (gate * tl.sigmoid(gate)).to(Hx.dtype.element_ty).to(tl.float32)
-    o = (act * up).to(Hx.dtype.element_ty).to(tl.float32)
-    _store_e4m3_rows(o, Q, QS, r64 * N + cols[None, :], rows, live, mask, E4M3_MAX, FP8_EPS)
+    return (act * up).to(Hx.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
+def _store_e4m3_two(oa, ob, Q, QS, r64, ca, cb, ma, mb, rows, live, N, BLOCK_B: tl.constexpr):
+    # ``_store_e4m3_rows`` for a row held as two tiles (ob unused when BLOCK_B is 0).
+    # oa, ob are 0 where masked (the activations map a masked load's 0 to 0). No clamp: as in
+    # ``_store_e4m3_rows``, the cast saturates.
+    amax = tl.max(tl.abs(oa), axis=1)
+    if BLOCK_B > 0:
+        amax = tl.maximum(amax, tl.max(tl.abs(ob), axis=1))
+    qscale = E4M3_MAX / tl.maximum(amax, FP8_EPS)
+    tl.store(Q + r64 * N + ca[None, :], (oa * qscale[:, None]).to(Q.dtype.element_ty), mask=ma)
+    if BLOCK_B > 0:
+        tl.store(Q + r64 * N + cb[None, :], (ob * qscale[:, None]).to(Q.dtype.element_ty), mask=mb)
+    tl.store(QS + rows, 1.0 / qscale, mask=live)
+
+
+@triton.jit
+def _swiglu_fwd_fp8_kernel(Hx, Q, QS, M, N, BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+    # ``_swiglu_fwd_kernel`` over whole rows (two tiles), its output rounded to h's dtype, then e4m3 rows.
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    live = rows < M
+    r64 = rows.to(tl.int64)[:, None]
+    ca = tl.arange(0, BLOCK_A)
+    ma = live[:, None] & (ca < N)[None, :]
+    oa = _swiglu_tile(Hx, r64, ca, ma, N)
+    cb, mb, ob = ca, ma, oa
+    if BLOCK_B > 0:
+        cb = BLOCK_A + tl.arange(0, BLOCK_B)
+        mb = live[:, None] & (cb < N)[None, :]
+        ob = _swiglu_tile(Hx, r64, cb, mb, N)
+    _store_e4m3_two(oa, ob, Q, QS, r64, ca, cb, ma, mb, rows, live, N, BLOCK_B)
 
 
 def swiglu_fwd_fp8(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -424,9 +485,7 @@ def swiglu_fwd_fp8(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.empty(M, N, dtype=torch.float8_e4m3fn, device=h.device)
     scale = torch.empty(M, 1, dtype=torch.float32, device=h.device)
     if M:
-        bn = triton.next_power_of_2(N)  # one program per row (two at H <= 1024): the row amax needs it whole
-        bm = max(1, 2048 // bn)
-        _swiglu_fwd_fp8_kernel[(triton.cdiv(M, bm),)](h, q, scale, M, N, BLOCK_M=bm, BLOCK_N=bn, num_warps=8)
+        _act_fp8_launch(_swiglu_fwd_fp8_kernel, h, M, N, q, scale)
     return q, scale
 
 
@@ -440,21 +499,60 @@ def swiglu_fwd_fp8(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # neighbouring bf16 value; the GPU tests bound how many.
 
 
+# The kernel is bound by instruction issue, not memory: with tl.sigmoid its sm_90 code (ptxas, N a
+# multiple of 16) is 36 instructions an element, 15 of them the quantisation, and the H200 ran it at
+# 1.5 TB/s against a copy's 4. So the tanh GELU is
+# x * sigmoid(2u) = x / (1 + 2^z) with z = x * (A + B * x^2), torch's constants folded into A and B
+# (three instructions before the exponential instead of seven), and the exponential and division
+# are the GPU's approximate ones (ex2.approx, div.approx), without the denormal guards that tl.exp
+# and tl.sigmoid's division put around each: 22 instructions an element. Relative error about 1e-6,
+# so a rare element's bf16 GELU is a neighbour of torch's (bounded by the GPU test), as with
+# tl.sigmoid; on 23k x 4304 random inputs the H200 gave the same e4m3 codes as the tl.sigmoid kernel.
+# Triton's interpreter has no libdevice, so there (CI) the same expression runs through tl.exp2 and "/".
+_GELU_TANH_A = tl.constexpr(-2.302208198144325)  # -2 * sqrt(2 / pi) * log2(e)
+_GELU_TANH_B = tl.constexpr(-0.1029432395800235)  # _GELU_TANH_A * 0.044715
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+
+    @triton.jit
+    def _x_over_1_plus_exp2(x, z):
+        return x / (1.0 + tl.exp2(z))
+
+else:
+    from triton.language.extra import libdevice
+
+    @triton.jit
+    def _x_over_1_plus_exp2(x, z):
+        return libdevice.fast_dividef(x, 1.0 + libdevice.exp2(z))
+
+
 @triton.jit
-def _gelu_fwd_fp8_kernel(Hx, Q, QS, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TANH: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_N)
-    live = rows < M
-    mask = live[:, None] & (cols < N)[None, :]
-    off = rows.to(tl.int64)[:, None] * N + cols[None, :]
-    x = tl.load(Hx + off, mask=mask, other=0.0).to(tl.float32)
-    if TANH:  # torch: 0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3)))
-        inner = 0.7978845608028654 * (x + 0.044715 * (x * x * x))
-        g = 0.5 * x * (2.0 * tl.sigmoid(2.0 * inner))
+def _gelu_tile(Hx, r64, cols, mask, N, TANH: tl.constexpr):
+    # GELU of one tile of the rows, rounded to h's dtype, in fp32 (0 where masked: gelu(0) = 0).
+    x = tl.load(Hx + r64 * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if TANH:  # torch: 0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3))) = x * sigmoid(2 * inner)
+        g = _x_over_1_plus_exp2(x, x * (x * x * _GELU_TANH_B + _GELU_TANH_A))
     else:  # torch: x * 0.5 * (1 + erf(x / sqrt(2)))
         g = x * 0.5 * (1.0 + tl.erf(x * 0.7071067811865476))
-    o = g.to(Hx.dtype.element_ty).to(tl.float32)
-    _store_e4m3_rows(o, Q, QS, off, rows, live, mask, E4M3_MAX, FP8_EPS)
+    return g.to(Hx.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
+def _gelu_fwd_fp8_kernel(
+    Hx, Q, QS, M, N, BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, TANH: tl.constexpr
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    live = rows < M
+    r64 = rows.to(tl.int64)[:, None]
+    ca = tl.arange(0, BLOCK_A)
+    ma = live[:, None] & (ca < N)[None, :]
+    oa = _gelu_tile(Hx, r64, ca, ma, N, TANH)
+    cb, mb, ob = ca, ma, oa
+    if BLOCK_B > 0:
+        cb = BLOCK_A + tl.arange(0, BLOCK_B)
+        mb = live[:, None] & (cb < N)[None, :]
+        ob = _gelu_tile(Hx, r64, cb, mb, N, TANH)
+    _store_e4m3_two(oa, ob, Q, QS, r64, ca, cb, ma, mb, rows, live, N, BLOCK_B)
 
 
 def gelu_fwd_fp8(h: torch.Tensor, approximate: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -465,11 +563,7 @@ def gelu_fwd_fp8(h: torch.Tensor, approximate: str) -> tuple[torch.Tensor, torch
     q = torch.empty(M, N, dtype=torch.float8_e4m3fn, device=h.device)
     scale = torch.empty(M, 1, dtype=torch.float32, device=h.device)
     if M:
-        bn = triton.next_power_of_2(N)  # whole rows: the row amax needs them
-        bm = max(1, 2048 // bn)
-        _gelu_fwd_fp8_kernel[(triton.cdiv(M, bm),)](
-            h, q, scale, M, N, BLOCK_M=bm, BLOCK_N=bn, TANH=approximate == "tanh", num_warps=8
-        )
+        _act_fp8_launch(_gelu_fwd_fp8_kernel, h, M, N, q, scale, TANH=approximate == "tanh")
     return q, scale
 
 

@@ -471,14 +471,15 @@ for D, res, gamma, bias, rms in [(48, True, True, True, False), (40, False, Fals
         rows = fused_ops.norm_fp8(x, w, b, 1e-6, rms)
     assert rows.dtype == bf16 and rows.shape == (T, D)
     same_rows(rows.q, rows.scale, y, f"norm D={D} res={res} rms={rms}")
-h = torch.randn(7, 2 * 300).to(bf16)  # SwiGLU: a hidden width that is no power of two
-rows = fused_ops.swiglu_fp8(h)
-same_rows(rows.q, rows.scale, K.swiglu_fwd(h), "swiglu")
+for H in (300, 256):  # SwiGLU: a hidden width that is no power of two (two tiles a row), and one that is
+    h = torch.randn(7, 2 * H).to(bf16)
+    rows = fused_ops.swiglu_fp8(h)
+    same_rows(rows.q, rows.scale, K.swiglu_fwd(h), f"swiglu H={H}")
 # GELU (both of torch's formulas) as fc2's e4m3 input. Its GELU is not torch's expression (tanh
 # through the sigmoid, Triton's erf), and the interpreter's bf16 and e4m3 casts are not the hardware's,
 # so here only the scales (the rows' GELU amax) are held to torch's; the codes are checked on the GPU.
-for approx in ("tanh", "none"):
-    h = (torch.randn(9, 300) * 3).to(bf16)
+for approx, H in (("tanh", 300), ("none", 300), ("tanh", 256)):
+    h = (torch.randn(9, H) * 3).to(bf16)
     h[2] = 0
     rows = fused_ops.gelu_fp8(h, approx)
     g = torch.nn.functional.gelu(h, approximate=approx)
