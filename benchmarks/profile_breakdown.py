@@ -8,6 +8,8 @@ likewise, the elementwise work, or the GPU waiting for the host.
     python benchmarks/profile_breakdown.py --model siglip2 dinov3 aimv2 --backend fa4 [--compile] [--train] \
         [--fp8] [--workload mixed32 llava_mix] [--out rows.jsonl]
 
+``--host-profile`` also prints the Python functions that take the host's time in one step (cProfile,
+by own time), for each model row.
 ``--fp8`` adds the FP8 model (``set_fp8()``, the measured crossovers) beside the bf16 one, so the two
 kernel lists can be read against each other. Each row also has ``host_ms``: the Python time to enqueue
 one step on an idle GPU (median of 5); a step whose host_ms exceeds its wall is host-bound.
@@ -48,6 +50,25 @@ def host_ms(fn, reps: int = 5) -> float:
         ts.append((time.perf_counter() - t) * 1e3)
     _sync()
     return statistics.median(ts)
+
+
+def host_profile(fn, label: str, top: int = 12) -> None:
+    """Print where the host's time goes in one step (cProfile, sorted by each function's own time)."""
+    import cProfile
+    import io
+    import pstats
+
+    _sync()
+    pr = cProfile.Profile()
+    pr.enable()
+    fn()
+    pr.disable()
+    _sync()
+    buf = io.StringIO()
+    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(top)
+    lines = [ln for ln in buf.getvalue().splitlines() if ln.strip()]
+    print(f"\n{label}, host (cProfile, one step):")
+    print("\n".join(ln[:160] for ln in lines[2 : 6 + top]))
 
 
 def breakdown(fn, steps: int = 5, scale: float = 1.0, top_n: int = 8) -> dict:
@@ -103,6 +124,7 @@ def main() -> None:
     p.add_argument("--train", action="store_true")
     p.add_argument("--fp8", action="store_true", help="also the FP8 model (set_fp8(), measured crossovers)")
     p.add_argument("--no-bound", action="store_true", help="skip the bound's rows")
+    p.add_argument("--host-profile", action="store_true", help="cProfile one step of each model row")
     p.add_argument("--top", type=int, default=8, help="kernels listed per category")
     p.add_argument("--out", help="append one JSON line per row here")
     p.add_argument("--device", default="cuda", help="cpu with --tiny: a smoke test of the script (no GPU kernels)")
@@ -123,10 +145,16 @@ def main() -> None:
             x = torch.randn(wl.num_patches, pv.patch_dim, device=dev, dtype=dt)
             grid = torch.tensor(wl.grid)
             for mode in ("infer", "train") if a.train else ("infer",):
-                rows = {what: breakdown(model_step(pv, x, grid, mode), top_n=a.top)}  # sets train / eval
+                step = model_step(pv, x, grid, mode)  # sets train / eval
+                rows = {what: breakdown(step, top_n=a.top)}
+                if a.host_profile:
+                    host_profile(step, f"{family} {name} {what} {mode}")
                 if a.fp8:
                     pv.set_fp8()
-                    rows[what + " fp8"] = breakdown(model_step(pv, x, grid, mode), top_n=a.top)
+                    step = model_step(pv, x, grid, mode)
+                    rows[what + " fp8"] = breakdown(step, top_n=a.top)
+                    if a.host_profile:
+                        host_profile(step, f"{family} {name} {what} fp8 {mode}")
                     pv.set_fp8(False)
                 if not a.no_bound:
                     rows["bound"] = breakdown(
