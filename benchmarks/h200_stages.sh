@@ -16,6 +16,10 @@
 #   train      packvit's training step (FA4, eager and compiled) and its bound, mixed32 and llava_mix,
 #              ~7 min
 #   fp8        FP8 against bf16 with FA4: model timings and fidelity (benchmarks/fp8_ab.py)
+#   fp8infer   FP8's input-quantising kernels at several tilings (the producers part), the forward of
+#              every family (bf16, FP8, every linear, CUDA graphs), then each family's FP8 profile and
+#              host time in a process of its own, ~5 min
+#   fp8seeds   FP8 against bf16 training, 200 steps x 3 seeds per family, held-out losses, ~5 min
 #   fp8train   FP8's training quantisers, the per-shape sweep with both weight-gradient recipes, then
 #              the models with FA4 (every variant: crossovers, every linear, CUDA graphs), ~6 min
 #
@@ -25,7 +29,7 @@
 # /tmp/fa4 itself, the fingerprint walks into the DSL's globals and fails (RESULTS.md, "quack's
 # gemm_act runs with the bundle's versions").
 set -uo pipefail
-(($#)) || { echo "usage: h200_stages.sh tests|profile|switches|infer|train|fp8|fp8train ..." >&2; exit 2; }
+(($#)) || { echo "usage: h200_stages.sh tests|profile|switches|infer|train|fp8|fp8infer|fp8seeds|fp8train ..." >&2; exit 2; }
 out=${OUT:-results-$(date +%F)}
 mkdir -p "$out"
 if [[ -d /tmp/fa4 ]]; then
@@ -73,6 +77,19 @@ train)
 fp8)
     timeout 150 python benchmarks/fp8_ab.py --part models fidelity --backend fa4 \
         --out "$out/fp8-ab-models-fa4-h200-$day.jsonl" 2>&1 | tail -n 40
+    ;;
+fp8infer)
+    timeout 60 python benchmarks/fp8_ab.py --part producers --out "$out/fp8-ab-producers-h200-$day.jsonl" 2>&1 | tail -n 3
+    timeout 200 python benchmarks/fp8_ab.py --part models --backend fa4 --variants fp8 fp8_all fp8_graphs bf16_graphs \
+        --modes infer --out "$out/fp8-ab-models-infer-fa4-h200-$day.jsonl" 2>&1 | sed -n '/^# summary/,$p'
+    for model in siglip2 dinov3 aimv2; do
+        timeout 60 python benchmarks/profile_breakdown.py --backend fa4 --model "$model" --fp8 --no-bound \
+            --host-profile --top 10 --out "$out/profile-fp8-fa4-h200-$day.jsonl" 2>&1 | grep -E "^\||cProfile|^ +[0-9]"
+    done
+    ;;
+fp8seeds)
+    timeout 330 python benchmarks/fp8_ab.py --part train --backend fa4 --seeds 0 1 2 \
+        --out "$out/fp8-ab-train-seeds-fa4-h200-$day.jsonl" 2>&1 | sed -n '/^# summary/,$p'
     ;;
 fp8train)
     timeout 480 python benchmarks/fp8_ab.py --part quant sweep models fidelity --backend fa4 \
