@@ -694,10 +694,17 @@ def part_models(families, backend: str, variants=None, modes=("infer", "train"))
         torch.cuda.empty_cache()
 
 
-def part_train(families, backend: str, steps: int = 200, every: int = 20, seeds=(0,)) -> None:
+TRAIN_RECIPES = {  # name -> fp8.DGRAD during the run (None: the bf16 model, no FP8 at all)
+    "bf16": None,
+    "fp8": "fp8",
+    "fp8_bf16_dgrad": "bf16",  # only the forward in e4m3 (WGRAD is bf16 by default): isolates the gradient's share
+}
+
+
+def part_train(families, backend: str, steps: int = 200, every: int = 20, seeds=(0,), recipes=("bf16", "fp8")) -> None:
     """bf16 against FP8 (every linear) on a short regression task, once per seed. A seed sets the
-    student's starting noise and the batches, the same for both recipes, so the spread of bf16 over
-    the seeds is the noise that FP8's gap is read against."""
+    student's starting noise and the batches, the same for every recipe, so the spread of bf16 over
+    the seeds is the noise that FP8's gap is read against (``TRAIN_RECIPES``)."""
     for fam in families:
         _, teacher = build_pair(fam, None, DEV, BF16, backend)
         teacher.truncate(TRAIN_BLOCKS)  # the first blocks only: 2 x 200 steps per family and seed in one call
@@ -707,13 +714,14 @@ def part_train(families, backend: str, steps: int = 200, every: int = 20, seeds=
         proj = torch.randn(D, 64, device=DEV, generator=torch.Generator(device=DEV).manual_seed(3)) / D**0.5
         curves = {}
         for seed in seeds:
-            for name in ("bf16", "fp8"):
+            for name in recipes:
+                fp8.DGRAD = TRAIN_RECIPES[name] or "fp8"
                 student = copy.deepcopy(teacher).requires_grad_(True).train()
                 torch.manual_seed(5 + 100 * seed)
                 with torch.no_grad():  # the student starts off the teacher
                     for q in student.blocks.parameters():
                         q.add_(torch.randn_like(q) * 0.02 * q.float().std().to(q.dtype))
-                if name == "fp8":
+                if TRAIN_RECIPES[name]:
                     student.set_fp8(min_tokens=0)
                 head = nn.Linear(D, 64, device=DEV, dtype=BF16)
                 nn.init.zeros_(head.bias)
@@ -745,7 +753,7 @@ def part_train(families, backend: str, steps: int = 200, every: int = 20, seeds=
                 # training curve is FP8's forward noise on the exact targets, not worse weights.
                 held = {}
                 student.eval()
-                for mode in ("bf16", "fp8") if name == "fp8" else ("bf16",):
+                for mode in ("bf16", "fp8") if TRAIN_RECIPES[name] else ("bf16",):
                     student.set_fp8(mode == "fp8", min_tokens=0)
                     ls = []
                     for i in range(4):
@@ -770,6 +778,7 @@ def part_train(families, backend: str, steps: int = 200, every: int = 20, seeds=
                 )
                 del student, opt, head
                 torch.cuda.empty_cache()
+            fp8.DGRAD = "fp8"
         for s in range(0, steps, every):
             w = slice(s, s + every)
             row = {"part": "train_loss", "family": fam, "steps": f"{s + 1}-{s + every}"}
@@ -818,6 +827,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--variants", nargs="+", choices=list(MODEL_VARIANTS), help="models part: these only")
     ap.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"])
+    ap.add_argument("--recipes", nargs="+", default=["bf16", "fp8"], choices=list(TRAIN_RECIPES))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="train part: one bf16 and one FP8 run per seed")
     ap.add_argument("--out", default=None, help="append the rows as JSON lines here")
     args = ap.parse_args()
@@ -840,7 +850,7 @@ def main() -> None:
         elif part == "models":
             part_models(args.family, args.backend, args.variants, tuple(args.modes))
         elif part == "train":
-            part_train(args.family, args.backend, args.steps, seeds=args.seeds)
+            part_train(args.family, args.backend, args.steps, seeds=args.seeds, recipes=args.recipes)
         print(f"# part {part}: {time.perf_counter() - t0:.1f} s", flush=True)
     summary()
     if args.out:

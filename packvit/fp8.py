@@ -240,10 +240,15 @@ def fp8_linear_inference(
 # benchmarks/fp8_ab.py --part sweep): the two column-wise casts cost more than the e4m3 GEMM saves.
 WGRAD = "bf16"
 
+# The input gradient's GEMM: "fp8" (default) runs dx = dy @ W in e4m3 (dy per token row, W per input
+# column); "bf16" runs it on the bf16 dy and W (torchao's per-GEMM choice, as its "grad_input"
+# config). A diagnostic for training fidelity: with both gradients bf16, only the forward is e4m3.
+DGRAD = "fp8"
+
 
 class _FP8Linear(torch.autograd.Function):
-    """y = x @ W.T + b with the forward and input-gradient GEMMs in e4m3 and the weight gradient's in
-    e4m3 or bf16 (``WGRAD``); bf16 is kept for what is saved (x and W, quantised again along the
+    """y = x @ W.T + b with the forward GEMM in e4m3, the input gradient's in e4m3 or bf16 (``DGRAD``)
+    and the weight gradient's in e4m3 or bf16 (``WGRAD``); bf16 is kept for what is saved (x and W, quantised again along the
     other axis in backward) and for the grads.
 
     Each activation is read as few times as the recipe allows: the forward's row quantisation of x
@@ -273,14 +278,17 @@ class _FP8Linear(torch.autograd.Function):
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_db = ctx.has_bias and ctx.needs_input_grad[2]
         fp8_dw = need_dw and x_amax is not None
+        fp8_dx = need_dx and DGRAD == "fp8"
         dx = dw = db = dy_sum = None
-        if fp8_dw or (need_dx and need_db):  # one read of dy: its rows, column amax and column sums
+        if fp8_dw or (fp8_dx and need_db):  # one read of dy: its rows, column amax and column sums
             dyq, sdy, dy_amax, dy_sum = quantize_rows_col_stats(dy, col_sum=need_db)
-        elif need_dx:
+        elif fp8_dx:
             dyq, sdy = quantize_rows(dy)  # per token row, over N
-        if need_dx:
+        if fp8_dx:
             wtq, swt = quantize_rows(w.t().contiguous())  # (K, N): per input column of W, over N
             dx = scaled_mm(dyq, sdy, wtq, swt, None, x.dtype)  # (M, K)
+        elif need_dx:
+            dx = dy @ w  # (M, K), bf16 GEMM
         if fp8_dw:
             dytq, sdyt = cast_cols_t(dy, dy_amax)  # (N, Mp): per output column, over tokens
             xtq, sxt = cast_cols_t(x, x_amax)  # (K, Mp): per input column, over tokens

@@ -97,11 +97,13 @@ def test_quantize_rows_col_stats_reference():
         assert torch.equal(a.float(), b.float())
 
 
-@pytest.mark.parametrize("wgrad", ["fp8", "bf16"])
-def test_backward_matches_the_dequantised_reference(wgrad, monkeypatch):
-    """dx = dy @ W with dy per token row and W per input column; dW = dy.T @ x per column over tokens
-    (``WGRAD="fp8"``) or the bf16 product (``"bf16"``); db the fp32 column sums of dy."""
+@pytest.mark.parametrize("wgrad, dgrad", [("fp8", "fp8"), ("bf16", "fp8"), ("bf16", "bf16"), ("fp8", "bf16")])
+def test_backward_matches_the_dequantised_reference(wgrad, dgrad, monkeypatch):
+    """dx = dy @ W with dy per token row and W per input column (``DGRAD="fp8"``) or the bf16
+    product (``"bf16"``); dW = dy.T @ x per column over tokens (``WGRAD="fp8"``) or the bf16 product
+    (``"bf16"``); db the fp32 column sums of dy."""
     monkeypatch.setattr(fp8, "WGRAD", wgrad)
+    monkeypatch.setattr(fp8, "DGRAD", dgrad)
     ref, lin = _fp8_linear()
     x = torch.randn(45, 64).bfloat16().requires_grad_(True)
     dy = torch.randn(45, 96).bfloat16()
@@ -110,6 +112,9 @@ def test_backward_matches_the_dequantised_reference(wgrad, monkeypatch):
     dyq, sdy = fp8.quantize_rows_reference(dy)
     wtq, swt = fp8.quantize_rows_reference(w.t().contiguous())
     dx = _dequant_rows(dyq, sdy) @ _dequant_rows(wtq, swt).t()
+    if dgrad == "bf16":
+        dx = (dy @ w).float()
+        assert torch.equal(x.grad, dy @ w)  # the plain bf16 product, bit for bit
     if wgrad == "fp8":
         dytq, sdyt = fp8.quantize_cols_t_reference(dy)
         xtq, sxt = fp8.quantize_cols_t_reference(x.detach())
@@ -127,10 +132,12 @@ def test_backward_matches_the_dequantised_reference(wgrad, monkeypatch):
         assert F.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0) > 0.995
 
 
-@pytest.mark.parametrize("needs", ["x", "w", "b", "wb"])
-def test_backward_computes_only_the_gradients_asked_for(needs, monkeypatch):
+@pytest.mark.parametrize("dgrad", ["fp8", "bf16"])
+@pytest.mark.parametrize("needs", ["x", "w", "b", "wb", "xb"])
+def test_backward_computes_only_the_gradients_asked_for(needs, dgrad, monkeypatch):
     """A frozen weight, a frozen input or a frozen bias: each branch of the backward gives the same
-    gradients as when all three are asked for."""
+    gradients as when all three are asked for (with dx in e4m3 and in bf16)."""
+    monkeypatch.setattr(fp8, "DGRAD", dgrad)
     ref, lin = _fp8_linear()
     x0 = torch.randn(33, 64).bfloat16()
     dy = torch.randn(33, 96).bfloat16()
