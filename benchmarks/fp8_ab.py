@@ -252,16 +252,18 @@ def part_producers(M: int = 23103) -> None:
         )
         ms = timed(functools.partial(FK.quantize_rows, t))
         emit({"part": "producers", "op": "quantize_rows", "N": N, "ms": round(ms, 4), "gbps": gbps(nb * 3 // 2, ms)})
-    for op, N, kw in (("gelu_tanh", 4304, {"TANH": True}), ("gelu_erf", 4096, {"TANH": False}), ("swiglu", 2816, {})):
+    for op, N, act in (("gelu_tanh", 4304, K._GELU_TANH), ("gelu_erf", 4096, K._GELU_ERF), ("swiglu", 2816, K._SWIGLU)):
         h = torch.randn(M, 2 * N if op == "swiglu" else N, device=DEV, dtype=BF16) * 2
-        kernel = K._swiglu_fwd_fp8_kernel if op == "swiglu" else K._gelu_fwd_fp8_kernel
+        kernel, kw = K._act_fwd_fp8_kernel, {"ACT": act}
         nbytes = h.numel() * 2 + M * N
         ref = None
         if op != "swiglu":  # the kernel before this part existed, as the baseline
             q = torch.empty(M, N, dtype=fp8.E4M3, device=DEV)
             sc = torch.empty(M, 1, dtype=torch.float32, device=DEV)
             bn = triton_next_pow2(N)
-            run = functools.partial(_gelu_fp8_before()[(M,)], h, q, sc, M, N, BLOCK_M=1, BLOCK_N=bn, num_warps=8, **kw)
+            run = functools.partial(
+                _gelu_fp8_before()[(M,)], h, q, sc, M, N, BLOCK_M=1, BLOCK_N=bn, num_warps=8, TANH=op == "gelu_tanh"
+            )
             ms = timed(run)
             ref = (q.clone(), sc.clone())
             emit(

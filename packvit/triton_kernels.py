@@ -426,14 +426,6 @@ def _row_split(n: int) -> tuple[int, int]:
 _ACT_FP8_WARPS = 4
 
 
-def _act_fp8_launch(kernel, h, M, N, q, scale, **kw) -> None:
-    block_a, block_b = _row_split(N)
-    bm = 1 << max(0, (2048 // (block_a + block_b)).bit_length() - 1)  # rows a program: a power of two
-    kernel[(triton.cdiv(M, bm),)](
-        h, q, scale, M, N, BLOCK_M=bm, BLOCK_A=block_a, BLOCK_B=block_b, num_warps=_ACT_FP8_WARPS, **kw
-    )
-
-
 @triton.jit
 def _swiglu_tile(Hx, r64, cols, mask, N):
     # ``_swiglu_fwd_kernel``'s output for one tile of the rows, rounded to h's dtype, in fp32 (0 where
@@ -458,35 +450,6 @@ def _store_e4m3_two(oa, ob, Q, QS, r64, ca, cb, ma, mb, rows, live, N, BLOCK_B: 
     if BLOCK_B > 0:
         tl.store(Q + r64 * N + cb[None, :], (ob * qscale[:, None]).to(Q.dtype.element_ty), mask=mb)
     tl.store(QS + rows, 1.0 / qscale, mask=live)
-
-
-@triton.jit
-def _swiglu_fwd_fp8_kernel(Hx, Q, QS, M, N, BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
-    # ``_swiglu_fwd_kernel`` over whole rows (two tiles), its output rounded to h's dtype, then e4m3 rows.
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    live = rows < M
-    r64 = rows.to(tl.int64)[:, None]
-    ca = tl.arange(0, BLOCK_A)
-    ma = live[:, None] & (ca < N)[None, :]
-    oa = _swiglu_tile(Hx, r64, ca, ma, N)
-    cb, mb, ob = ca, ma, oa
-    if BLOCK_B > 0:
-        cb = BLOCK_A + tl.arange(0, BLOCK_B)
-        mb = live[:, None] & (cb < N)[None, :]
-        ob = _swiglu_tile(Hx, r64, cb, mb, N)
-    _store_e4m3_two(oa, ob, Q, QS, r64, ca, cb, ma, mb, rows, live, N, BLOCK_B)
-
-
-def swiglu_fwd_fp8(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """h (T, 2H) -> silu(gate) * up as e4m3 rows (T, H) and their fp32 scales (T, 1), bit for bit
-    ``fp8_kernels.quantize_rows(swiglu_fwd(h))`` (inference)."""
-    h = h.contiguous()
-    M, N = h.shape[0], h.shape[1] // 2
-    q = torch.empty(M, N, dtype=torch.float8_e4m3fn, device=h.device)
-    scale = torch.empty(M, 1, dtype=torch.float32, device=h.device)
-    if M:
-        _act_fp8_launch(_swiglu_fwd_fp8_kernel, h, M, N, q, scale)
-    return q, scale
 
 
 # --- GELU as fc2's e4m3 input (FP8 inference) ---------------------------------------------------------
@@ -537,34 +500,60 @@ def _gelu_tile(Hx, r64, cols, mask, N, TANH: tl.constexpr):
     return g.to(Hx.dtype.element_ty).to(tl.float32)
 
 
+# What ``_act_fwd_fp8_kernel`` computes (a constexpr, one compiled kernel each).
+_SWIGLU, _GELU_TANH, _GELU_ERF = 0, 1, 2
+
+
 @triton.jit
-def _gelu_fwd_fp8_kernel(
-    Hx, Q, QS, M, N, BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, TANH: tl.constexpr
+def _act_fwd_fp8_kernel(
+    Hx, Q, QS, M, N, BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, ACT: tl.constexpr
 ):
+    # The activation (SwiGLU over h's [gate; up] halves, or GELU) over whole rows as two tiles, its
+    # output rounded to h's dtype, then e4m3 rows and their scales.
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     live = rows < M
     r64 = rows.to(tl.int64)[:, None]
     ca = tl.arange(0, BLOCK_A)
     ma = live[:, None] & (ca < N)[None, :]
-    oa = _gelu_tile(Hx, r64, ca, ma, N, TANH)
+    if ACT == 0:
+        oa = _swiglu_tile(Hx, r64, ca, ma, N)
+    else:
+        oa = _gelu_tile(Hx, r64, ca, ma, N, ACT == 1)
     cb, mb, ob = ca, ma, oa
     if BLOCK_B > 0:
         cb = BLOCK_A + tl.arange(0, BLOCK_B)
         mb = live[:, None] & (cb < N)[None, :]
-        ob = _gelu_tile(Hx, r64, cb, mb, N, TANH)
+        if ACT == 0:
+            ob = _swiglu_tile(Hx, r64, cb, mb, N)
+        else:
+            ob = _gelu_tile(Hx, r64, cb, mb, N, ACT == 1)
     _store_e4m3_two(oa, ob, Q, QS, r64, ca, cb, ma, mb, rows, live, N, BLOCK_B)
+
+
+def _act_fwd_fp8(h: torch.Tensor, N: int, act: int) -> tuple[torch.Tensor, torch.Tensor]:
+    h = h.contiguous()
+    M = h.shape[0]
+    q = torch.empty(M, N, dtype=torch.float8_e4m3fn, device=h.device)
+    scale = torch.empty(M, 1, dtype=torch.float32, device=h.device)
+    if M:
+        block_a, block_b = _row_split(N)
+        bm = 1 << max(0, (2048 // (block_a + block_b)).bit_length() - 1)  # rows a program: a power of two
+        _act_fwd_fp8_kernel[(triton.cdiv(M, bm),)](
+            h, q, scale, M, N, BLOCK_M=bm, BLOCK_A=block_a, BLOCK_B=block_b, ACT=act, num_warps=_ACT_FP8_WARPS
+        )
+    return q, scale
+
+
+def swiglu_fwd_fp8(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """h (T, 2H) -> silu(gate) * up as e4m3 rows (T, H) and their fp32 scales (T, 1), bit for bit
+    ``fp8_kernels.quantize_rows(swiglu_fwd(h))`` (inference)."""
+    return _act_fwd_fp8(h, h.shape[1] // 2, _SWIGLU)
 
 
 def gelu_fwd_fp8(h: torch.Tensor, approximate: str) -> tuple[torch.Tensor, torch.Tensor]:
     """h (T, H) -> gelu(h) (``approximate`` "tanh" or "none", as ``F.gelu``) as e4m3 rows (T, H) and
     their fp32 scales (T, 1): ``fp8_kernels.quantize_rows(F.gelu(h))`` in one kernel (inference)."""
-    h = h.contiguous()
-    M, N = h.shape
-    q = torch.empty(M, N, dtype=torch.float8_e4m3fn, device=h.device)
-    scale = torch.empty(M, 1, dtype=torch.float32, device=h.device)
-    if M:
-        _act_fp8_launch(_gelu_fwd_fp8_kernel, h, M, N, q, scale, TANH=approximate == "tanh")
-    return q, scale
+    return _act_fwd_fp8(h, h.shape[1], _GELU_TANH if approximate == "tanh" else _GELU_ERF)
 
 
 def swiglu_bwd(do: torch.Tensor, h: torch.Tensor, with_output: bool = False):
