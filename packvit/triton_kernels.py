@@ -456,22 +456,20 @@ def _store_e4m3_two(oa, ob, Q, QS, r64, ca, cb, ma, mb, rows, live, N, BLOCK_B: 
 #
 # With an FP8 fc1 the GELU MLP loses its fused activation (quack's epilogue, cuBLASLt's GELU epilogue:
 # ``_scaled_mm`` has none), so the activation would be a pass of its own over the (T, hidden) output and
-# fc2's input quantisation another. This kernel is both in one read: torch's GELU formula in fp32,
-# rounded to h's dtype (what ``F.gelu`` stores), then e4m3 rows. tanh is written through the sigmoid
-# (tanh(u) = 2 sigmoid(2u) - 1), a few fp32 ulps from torch's tanhf, so a rare element may round to the
-# neighbouring bf16 value; the GPU tests bound how many.
-
-
+# fc2's input quantisation another. This kernel is both in one read: torch's GELU in fp32, rounded to
+# h's dtype (what ``F.gelu`` stores), then e4m3 rows. The erf GELU is torch's formula with libdevice's
+# erff (torch's own); the tanh GELU is rewritten, below, so a rare element's bf16 GELU is a neighbour
+# of torch's; the GPU tests bound how many codes that moves.
+#
 # The kernel is bound by instruction issue, not memory: with tl.sigmoid its sm_90 code (ptxas, N a
-# multiple of 16) is 36 instructions an element, 15 of them the quantisation, and the H200 ran it at
-# 1.5 TB/s against a copy's 4. So the tanh GELU is
-# x * sigmoid(2u) = x / (1 + 2^z) with z = x * (A + B * x^2), torch's constants folded into A and B
-# (three instructions before the exponential instead of seven), and the exponential and division
-# are the GPU's approximate ones (ex2.approx, div.approx), without the denormal guards that tl.exp
-# and tl.sigmoid's division put around each: 22 instructions an element. Relative error about 1e-6,
-# so a rare element's bf16 GELU is a neighbour of torch's (bounded by the GPU test), as with
-# tl.sigmoid; on 23k x 4304 random inputs the H200 gave the same e4m3 codes as the tl.sigmoid kernel.
-# Triton's interpreter has no libdevice, so there (CI) the same expression runs through tl.exp2 and "/".
+# multiple of 16) was 36 instructions an element, 15 of them the quantisation, and the H200 ran it at
+# 1.5 TB/s against a copy's 4. So the tanh GELU is x * sigmoid(2u) = x / (1 + 2^z) with
+# z = x * (A + B * x^2), torch's constants folded into A and B (three instructions before the
+# exponential instead of seven), and the exponential and division are the GPU's approximate ones
+# (ex2.approx, div.approx), without the denormal guards that tl.exp and tl.sigmoid's division put
+# around each: 22 instructions an element. Relative error about 1e-6; on 23k x 4304 random inputs
+# the H200 gave the same e4m3 codes as the tl.sigmoid version. Triton's interpreter has no libdevice,
+# so there (CI) the same expression runs through tl.exp2 and "/".
 _GELU_TANH_A = tl.constexpr(-2.302208198144325)  # -2 * sqrt(2 / pi) * log2(e)
 _GELU_TANH_B = tl.constexpr(-0.1029432395800235)  # _GELU_TANH_A * 0.044715
 
