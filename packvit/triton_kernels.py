@@ -503,6 +503,14 @@ _SWIGLU, _GELU_TANH, _GELU_ERF = 0, 1, 2
 
 
 @triton.jit
+def _act_tile(Hx, r64, cols, mask, N, ACT: tl.constexpr):
+    if ACT == 0:
+        return _swiglu_tile(Hx, r64, cols, mask, N)
+    else:
+        return _gelu_tile(Hx, r64, cols, mask, N, ACT == 1)
+
+
+@triton.jit
 def _act_fwd_fp8_kernel(
     Hx, Q, QS, M, N, BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, ACT: tl.constexpr
 ):
@@ -513,18 +521,12 @@ def _act_fwd_fp8_kernel(
     r64 = rows.to(tl.int64)[:, None]
     ca = tl.arange(0, BLOCK_A)
     ma = live[:, None] & (ca < N)[None, :]
-    if ACT == 0:
-        oa = _swiglu_tile(Hx, r64, ca, ma, N)
-    else:
-        oa = _gelu_tile(Hx, r64, ca, ma, N, ACT == 1)
+    oa = _act_tile(Hx, r64, ca, ma, N, ACT)
     cb, mb, ob = ca, ma, oa
     if BLOCK_B > 0:
         cb = BLOCK_A + tl.arange(0, BLOCK_B)
         mb = live[:, None] & (cb < N)[None, :]
-        if ACT == 0:
-            ob = _swiglu_tile(Hx, r64, cb, mb, N)
-        else:
-            ob = _gelu_tile(Hx, r64, cb, mb, N, ACT == 1)
+        ob = _act_tile(Hx, r64, cb, mb, N, ACT)
     _store_e4m3_two(oa, ob, Q, QS, r64, ca, cb, ma, mb, rows, live, N, BLOCK_B)
 
 
