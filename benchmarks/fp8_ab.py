@@ -232,6 +232,8 @@ def part_producers(M: int = 23103) -> None:
     GB/s (bytes read + written). The GELU kernel as it was before (``_gelu_fp8_before``) is the
     baseline: each tiling reports the fraction of its e4m3 codes that differ from it; SwiGLU's
     tilings must give the first tiling's bits."""
+    import triton
+
     from packvit import fp8_kernels as FK
     from packvit import triton_kernels as K
 
@@ -260,7 +262,7 @@ def part_producers(M: int = 23103) -> None:
         if op != "swiglu":  # the kernel before this part existed, as the baseline
             q = torch.empty(M, N, dtype=fp8.E4M3, device=DEV)
             sc = torch.empty(M, 1, dtype=torch.float32, device=DEV)
-            bn = triton_next_pow2(N)
+            bn = triton.next_power_of_2(N)
             run = functools.partial(
                 _gelu_fp8_before()[(M,)], h, q, sc, M, N, BLOCK_M=1, BLOCK_N=bn, num_warps=8, TANH=op == "gelu_tanh"
             )
@@ -277,7 +279,7 @@ def part_producers(M: int = 23103) -> None:
                 }
             )
         for split in (False, True):
-            a, b = K._row_split(N) if split else (triton_next_pow2(N), 0)
+            a, b = K._row_split(N) if split else (triton.next_power_of_2(N), 0)
             for warps in (4, 8, 16):
                 for bm in (1, 2):
                     q = torch.empty(M, N, dtype=fp8.E4M3, device=DEV)
@@ -365,10 +367,6 @@ def _gelu_fp8_before():
         tl.store(QS + rows, 1.0 / qscale, mask=live)
 
     return kernel
-
-
-def triton_next_pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
 
 
 # -- sweep ------------------------------------------------------------------------------------------
