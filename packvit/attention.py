@@ -420,9 +420,60 @@ def _classic_flash(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens_q, seqlens_
 
 # FlashAttention-4 is an autograd.Function over CuTe DSL kernels that torch.compile cannot trace.
 # Its forward and backward kernels are wrapped as two custom ops with an autograd formula, so a
-# compiled block keeps one graph and calls the kernels as opaque nodes (eager runs them the same way).
+# compiled block keeps one graph and calls the kernels as opaque nodes. Eager calls skip the op
+# dispatcher (``_fa4``), as ``fused_ops`` does: the same two functions, reached without it.
 # The backward rule (``FA4Backward``) travels as plain arguments of the forward op, which its
 # autograd formula hands to the backward op: the op reads no module state.
+def _fa4_fwd(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """FA4's forward: (out (Tq, H, Dv), lse (H, Tq) fp32)."""
+    fwd, _bwd = _fa4_funcs()
+    out, lse, *_ = fwd(
+        q,
+        k,
+        v,
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k,
+        max_seqlen_q=max_q,
+        max_seqlen_k=max_k,
+        softmax_scale=scale,
+        return_lse=True,  # the backward needs the log-sum-exp
+    )
+    return out, lse
+
+
+def _fa4_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int, scale: float, rule: "FA4Backward"):
+    """(dq, dk, dv) by the kernel ``rule`` picks for this batch. The rule is applied here, at run
+    time, where the token and segment counts are plain ints (deciding in the traced forward would
+    specialise a compiled graph on the batch's size)."""
+    if rule.kernel_for(q.shape[0], cu_q.shape[0] - 1) == "fa2":
+        return _fa2_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale)
+    _fwd, bwd = _fa4_funcs()
+    dh = q.shape[-1]
+    pad = rule.padded_head_dim(dh) - dh
+    if pad:
+        # Zero columns change neither the scores, the log-sum-exp nor rowsum(dO * O); the extra
+        # gradient columns are exactly zero and are dropped.
+        q, k, v, out, dout = (F.pad(t, (0, pad)) for t in (q, k, v, out, dout))
+    dq, dk, dv = bwd(
+        q,
+        k,
+        v,
+        out,
+        dout.contiguous(),
+        lse,
+        scale,
+        False,
+        0.0,
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k,
+        max_seqlen_q=max_q,
+        max_seqlen_k=max_k,
+    )
+    if pad:
+        dq, dk, dv = (t[..., :dh].contiguous() for t in (dq, dk, dv))
+    return dq, dk, dv
+
+
 @torch.library.custom_op("packvit::fa4_varlen_fwd", mutates_args=(), device_types="cuda")
 def _fa4_fwd_op(
     q: torch.Tensor,
@@ -437,19 +488,7 @@ def _fa4_fwd_op(
     bwd_min_mean_seqlen: int,
     bwd_head_dims: Sequence[int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    fwd, _bwd = _fa4_funcs()
-    out, lse, *_ = fwd(
-        q,
-        k,
-        v,
-        cu_seqlens_q=cu_q,
-        cu_seqlens_k=cu_k,
-        max_seqlen_q=max_q,
-        max_seqlen_k=max_k,
-        softmax_scale=scale,
-        return_lse=True,  # the backward needs the log-sum-exp
-    )
-    return out, lse
+    return _fa4_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale)
 
 
 @_fa4_fwd_op.register_fake
@@ -497,36 +536,8 @@ def _fa4_bwd_op(
     bwd_min_mean_seqlen: int,
     bwd_head_dims: Sequence[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # The rule is applied here, at run time, where the token and segment counts are plain ints
-    # (deciding in the traced forward would specialise a compiled graph on the batch's size).
     rule = FA4Backward(bwd_kernel, bwd_min_mean_seqlen, tuple(bwd_head_dims))
-    if rule.kernel_for(q.shape[0], cu_q.shape[0] - 1) == "fa2":
-        return _fa2_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale)
-    _fwd, bwd = _fa4_funcs()
-    dh = q.shape[-1]
-    pad = rule.padded_head_dim(dh) - dh
-    if pad:
-        # Zero columns change neither the scores, the log-sum-exp nor rowsum(dO * O); the extra
-        # gradient columns are exactly zero and are dropped.
-        q, k, v, out, dout = (F.pad(t, (0, pad)) for t in (q, k, v, out, dout))
-    dq, dk, dv = bwd(
-        q,
-        k,
-        v,
-        out,
-        dout.contiguous(),
-        lse,
-        scale,
-        False,
-        0.0,
-        cu_seqlens_q=cu_q,
-        cu_seqlens_k=cu_k,
-        max_seqlen_q=max_q,
-        max_seqlen_k=max_k,
-    )
-    if pad:
-        dq, dk, dv = (t[..., :dh].contiguous() for t in (dq, dk, dv))
-    return dq, dk, dv
+    return _fa4_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, rule)
 
 
 @_fa4_bwd_op.register_fake
@@ -550,12 +561,35 @@ def _fa4_backward(ctx, dout, dlse):
 _fa4_fwd_op.register_autograd(_fa4_backward, setup_context=_fa4_setup)
 
 
+class _FA4Fn(torch.autograd.Function):
+    """The eager route with autograd: the same two functions without the custom ops' dispatch,
+    which cost the host about 100 us a call on the H200 without autograd and 200 with it, against
+    150 for FA4's own Python (RESULTS.md, "session 10")."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, scale, rule):
+        out, lse = _fa4_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale)
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+        ctx.args = (max_q, max_k, scale, rule)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        dq, dk, dv = _fa4_bwd(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
 def _fa4(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens_q, seqlens_k, fn, rule):
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    out, _lse = _fa4_fwd_op(
-        q, k, v, cu_q, cu_k, max_q, max_k, scale, rule.kernel, rule.min_mean_seqlen, list(rule.head_dims)
-    )
-    return out
+    if torch.compiler.is_compiling():  # an opaque node in the compiled graph
+        out, _lse = _fa4_fwd_op(
+            q, k, v, cu_q, cu_k, max_q, max_k, scale, rule.kernel, rule.min_mean_seqlen, list(rule.head_dims)
+        )
+        return out
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _FA4Fn.apply(q, k, v, cu_q, cu_k, max_q, max_k, scale, rule)
+    return _fa4_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale)[0]
 
 
 _KERNELS = {"sdpa": _sdpa, "torch": _torch_varlen, "flash_attn": _classic_flash, "fa4": _fa4}

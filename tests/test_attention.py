@@ -259,3 +259,37 @@ def test_fa4_backward_follows_the_rule_it_was_given(monkeypatch):
         assert seen.pop() == expected and not seen, rule
         for a, b in zip(leaves, ref_leaves):  # padding is exact
             torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=0)
+
+
+def test_fa4_eager_route_skips_the_ops_and_equals_them(monkeypatch):
+    """Eager ``fa4`` calls reach FA4's functions without the custom ops' dispatch (host time), with
+    autograd when an input needs it; outputs and gradients equal the ops' route, which is what
+    ``torch.compile`` traces."""
+    fake_fa4_on_cpu(monkeypatch)
+    lens = [5, 3, 8]
+    (q, k, v), cu = packed_qkv(lens, heads=2, dim=64)
+    impl = attention.AttentionImpl("fa4", "fa4", "cpu", torch.float32, fa4_backward=attention.FA4Backward("fa4"))
+    rule = impl.fa4_backward
+
+    def via_ops(q, k, v):
+        out, _ = attention._fa4_fwd_op(q, k, v, cu, cu, 8, 8, 64**-0.5, rule.kernel, rule.min_mean_seqlen, [64, 96])
+        return out
+
+    op_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    via_ops(*op_leaves).square().sum().backward()
+    with torch.no_grad():
+        ref_out = via_ops(q, k, v)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the eager route went through a custom op")
+
+    monkeypatch.setattr(attention, "_fa4_fwd_op", refuse)
+    monkeypatch.setattr(attention, "_fa4_bwd_op", refuse)
+    with torch.no_grad():
+        assert torch.equal(varlen_attention(q, k, v, cu, cu, 8, 8, backend=impl), ref_out)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = varlen_attention(*leaves, cu, cu, 8, 8, backend=impl)
+    assert torch.equal(out, ref_out) and out.grad_fn is not None
+    out.square().sum().backward()
+    for a, b in zip(leaves, op_leaves):
+        assert torch.equal(a.grad, b.grad)
