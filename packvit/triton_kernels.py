@@ -52,6 +52,38 @@ def _store_e4m3_rows(y, Q, QS, off, rows, live, mask, FMAX: tl.constexpr, EPS: t
     tl.store(QS + rows, 1.0 / qscale, mask=live)
 
 
+# --- e4m3 rows of a whole row, in two tiles -------------------------------------------------------------
+#
+# The row amax needs the whole row in registers, and a Triton tile is a power of two wide: one tile of
+# next_power_of_2(H) lanes wastes nearly half of them at H = 4304 (SigLIP2's GELU, 8192 lanes), 44% at
+# 1152 (SigLIP2's norms) and 31% at 2816 (AIMv2's SwiGLU), lanes that still compute and hold registers.
+# So a row is two tiles, BLOCK_A = the largest power of two <= H and BLOCK_B = next_power_of_2(H -
+# BLOCK_A) (0 when H is a power of two): 4096 + 256 lanes for 4304. The amax is the max of the two
+# tiles' (exact), so the bits are those of one tile. ``_row_split`` picks the tiles. On the H200 the
+# split and the faster GELU below took SigLIP2's GELU kernel from 0.206 to 0.096 ms at 23k tokens
+# (RESULTS.md, "FP8 producer kernels").
+
+
+def _row_split(n: int) -> tuple[int, int]:
+    a = 1 << (n.bit_length() - 1)
+    return a, (triton.next_power_of_2(n - a) if n > a else 0)
+
+
+@triton.jit
+def _store_e4m3_two(oa, ob, Q, QS, r64, ca, cb, ma, mb, rows, live, N, BLOCK_B: tl.constexpr):
+    # ``_store_e4m3_rows`` for a row held as two tiles (ob unused when BLOCK_B is 0).
+    # oa, ob are 0 where masked (the activations map a masked load's 0 to 0). No clamp: as in
+    # ``_store_e4m3_rows``, the cast saturates.
+    amax = tl.max(tl.abs(oa), axis=1)
+    if BLOCK_B > 0:
+        amax = tl.maximum(amax, tl.max(tl.abs(ob), axis=1))
+    qscale = E4M3_MAX / tl.maximum(amax, FP8_EPS)
+    tl.store(Q + r64 * N + ca[None, :], (oa * qscale[:, None]).to(Q.dtype.element_ty), mask=ma)
+    if BLOCK_B > 0:
+        tl.store(Q + r64 * N + cb[None, :], (ob * qscale[:, None]).to(Q.dtype.element_ty), mask=mb)
+    tl.store(QS + rows, 1.0 / qscale, mask=live)
+
+
 # --- residual add + norm (+ LayerScale) --------------------------------------------------------------
 #
 # One kernel for LayerNorm and for AIMv2's RMSNorm (IS_RMS), with or without the residual add
@@ -197,10 +229,101 @@ def _norm_bwd_kernel(
 # Tiles of one row (BLOCK_N = next power of two of D) with 4 warps. Kernel time on the H200 at
 # 23,103 rows (benchmarks/fused_ab.py --part sweep): the forward is at the bytes' time for every
 # tile tried (add + LayerNorm D 1152: 0.054 ms); the backward is fastest with one-row tiles: forward +
+# The fp8 norm at a width that is not a power of two (SigLIP2's 1152): ``_norm_fwd_kernel`` holds a row
+# as one 2048-lane tile, 44% of it masked, a program a row, and its FP8_OUT variant ran at 0.076 ms a
+# call at 23k tokens against the bf16 variant's 0.056 (H200 profile, RESULTS.md "session 9"): bound by
+# instruction issue, 1,888 warp-instructions a row in its sm_90 code (ptxas) against the bf16 one's
+# 1,408. This kernel holds a row as two tiles (1024 + 128 lanes, none masked) and takes
+# ``_NORM_FP8_TWO_TILES_ROWS`` rows a program, which shares each reduction's fixed cost (shuffles,
+# shared memory, barriers) among them: 896 warp-instructions a row at 4 rows and 4 warps. Its sums are the two tiles' sums added, another order than the one-tile
+# kernel's, so a rare y rounds to the neighbouring bf16 value (the kernel tests bound how often); the
+# power-of-two widths (DINOv3, AIMv2) keep the one-tile kernel and its bits.
+
+
+@triton.jit
+def _residual_tile(X, A, G, S, r64, cols, mask, N, HAS_RES: tl.constexpr, HAS_GAMMA: tl.constexpr):
+    # s = x + gamma * a for one tile of the rows, stored, in fp32 as stored (``_norm_fwd_kernel``'s
+    # expressions); 0 where masked.
+    off = r64 * N + cols[None, :]
+    s = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        a = tl.load(A + off, mask=mask, other=0.0).to(tl.float32)
+        if HAS_GAMMA:
+            a = a * tl.load(G + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        s_lo = (s + a).to(S.dtype.element_ty)
+        tl.store(S + off, s_lo, mask=mask)
+        s = s_lo.to(tl.float32)
+    return s
+
+
+@triton.jit
+def _norm_y(s, W, B, cols, N, mean, rstd, HAS_BIAS: tl.constexpr, IS_RMS: tl.constexpr, OUT_TY):
+    # y of one tile (``_norm_fwd_kernel``'s expressions), rounded to the storage dtype, in fp32;
+    # 0 where masked (s, w and b are 0 there).
+    w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    if IS_RMS:
+        y = (s * rstd[:, None]).to(OUT_TY).to(tl.float32) * w
+    else:
+        y = (s - mean[:, None]) * rstd[:, None] * w
+    if HAS_BIAS:
+        y = y + tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    return y.to(OUT_TY).to(tl.float32)
+
+
+@triton.jit
+def _norm_fwd_fp8_two_tiles_kernel(
+    X,
+    A,
+    G,
+    W,
+    B,
+    S,
+    Y,
+    Q,
+    QS,
+    M,
+    N,
+    eps,
+    HAS_RES: tl.constexpr,
+    HAS_GAMMA: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    IS_RMS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_A: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+):
+    # ``_norm_fwd_kernel`` with FP8_OUT for a width N that is not a power of two: a row as two tiles
+    # (``_row_split``), the sums as the two tiles' sums added. Y: only its dtype is used.
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    live = rows < M
+    r64 = rows.to(tl.int64)[:, None]
+    ca = tl.arange(0, BLOCK_A)
+    cb = BLOCK_A + tl.arange(0, BLOCK_B)
+    ma = live[:, None] & (ca < N)[None, :]
+    mb = live[:, None] & (cb < N)[None, :]
+    sa = _residual_tile(X, A, G, S, r64, ca, ma, N, HAS_RES, HAS_GAMMA)
+    sb = _residual_tile(X, A, G, S, r64, cb, mb, N, HAS_RES, HAS_GAMMA)
+    if IS_RMS:
+        rstd = 1.0 / tl.sqrt((tl.sum(sa * sa, axis=1) + tl.sum(sb * sb, axis=1)) / N + eps)
+        mean = rstd  # unused
+    else:
+        mean = (tl.sum(sa, axis=1) + tl.sum(sb, axis=1)) / N
+        da = tl.where(ma, sa - mean[:, None], 0.0)
+        db = tl.where(mb, sb - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt((tl.sum(da * da, axis=1) + tl.sum(db * db, axis=1)) / N + eps)
+    ya = _norm_y(sa, W, B, ca, N, mean, rstd, HAS_BIAS, IS_RMS, Y.dtype.element_ty)
+    yb = _norm_y(sb, W, B, cb, N, mean, rstd, HAS_BIAS, IS_RMS, Y.dtype.element_ty)
+    _store_e4m3_two(ya, yb, Q, QS, r64, ca, cb, ma, mb, rows, live, N, BLOCK_B)
+
+
 # backward 0.183 / 0.194 / 0.118 ms (add + LayerNorm D 1152, + LayerScale D 1024, add + RMSNorm D
 # 1024) against 0.207 / 0.342 / 0.164 with 4096-element tiles and 8 warps. The backward program takes
 # 8 tiles and writes one row of fp32 partials per 8 rows: (T / 8, D), summed after.
 _TILE_ELEMS, _BWD_TILES, _NORM_WARPS = 1024, 8, 4
+# Rows a program of ``_norm_fwd_fp8_two_tiles_kernel`` (with ``_NORM_WARPS``): H200, 23k x 1152, add +
+# LayerNorm, 0.056 ms at 4 rows against 0.072 / 0.062 / 0.061 at 1 / 2 / 8, slower with 8 warps; the
+# one-tile fp8 variant 0.073, the bf16 kernel 0.058 (results/fp8-ab-producers-h200-2026-12-03-s10.jsonl).
+_NORM_FP8_TWO_TILES_ROWS = 4
 
 
 def _norm_tile(D: int) -> tuple[int, int]:
@@ -240,14 +363,42 @@ def norm_fwd_fp8(
     rms: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``norm_fwd`` for inference with y written as an FP8 linear's input: (s (T, D; x itself when
-    a is None), q (T, D) e4m3, scale (T, 1) fp32), q * scale ~= y, bit for bit what
-    ``fp8_kernels.quantize_rows(norm_fwd(...)[1])`` gives."""
+    a is None), q (T, D) e4m3, scale (T, 1) fp32), q * scale ~= y. For a power-of-two D, bit for bit
+    what ``fp8_kernels.quantize_rows(norm_fwd(...)[1])`` gives; for other widths the row's sums are
+    added in another order (``_norm_fwd_fp8_two_tiles_kernel``), so a rare y is a bf16 step from
+    ``norm_fwd``'s and its e4m3 code may be the neighbour."""
     x = x.contiguous()
     a = a.contiguous() if a is not None else None
     T, D = x.shape
     s = torch.empty_like(x) if a is not None else x
     q = torch.empty(T, D, dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty(T, 1, dtype=torch.float32, device=x.device)
+    if D & (D - 1) and T:  # not a power of two
+        block_a, block_b = _row_split(D)
+        bm = _NORM_FP8_TWO_TILES_ROWS
+        _norm_fwd_fp8_two_tiles_kernel[(triton.cdiv(T, bm),)](
+            x,
+            a if a is not None else x,
+            gamma if gamma is not None else weight,
+            weight,
+            bias if bias is not None else weight,
+            s,
+            x,
+            q,
+            scale,
+            T,
+            D,
+            eps,
+            HAS_RES=a is not None,
+            HAS_GAMMA=gamma is not None,
+            HAS_BIAS=bias is not None,
+            IS_RMS=rms,
+            BLOCK_M=bm,
+            BLOCK_A=block_a,
+            BLOCK_B=block_b,
+            num_warps=_NORM_WARPS,
+        )
+        return s, q, scale
     # Y is not written: its dtype is the one y is rounded to before quantising. MEAN, RSTD: not written.
     _launch_norm_fwd(x, a, gamma, weight, bias, eps, rms, s, x, scale, scale, q=q, qs=scale, fp8=True)
     return s, q, scale
@@ -403,26 +554,10 @@ def swiglu_fwd(h: torch.Tensor) -> torch.Tensor:
     return out
 
 
-# --- e4m3 rows of a whole activation row, in two tiles --------------------------------------------
-#
-# The row amax needs the whole row in registers, and a Triton tile is a power of two wide: one tile of
-# next_power_of_2(H) lanes wastes nearly half of them at H = 4304 (SigLIP2's GELU, 8192 lanes) and 31%
-# at 2816 (AIMv2's SwiGLU), lanes that still compute the activation and hold registers. So a row is
-# two tiles, BLOCK_A = the largest power of two <= H and BLOCK_B = next_power_of_2(H - BLOCK_A)
-# (0 when H is a power of two): 4096 + 256 lanes for 4304. The amax is the max of the two tiles'
-# (exact), so the bits are those of one tile. ``_row_split`` picks the tiles. On the H200 the split
-# and the faster GELU below took SigLIP2's GELU kernel from 0.206 to 0.096 ms at 23k tokens
-# (RESULTS.md, "FP8 producer kernels").
-
-
-def _row_split(n: int) -> tuple[int, int]:
-    a = 1 << (n.bit_length() - 1)
-    return a, (triton.next_power_of_2(n - a) if n > a else 0)
-
-
 # Warps per program (one row a program from 2048 columns on): 4 measured fastest for all three uses
 # (H200, 23k tokens: GELU-tanh 4304 wide 0.096 ms against 0.098 with 8, GELU-erf 4096 0.148 against
-# 0.154, SwiGLU 2816 0.088 against 0.104; results/fp8-ab-producers-after-h200-2026-12-03-s9.jsonl).
+# 0.154, SwiGLU 2816 0.088 against 0.104; results/fp8-ab-producers-after-h200-2026-12-03-s9.jsonl;
+# with ``_erf`` the GELU-erf 0.112 against 0.118, results/fp8-ab-producers-h200-2026-12-03-s10.jsonl).
 _ACT_FP8_WARPS = 4
 
 
@@ -437,28 +572,13 @@ def _swiglu_tile(Hx, r64, cols, mask, N):
     return (act * up).to(Hx.dtype.element_ty).to(tl.float32)
 
 
-@triton.jit
-def _store_e4m3_two(oa, ob, Q, QS, r64, ca, cb, ma, mb, rows, live, N, BLOCK_B: tl.constexpr):
-    # ``_store_e4m3_rows`` for a row held as two tiles (ob unused when BLOCK_B is 0).
-    # oa, ob are 0 where masked (the activations map a masked load's 0 to 0). No clamp: as in
-    # ``_store_e4m3_rows``, the cast saturates.
-    amax = tl.max(tl.abs(oa), axis=1)
-    if BLOCK_B > 0:
-        amax = tl.maximum(amax, tl.max(tl.abs(ob), axis=1))
-    qscale = E4M3_MAX / tl.maximum(amax, FP8_EPS)
-    tl.store(Q + r64 * N + ca[None, :], (oa * qscale[:, None]).to(Q.dtype.element_ty), mask=ma)
-    if BLOCK_B > 0:
-        tl.store(Q + r64 * N + cb[None, :], (ob * qscale[:, None]).to(Q.dtype.element_ty), mask=mb)
-    tl.store(QS + rows, 1.0 / qscale, mask=live)
-
-
 # --- GELU as fc2's e4m3 input (FP8 inference) ---------------------------------------------------------
 #
 # With an FP8 fc1 the GELU MLP loses its fused activation (quack's epilogue, cuBLASLt's GELU epilogue:
 # ``_scaled_mm`` has none), so the activation would be a pass of its own over the (T, hidden) output and
 # fc2's input quantisation another. This kernel is both in one read: torch's GELU in fp32, rounded to
-# h's dtype (what ``F.gelu`` stores), then e4m3 rows. The erf GELU is torch's formula with libdevice's
-# erff (torch's own); the tanh GELU is rewritten, below, so a rare element's bf16 GELU is a neighbour
+# h's dtype (what ``F.gelu`` stores), then e4m3 rows. The erf GELU is torch's formula with torch's erff
+# bit for bit (``_erf``, below); the tanh GELU is rewritten, below, so a rare element's bf16 GELU is a neighbour
 # of torch's; the GPU tests bound how many codes that moves.
 #
 # The kernel is bound by instruction issue, not memory: with tl.sigmoid its sm_90 code (ptxas, N a
@@ -479,12 +599,55 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     def _x_over_1_plus_exp2(x, z):
         return x / (1.0 + tl.exp2(z))
 
+    @triton.jit
+    def _ex2_approx_ftz(x):
+        return tl.exp2(x)
+
 else:
     from triton.language.extra import libdevice
 
     @triton.jit
     def _x_over_1_plus_exp2(x, z):
         return libdevice.fast_dividef(x, 1.0 + libdevice.exp2(z))
+
+    @triton.jit
+    def _ex2_approx_ftz(x):
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], tl.float32, True, 1)
+
+
+# The erf GELU's erf: libdevice's erff (what torch's CUDA GELU calls) written out. erff evaluates one
+# degree-6 polynomial whose coefficients it selects per element between two ranges (|a| below or from
+# 1.00296), then for the upper range 1 - 2^p with the sign of a. Through ``tl.erf`` the selects
+# compiled to about 14 of the GELU kernel's 41 instructions an element (MOV, HFMA2 and IMAD moving
+# constants; sm_90 SASS), and Triton links libdevice flushing denormals, which torch's build does
+# not. Here both polynomials run with their coefficients as immediates and one result is kept: the
+# same coefficients (libdevice.10.bc, as fp32), the same fma order and ex2.approx.ftz, no flush. On the
+# H200 (2026-12-03) this equals ``torch.erf`` bit for bit on every 7th fp32 in [-10, 10], where
+# ``tl.erf`` differs on 1.1% (the denormals, and one ulp on some of [1.003, 3.92]); the GELU kernel
+# went from 0.160 to 0.112 ms at 23k x 4096 (tests/test_gpu_fp8.py, RESULTS.md "session 10").
+@triton.jit
+def _erf(a):
+    t = tl.abs(a)
+    s = a * a
+    # |a| < 1.00296: a + a * p(a^2)
+    ps = tl.fma(8.483494457323104e-05, s, -0.0008213091641664505)
+    ps = tl.fma(ps, s, 0.005213488824665546)
+    ps = tl.fma(ps, s, -0.026868773624300957)
+    ps = tl.fma(ps, s, 0.11284004896879196)
+    ps = tl.fma(ps, s, -0.37612664699554443)
+    ps = tl.fma(ps, s, 0.12837915122509003)
+    small = tl.fma(ps, a, a)
+    # from 1.00296: 1 - 2^(-t - t * p(t)), with a's sign
+    pb = tl.fma(0.00011219871521461755, t, -0.0013275252422317863)
+    pb = tl.fma(pb, t, 0.00839653518050909)
+    pb = tl.fma(pb, t, -0.04024658352136612)
+    pb = tl.fma(pb, t, 0.15950430929660797)
+    pb = tl.fma(pb, t, 0.9129176735877991)
+    pb = tl.fma(pb, t, 0.6290600299835205)
+    pb = tl.fma(pb, -t, -t)
+    big = 1.0 - _ex2_approx_ftz(pb)
+    big = (big.to(tl.int32, bitcast=True) | (a.to(tl.int32, bitcast=True) & -2147483648)).to(tl.float32, bitcast=True)
+    return tl.where(t >= 1.002959966659546, big, small)
 
 
 @triton.jit
@@ -494,7 +657,7 @@ def _gelu_tile(Hx, r64, cols, mask, N, TANH: tl.constexpr):
     if TANH:  # torch: 0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3))) = x * sigmoid(2 * inner)
         g = _x_over_1_plus_exp2(x, x * (x * x * _GELU_TANH_B + _GELU_TANH_A))
     else:  # torch: x * 0.5 * (1 + erf(x / sqrt(2)))
-        g = x * 0.5 * (1.0 + tl.erf(x * 0.7071067811865476))
+        g = x * 0.5 * (1.0 + _erf(x * 0.7071067811865476))
     return g.to(Hx.dtype.element_ty).to(tl.float32)
 
 

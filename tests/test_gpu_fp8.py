@@ -250,6 +250,10 @@ def test_set_fp8_refuses_fp32_and_runs_in_bf16():
     + [(1024, True, False, False, True), (1024, False, False, False, True)],  # SigLIP2, DINOv3, AIMv2
 )
 def test_fp8_norm_kernels_equal_the_unfused_quantisation(D, res, gamma, bias, rms):
+    """The fp8 norm against ``quantize_rows`` of the bf16 norm kernel's y: bit for bit at a power-of-two
+    width. At 1152 (SigLIP2) it sums a row as two tiles (``triton_kernels``, "two tiles"), another
+    order than the bf16 kernel's one tile, so a rare y is the neighbouring bf16 value: there at most
+    1e-5 of the codes and 1e-3 of the scales may differ, each by one step. The residual s is exact."""
     from packvit import fused_ops
     from packvit import triton_kernels as K
 
@@ -268,7 +272,16 @@ def test_fp8_norm_kernels_equal_the_unfused_quantisation(D, res, gamma, bias, rm
     s8, rows = fused_ops.add_norm_fp8(x, a, gm, w, b, 1e-6, rms) if res else (s, fused_ops.norm_fp8(x, w, b, 1e-6, rms))
     qr, sr = fp8.quantize_rows(y)  # the Triton quantiser: what the unfused FP8 linear runs
     assert torch.equal(s8, s) and rows.dtype == BF16
-    assert torch.equal(rows.q.view(torch.uint8), qr.view(torch.uint8)) and torch.equal(rows.scale, sr)
+    if D & (D - 1) == 0:
+        assert torch.equal(rows.q.view(torch.uint8), qr.view(torch.uint8)) and torch.equal(rows.scale, sr)
+        return
+    codes = (rows.q.view(torch.uint8) != qr.view(torch.uint8)).float().mean().item()
+    scales = (rows.scale != sr).float().mean().item()
+    print(f"D {D}: codes differing {codes:.2e}, scales differing {scales:.2e}")
+    assert codes <= 1e-5 and scales <= 1e-3, (codes, scales)
+    torch.testing.assert_close(rows.scale, sr, rtol=2**-7, atol=0)  # one bf16 step of the amax
+    deq, ref = rows.q.float() * rows.scale, qr.float() * sr
+    assert ((deq - ref).abs().amax(1) <= ref.abs().amax(1) / 8 + 1e-30).all()  # one e4m3 step at most
 
 
 @pytest.mark.parametrize("H", [2816, 300])
@@ -281,16 +294,44 @@ def test_fp8_swiglu_kernel_equals_the_unfused_quantisation(H):
     assert torch.equal(rows.q.view(torch.uint8), qr.view(torch.uint8)) and torch.equal(rows.scale, sr)
 
 
+def test_erf_written_out_is_torchs_erf_bit_for_bit():
+    """The erf GELU's ``triton_kernels._erf`` (libdevice's erff written out) against ``torch.erf``
+    (what torch's CUDA GELU computes): the same bits on every 7th fp32 from 0 to 10, their negatives
+    and the infinities. (``tl.erf`` is not: it differs on 1.1% of these, H200 2026-12-03.)"""
+    import triton
+    import triton.language as tl
+
+    from packvit import triton_kernels as K
+
+    @triton.jit
+    def erf(X, Y, N, BLOCK: tl.constexpr):
+        o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = o < N
+        tl.store(Y + o, K._erf(tl.load(X + o, mask=m)), mask=m)
+
+    bits = torch.arange(0, 0x41200000, 7, dtype=torch.int64, device=DEV).to(torch.int32)  # 0 .. 10.0
+    x = bits.view(torch.float32)
+    x = torch.cat([x, -x, torch.tensor([float("inf"), -float("inf")], device=DEV)])
+    y = torch.empty_like(x)
+    erf[(triton.cdiv(x.numel(), 4096),)](x, y, x.numel(), BLOCK=4096)
+    differ = y.view(torch.int32) != torch.erf(x).view(torch.int32)
+    assert not differ.any(), (int(differ.sum()), x[differ][:5].tolist())
+
+
 @pytest.mark.parametrize("H,approximate", [(4304, "tanh"), (4096, "none"), (300, "tanh")])
 def test_fp8_gelu_kernel_against_the_unfused_quantisation(H, approximate):
-    """``gelu_fp8`` against ``quantize_rows(F.gelu(h))``: its tanh is written through the sigmoid and
-    its erf is Triton's, so a rare element's bf16 GELU (hence its e4m3 code) is a neighbour of torch's;
-    equal scales but for such rows, and the dequantised rows as close as one e4m3 step."""
+    """``gelu_fp8`` against ``quantize_rows(F.gelu(h))``. Its erf GELU is torch's expression with
+    torch's erf bit for bit (``_erf``), so the same codes and scales. Its tanh is written through the
+    sigmoid, so a rare element's bf16 GELU (hence its e4m3 code) is a neighbour of torch's: equal
+    scales but for such rows, and the dequantised rows as close as one e4m3 step."""
     from packvit import fused_ops
 
     h = (torch.randn(3001, H, device=DEV) * 3).to(BF16)
     rows = fused_ops.gelu_fp8(h, approximate)
     qr, sr = fp8.quantize_rows(F.gelu(h, approximate=approximate))
+    if approximate == "none":
+        assert torch.equal(rows.q.view(torch.uint8), qr.view(torch.uint8)) and torch.equal(rows.scale, sr)
+        return
     diff = rows.q.view(torch.uint8) != qr.view(torch.uint8)
     assert diff.float().mean() < 1e-3, diff.float().mean()
     torch.testing.assert_close(rows.scale, sr, rtol=1e-2, atol=0)
@@ -305,11 +346,10 @@ def test_fused_input_quantisation_changes_no_bit(models, family, monkeypatch):
 
     Bit for bit for AIMv2. The GELU families' fc2 input now comes from ``gelu_fp8``, whose GELU is a
     rare bf16 step from torch's (its own test), so for them the check is the fidelity one below.
-    SigLIP2 (D 1152, a masked 2048-wide tile) was not bit-equal even before that: on
-    the H200 (2026-12-03) 3 of block 0's 26.6M e4m3 qkv inputs differed, the scales were equal. The
-    FP8_OUT variant of the norm kernel is compiled separately from the plain one, and its fp32 row
-    arithmetic can round differently in rare elements, so its bf16 y (which it quantises exactly as
-    ``quantize_rows`` does: the kernel tests) is not always the plain kernel's. The rare difference
+    SigLIP2 (D 1152) was not bit-equal even before that: on the H200 (2026-12-03) 3 of block 0's
+    26.6M e4m3 qkv inputs differed, the scales were equal, when its fp8 norm was the one-tile kernel
+    compiled separately from the plain one; now that kernel sums a row as two tiles (the kernel test
+    bounds how often its y is a bf16 step from the plain kernel's). The rare difference
     then grows through 27 blocks of e4m3 rounding, to per-patch cosine 0.99922 between the two
     outputs (measured), as two FP8 runs of different rounding would. So for SigLIP2 the check is
     that the fused path is as faithful to the fp32 model as the unfused one: its min cosine against
