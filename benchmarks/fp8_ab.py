@@ -24,6 +24,8 @@ fidelity: per family at the published size (random weights, ``build_pair``): per
 models:   mixed32 (23k tokens) and 64 images (about 46k), forward and training step, bf16 and FP8
           (``MODEL_VARIANTS``: the crossovers, every linear, both weight-gradient recipes, the input
           quantisation unfused, CUDA graphs), same process, peak memory.
+policy:   the proj crossover inside the model: the crossovers against proj in FP8 at every size, at
+          about 16k, 23k, 32k and 46k tokens, alternated.
 train:    200 steps of a small regression task (a trainable linear head on the tower, its first 8 blocks, regresses a
           fixed random projection of a frozen bf16 teacher's features; the tower is trained too),
           FP8 (every layer, min_tokens 0) against bf16 from the same initial weights and data.
@@ -317,27 +319,44 @@ def part_producers(M: int = 23103) -> None:
                             ("same_bits" if op == "swiglu" else "codes_differ_from_before"): same,
                         }
                     )
-    # the norms at D 1152 (SigLIP2) and 1024: bf16 output against e4m3 rows, add + LayerNorm, per tiling
+    # The norms at D 1152 (SigLIP2) and 1024, add + LayerNorm: the bf16 kernel, the one-tile fp8 variant
+    # (the only one before session 10; still what a power-of-two width runs) and, at 1152, the two-tile
+    # fp8 kernel at several rows a program and warps, with the fraction of its codes that differ from
+    # quantize_rows of the bf16 kernel's y (its sums are added in another order).
     for D in (1152, 1024):
         x = torch.randn(M, D, device=DEV, dtype=BF16)
         a_ = torch.randn(M, D, device=DEV, dtype=BF16)
         w = torch.rand(D, device=DEV, dtype=BF16) + 0.5
         bias = torch.randn(D, device=DEV, dtype=BF16) * 0.1
-        tile0, warps0 = K._TILE_ELEMS, K._NORM_WARPS
-        for tile in (1024, 2048, 4096):
-            for warps in (4, 8):
-                K._TILE_ELEMS, K._NORM_WARPS = tile, warps
-                row = {"part": "producers", "op": "add_layernorm", "N": D, "tile_elems": tile, "warps": warps}
-                ms16 = timed(functools.partial(K.norm_fwd, x, a_, None, w, bias, 1e-6, False))
-                ms8 = timed(functools.partial(K.norm_fwd_fp8, x, a_, None, w, bias, 1e-6, False))
-                row.update(
-                    bf16_ms=round(ms16, 4),
-                    fp8_ms=round(ms8, 4),
-                    bf16_gbps=gbps(x.numel() * 8, ms16),
-                    fp8_gbps=gbps(x.numel() * 7, ms8),
-                )
-                emit(row)
-        K._TILE_ELEMS, K._NORM_WARPS = tile0, warps0
+        s, y, mean, rstd = K.norm_fwd(x, a_, None, w, bias, 1e-6, False)
+        qr, _ = FK.quantize_rows(y)
+        q = torch.empty(M, D, dtype=fp8.E4M3, device=DEV)
+        sc = torch.empty(M, 1, dtype=torch.float32, device=DEV)
+        one_tile = functools.partial(
+            K._launch_norm_fwd, x, a_, None, w, bias, 1e-6, False, s, x, sc, sc, q=q, qs=sc, fp8=True
+        )
+        rows = [
+            ("bf16", functools.partial(K.norm_fwd, x, a_, None, w, bias, 1e-6, False), x.numel() * 8, None),
+            ("fp8 one tile", one_tile, x.numel() * 7, None),
+        ]
+        if D & (D - 1):
+            ta, tb = K._row_split(D)
+            for bm in (1, 2, 4, 8):
+                for warps in (4, 8):
+                    run = functools.partial(
+                        K._norm_fwd_fp8_two_tiles_kernel[(triton.cdiv(M, bm),)],
+                        x, a_, w, w, bias, s, x, q, sc, M, D, 1e-6,
+                        HAS_RES=True, HAS_GAMMA=False, HAS_BIAS=True, IS_RMS=False,
+                        BLOCK_M=bm, BLOCK_A=ta, BLOCK_B=tb, num_warps=warps,
+                    )  # fmt: skip
+                    rows.append((f"fp8 two tiles bm={bm} warps={warps}", run, x.numel() * 7, True))
+        for variant, run, nbytes, check in rows:
+            ms = timed(run, calls=20)
+            row = {"part": "producers", "op": "add_layernorm", "N": D, "variant": variant, "ms": round(ms, 4)}
+            row["gbps"] = gbps(nbytes, ms)
+            if check:
+                row["codes_differ_from_bf16"] = (q.view(torch.uint8) != qr.view(torch.uint8)).float().mean().item()
+            emit(row)
 
 
 def _gelu_fp8_before():
@@ -814,13 +833,57 @@ def summary() -> None:
             print(part, {k: v for k, v in r.items() if k != "part"})
 
 
+def part_policy(families, backend: str, rounds: int = 3) -> None:
+    """The proj crossover checked inside the model: the FP8 forward with the measured crossovers
+    (``fp8.CROSSOVER``; proj, (D, D), stays bf16 below 49k-65k tokens) against the same with proj in
+    FP8 at every size, the only layer the two differ in from 16k tokens on. Batches of the mixed32
+    sizes and their transposes (about 16k, 23k, 32k and 46k tokens), the two variants alternated
+    ``rounds`` times (10 timed forwards each), median of the rounds' medians."""
+    for fam in families:
+        _, m = build_pair(fam, None, DEV, BF16, backend)
+        m.set_attention_backend(backend)
+        D = m.config.hidden_size
+        g32 = mixed32(m.config.patch_size).grid
+        g64 = g32 + tuple((1, w, h) for _, h, w in g32)
+        table = fp8.CROSSOVER["infer"]
+        measured = dict(table)
+        for k in (22, 32, 44, 64):
+            grid = g64[:k]
+            px = _pixels(m, grid, 3)
+            times = {"crossovers": [], "proj_fp8": []}
+            for _ in range(rounds):
+                for name in times:
+                    table.clear()
+                    table.update(measured if name == "crossovers" else {**measured, (D, D): 0})
+                    m.set_fp8()
+                    times[name].append(measure(model_step(m, px, grid, "infer"), DEV, warmup=3, iters=10)["ms"])
+            table.clear()
+            table.update(measured)
+            a, b = (statistics.median(times[n]) for n in ("crossovers", "proj_fp8"))
+            emit(
+                {
+                    "part": "policy",
+                    "family": fam,
+                    "tokens": int(px.shape[0]),
+                    "proj_crossover": fp8.crossover(D, D, "infer"),
+                    "crossovers_ms": round(a, 3),
+                    "proj_fp8_ms": round(b, 3),
+                    "proj_fp8_gain": round(a / b, 4),
+                    "rounds": {n: [round(t, 3) for t in v] for n, v in times.items()},
+                }
+            )
+        m.set_fp8(False)
+        del m
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
         "--part",
         nargs="+",
         default=["ops", "sweep"],
-        choices=["ops", "gemm", "producers", "quant", "sweep", "torchao", "fidelity", "models", "train"],
+        choices=["ops", "gemm", "producers", "quant", "sweep", "torchao", "fidelity", "models", "policy", "train"],
     )
     ap.add_argument("--family", nargs="+", default=list(SHAPES))
     ap.add_argument("--backend", default="torch", help="attention backend of the model parts (default: torch's varlen)")
@@ -849,6 +912,8 @@ def main() -> None:
             part_fidelity(args.family, args.backend)
         elif part == "models":
             part_models(args.family, args.backend, args.variants, tuple(args.modes))
+        elif part == "policy":
+            part_policy(args.family, args.backend)
         elif part == "train":
             part_train(args.family, args.backend, args.steps, seeds=args.seeds, recipes=args.recipes)
         print(f"# part {part}: {time.perf_counter() - t0:.1f} s", flush=True)
