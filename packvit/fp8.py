@@ -73,14 +73,19 @@ LAYERS = ("qkv", "proj", "fc1", "fc2")
 # results/fp8-ab-train-fa4-h200-2026-12-03-session8.jsonl. Speedups at mixed32's 23k tokens,
 # inference: qkv 1.25-1.37x, fc1 1.34-1.38x, fc2 1.02-1.24x, proj 0.41-0.64x (its quantisation
 # costs as much as its GEMM saves). Training pays from 48k tokens on, AIMv2's fc1 from 23k.
+# proj's inference crossover is the whole model's instead (``fp8_ab.py --part policy``: the forward
+# with proj in FP8 against in bf16, alternated, on 14.6k / 23k / 32k / 46k tokens, H200, FA4,
+# 2026-12-03, results/fp8-ab-policy-fa4-h200-2026-12-03-s10.jsonl): SigLIP2's is faster from 32k on
+# (+2.6% at 32k, +1.0% at 46k, -1.1% at 23k), DINOv3's and AIMv2's at 46k (+0.7%, +1.9%; level at
+# 32k, 10-14% slower at 23k, where the extra quantisation launches make the forward host-bound).
 CROSSOVER: dict[str, dict[tuple[int, int], int | None]] = {
     "infer": {
         (1152, 3456): 23103,
-        (1152, 1152): 49152,
+        (1152, 1152): 32414,
         (1152, 4304): 12288,
         (4304, 1152): 12288,  # SigLIP2 so400m
         (1024, 3072): 23103,
-        (1024, 1024): 65536,
+        (1024, 1024): 46206,
         (1024, 4096): 16384,
         (4096, 1024): 23103,  # DINOv3-L
         (1024, 5632): 12288,
