@@ -20,24 +20,24 @@ heads and attention itself stay bf16.
 and the e4m3 GEMM has its own fixed costs. Each linear has a token crossover (``min_tokens``): a
 batch of T >= min_tokens tokens runs the FP8 path, a smaller one the bf16 path, decided per call from
 ``x.shape[0]`` (a Python int: no host sync). The crossovers come from the per-shape sweep on the
-H200 (``benchmarks/fp8_ab.py``, RESULTS.md "FP8"); see ``CROSSOVER``.
+H200 (``benchmarks/fp8_ab.py``, RESULTS.md "FP8"), proj's from the whole model; see ``CROSSOVER``.
 
 **Fused input quantisation (inference).** On the fused CUDA path the kernels that make qkv's and
 fc1's inputs (packvit's norm kernels, chained or not) and fc2's input (AIMv2's SwiGLU kernel, the GELU
 kernel of SigLIP2 and DINOv3) write them as e4m3 rows with their scales (``FP8Rows``) when the linear
-will run FP8 (``wants_fp8_input``), so no separate quantisation pass runs. The norm and SwiGLU
-kernels round y to bf16 and quantise it exactly as the separate pass does; the bits are the same for
-DINOv3 and AIMv2 (D 1024), and for SigLIP2 (D 1152) but a rare element, where the FP8_OUT kernel
-variant's fp32 row arithmetic rounds y differently (3 of 26.6M inputs of one layer, H200,
-2026-12-03; equally faithful to fp32). The GELU kernel's GELU is a rare bf16 step from torch's
-(``triton_kernels.gelu_fwd_fp8``); the fidelity is unchanged. ``FUSE_INPUT_QUANT`` turns
-it off for A/B runs; training quantises inside ``_FP8Linear`` as before. H200, FA4, 23k tokens:
-forward 25.1 -> 23.1 ms (AIMv2), 42.6 -> 38.0 (DINOv3), 38.1 -> 37.1 (SigLIP2) (RESULTS.md).
+will run FP8 (``wants_fp8_input``), so no separate quantisation pass runs. The kernels round y to
+bf16 and quantise it as the separate pass does. The bits are the same for DINOv3's and AIMv2's
+norms (D 1024), AIMv2's SwiGLU and the erf GELU (DINOv3; torch's erf bit for bit). SigLIP2's norm
+(D 1152) sums a row as two tiles, so a rare y is a bf16 step from the bf16 kernel's (2.9e-7 of the
+codes, H200, 2026-12-03), and its tanh GELU is a rare bf16 step from torch's
+(``triton_kernels.gelu_fwd_fp8``); the fidelity is unchanged. ``FUSE_INPUT_QUANT`` turns it off for
+A/B runs; training quantises inside ``_FP8Linear`` as before. H200, FA4, 23k tokens: forward 25.1 ->
+23.1 ms (AIMv2), 42.6 -> 38.0 (DINOv3), 38.1 -> 37.1 (SigLIP2) (RESULTS.md, session 8).
 
 **Fidelity (measured, H200, random weights at the published sizes, mixed32).** FP8 is opt-in
 because it does not reach the 0.999 per-patch min cosine that bf16 keeps (0.9999): with every
 linear in e4m3 the worst patch is at 0.9962 (SigLIP2), 0.9939 (DINOv3), 0.9973 (AIMv2) against
-fp32, and 0.9974 / 0.9945 / 0.9980 with the default crossovers at 23k tokens. No layer kind is the
+fp32, and 0.9975 / 0.9945 / 0.9979 with the default crossovers at 23k tokens. No layer kind is the
 cause (keeping any one kind in bf16 moves it by < 0.002), and no block is: each block alone costs
 1e-4 to 1e-3 of cosine, the early ones most, and the costs add up over depth; e4m3's 3-bit mantissa
 rounds each element by up to 1/16, which is what a single linear already shows (min row cosine 0.9992
