@@ -20,6 +20,9 @@
 #              every family (bf16, FP8, every linear, CUDA graphs), then each family's FP8 profile and
 #              host time in a process of its own, ~5 min
 #   fp8seeds   FP8 against bf16 training, 200 steps x 3 seeds per family, held-out losses, ~5 min
+#   host       the host's side of the eager forward (benchmarks/host_overhead.py): FA4's call routes,
+#              host and wall time of the bf16 and FP8 forwards, a host-sync check of the forward and
+#              the training step, cProfile of the FP8 forward, ~1.5 min
 #   fp8train   FP8's training quantisers, the per-shape sweep with both weight-gradient recipes, then
 #              the models with FA4 (every variant: crossovers, every linear, CUDA graphs), ~6 min
 #
@@ -29,7 +32,7 @@
 # /tmp/fa4 itself, the fingerprint walks into the DSL's globals and fails (RESULTS.md, "quack's
 # gemm_act runs with the bundle's versions").
 set -uo pipefail
-(($#)) || { echo "usage: h200_stages.sh tests|profile|switches|infer|train|fp8|fp8infer|fp8seeds|fp8train ..." >&2; exit 2; }
+(($#)) || { echo "usage: h200_stages.sh tests|profile|switches|infer|train|fp8|fp8infer|fp8seeds|host|fp8train ..." >&2; exit 2; }
 out=${OUT:-results-$(date +%F)}
 mkdir -p "$out"
 if [[ -d /tmp/fa4 ]]; then
@@ -86,6 +89,10 @@ fp8infer)
         timeout 60 python benchmarks/profile_breakdown.py --backend fa4 --model "$model" --fp8 --no-bound \
             --host-profile --top 10 --out "$out/profile-fp8-fa4-h200-$day.jsonl" 2>&1 | grep -E "^\||cProfile|^ +[0-9]"
     done
+    ;;
+host)
+    timeout 200 python benchmarks/host_overhead.py --host-profile --top 20 \
+        --out "$out/host-overhead-h200-$day.jsonl" 2>&1 | grep -E "^\||cProfile|^ +[0-9]"
     ;;
 fp8seeds)
     timeout 330 python benchmarks/fp8_ab.py --part train --backend fa4 --seeds 0 1 2 \

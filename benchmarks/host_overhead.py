@@ -10,8 +10,9 @@ forward). This script measures, on one workload, for each family:
     the model's ``AttentionImpl``), and the custom op that ``torch.compile`` traces, each without and
     with autograd;
   * ``forward`` rows: the whole forward, bf16 and FP8 (``set_fp8()``), with attention through the
-    eager route and through the custom op: the host's time to enqueue it (``host_ms``) and its wall
-    time (CUDA events, median of ``--iters``);
+    eager route and through the custom op: the host's time to enqueue it (``host_ms``, median and
+    min of 7), whether it makes a host sync (``torch.cuda.set_sync_debug_mode("error")``) and its
+    wall time (CUDA events, median of ``--iters``);
   * with ``--host-profile``: cProfile's top functions by own time for the FP8 forward, eager route.
 
     python benchmarks/host_overhead.py --model siglip2 dinov3 aimv2 --backend fa4 [--out rows.jsonl]
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import json
 import statistics
 import time
@@ -38,16 +40,37 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def host_us(fn, reps: int = 30) -> float:
-    """Median host time of one call (us), the GPU idle at its start."""
+def host_us(fn, reps: int = 30, stat=statistics.median) -> float:
+    """Host time of one call (us; median, or ``stat``), the GPU idle at its start, Python's garbage
+    collector off while timed."""
     ts = []
-    for _ in range(reps):
-        _sync()
-        t = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t) * 1e6)
+    gc.disable()
+    try:
+        for _ in range(reps):
+            _sync()
+            t = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t) * 1e6)
+    finally:
+        gc.enable()
     _sync()
-    return statistics.median(ts)
+    return stat(ts)
+
+
+def syncs(fn) -> str:
+    """ "none" if ``fn`` runs under ``torch.cuda.set_sync_debug_mode("error")``, else the first
+    synchronising call's message (packvit's hot path makes none: README, non-negotiables)."""
+    if not torch.cuda.is_available():
+        return "n/a"
+    _sync()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        return "none"
+    except RuntimeError as e:
+        return str(e).splitlines()[0][:100]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
 
 
 def _via_op(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens_q, seqlens_k, fn, rule):
@@ -152,16 +175,26 @@ def main() -> None:
                     for _ in range(3):
                         step()
                     host = host_us(step, reps=7) / 1e3
+                    host_min = host_us(step, reps=7, stat=min) / 1e3
+                    sync = syncs(step)
                     t = measure(step, dev, warmup=3, iters=a.iters)
                 finally:
                     attention._KERNELS["fa4"] = routes["eager route"]
                 what = "FP8" if fp8 else "bf16"
-                out.append(dict(family=family, what=f"forward {what}", route=route, host_ms=host, **t))
+                row = dict(family=family, what=f"forward {what}", route=route, host_ms=host, host_min_ms=host_min)
+                out.append(dict(row, host_syncs=sync, **t))
                 print(
-                    f"| {family} | forward {what} | {route} | host {host:.1f} ms | wall {t['ms']:.2f} ms "
-                    f"(p10 {t['p10']:.2f}, p90 {t['p90']:.2f}) |",
+                    f"| {family} | forward {what} | {route} | host {host:.1f} ms (min {host_min:.1f}) | "
+                    f"wall {t['ms']:.2f} ms (p10 {t['p10']:.2f}, p90 {t['p90']:.2f}) | syncs: {sync} |",
                     flush=True,
                 )
+            train = model_step(pv, x, grid, "train")
+            train()  # tables and autograd's first pass outside the check
+            sync = syncs(train)
+            pv.eval()
+            what = "FP8" if fp8 else "bf16"
+            out.append(dict(family=family, what=f"training step {what}", route="eager route", host_syncs=sync))
+            print(f"| {family} | training step {what} | eager route | syncs: {sync} |", flush=True)
             if fp8 and a.host_profile:
                 print(f"\n{family} FP8 forward, eager route, cProfile by own time:")
                 print(host_profile(model_step(pv, x, grid, "infer"), a.top), flush=True)

@@ -73,3 +73,15 @@ def test_tower_checks_script():
     )
     result = json.loads(out.strip().splitlines()[-1])
     assert result["ok"] and [r["mode"] for r in result["rows"]] == ["fp32", "autocast", "pure_bf16"]
+
+
+@pytest.mark.slow
+def test_host_overhead_script(tmp_path):
+    """benchmarks/host_overhead.py end to end on the CPU (tiny DINOv3, the reference attention: no FA4
+    rows, no FP8 rows, no sync check there), writing its rows."""
+    out = tmp_path / "rows.jsonl"
+    cmd = [BENCH / "host_overhead.py", "--device", "cpu", "--tiny", "--backend", "sdpa", "--model", "dinov3"]
+    run_python([*cmd, "--workload", "tiny", "--iters", "2", "--out", out])
+    rows = _rows(out)
+    assert [r["what"] for r in rows] == ["forward bf16", "forward bf16", "training step bf16"]
+    assert [r["route"] for r in rows][:2] == ["eager route", "custom op"] and rows[0]["host_ms"] > 0
