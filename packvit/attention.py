@@ -563,8 +563,8 @@ _fa4_fwd_op.register_autograd(_fa4_backward, setup_context=_fa4_setup)
 
 class _FA4Fn(torch.autograd.Function):
     """The eager route with autograd: the same two functions without the custom ops' dispatch,
-    which cost the host about 100 us a call on the H200 without autograd and 200 with it, against
-    150 for FA4's own Python (RESULTS.md, "session 10")."""
+    which cost the host 30-110 us a call on the H200 without autograd and 50-200 with it, beside
+    80-160 for FA4's own Python (two runs; RESULTS.md, "session 10")."""
 
     @staticmethod
     def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, scale, rule):
