@@ -332,9 +332,13 @@ def part_producers(M: int = 23103) -> None:
         qr, _ = FK.quantize_rows(y)
         q = torch.empty(M, D, dtype=fp8.E4M3, device=DEV)
         sc = torch.empty(M, 1, dtype=torch.float32, device=DEV)
-        one_tile = functools.partial(
-            K._launch_norm_fwd, x, a_, None, w, bias, 1e-6, False, s, x, sc, sc, q=q, qs=sc, fp8=True
-        )
+        bm1, bn1 = K._norm_tile(D)
+        one_tile = functools.partial(  # what a power-of-two width runs (norm_fwd_fp8 routes 1152 to two tiles)
+            K._norm_fwd_kernel[(triton.cdiv(M, bm1),)],
+            x, a_, w, w, bias, s, x, sc, sc, q, sc, M, D, 1e-6,
+            HAS_RES=True, HAS_GAMMA=False, HAS_BIAS=True, IS_RMS=False,
+            BLOCK_M=bm1, BLOCK_N=bn1, FP8_OUT=True, num_warps=K._NORM_WARPS,
+        )  # fmt: skip
         rows = [
             ("bf16", functools.partial(K.norm_fwd, x, a_, None, w, bias, 1e-6, False), x.numel() * 8, None),
             ("fp8 one tile", one_tile, x.numel() * 7, None),

@@ -22,39 +22,19 @@ from __future__ import annotations
 
 import argparse
 import functools
-import gc
 import json
-import statistics
-import time
 
 import torch
 
 from packvit import attention
 from packvit.bench.models import build_pair
-from packvit.bench.timing import measure, model_step
+from packvit.bench.timing import host_ms, host_profile, measure, model_step
 from packvit.bench.workloads import WORKLOADS
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def host_us(fn, reps: int = 30, stat=statistics.median) -> float:
-    """Host time of one call (us; median, or ``stat``), the GPU idle at its start, Python's garbage
-    collector off while timed."""
-    ts = []
-    gc.disable()
-    try:
-        for _ in range(reps):
-            _sync()
-            t = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t) * 1e6)
-    finally:
-        gc.enable()
-    _sync()
-    return stat(ts)
+def host_us(fn, reps: int = 30) -> float:
+    """Median host time of one call (us), the GPU idle at its start (``host_ms``)."""
+    return host_ms(fn, reps) * 1e3
 
 
 def syncs(fn) -> str:
@@ -62,7 +42,7 @@ def syncs(fn) -> str:
     synchronising call's message (packvit's hot path makes none: README, non-negotiables)."""
     if not torch.cuda.is_available():
         return "n/a"
-    _sync()
+    torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         fn()
@@ -125,23 +105,6 @@ def attention_rows(model, grid, dev, dt) -> dict[str, float]:
     return rows
 
 
-def host_profile(fn, top: int) -> str:
-    import cProfile
-    import io
-    import pstats
-
-    _sync()
-    pr = cProfile.Profile()
-    pr.enable()
-    fn()
-    pr.disable()
-    _sync()
-    buf = io.StringIO()
-    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(top)
-    lines = [ln[:150] for ln in buf.getvalue().splitlines() if ln.strip()]
-    return "\n".join(lines[2 : 6 + top])
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", nargs="+", default=["siglip2", "dinov3", "aimv2"])
@@ -174,8 +137,8 @@ def main() -> None:
                     step = model_step(pv, x, grid, "infer")
                     for _ in range(3):
                         step()
-                    host = host_us(step, reps=7) / 1e3
-                    host_min = host_us(step, reps=7, stat=min) / 1e3
+                    host = host_ms(step, reps=7)
+                    host_min = host_ms(step, reps=7, stat=min)
                     sync = syncs(step)
                     t = measure(step, dev, warmup=3, iters=a.iters)
                 finally:
@@ -196,8 +159,7 @@ def main() -> None:
             out.append(dict(family=family, what=f"training step {what}", route="eager route", host_syncs=sync))
             print(f"| {family} | training step {what} | eager route | syncs: {sync} |", flush=True)
             if fp8 and a.host_profile:
-                print(f"\n{family} FP8 forward, eager route, cProfile by own time:")
-                print(host_profile(model_step(pv, x, grid, "infer"), a.top), flush=True)
+                host_profile(model_step(pv, x, grid, "infer"), f"{family} FP8 forward, eager route", a.top)
         pv.set_fp8(False)
         del pv
         if dev.type == "cuda":

@@ -22,15 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import statistics
-import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from packvit.bench.bound import bound_layer_step
 from packvit.bench.models import build_pair
-from packvit.bench.timing import model_step
+from packvit.bench.timing import host_ms, host_profile, model_step
 from packvit.bench.workloads import WORKLOADS
 
 MATMUL = re.compile(r"gemm|cutlass.*(?:sm90|tensorop)|nvjet|xmma|wgmma|cublas", re.I)
@@ -40,37 +38,6 @@ ATTN = re.compile(r"flash|fmha|attention|FlashAttn|kernel_cutlass_kernel_flash|S
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def host_ms(fn, reps: int = 5) -> float:
-    """The host's time to enqueue one step with the GPU idle at its start (ms, median)."""
-    ts = []
-    for _ in range(reps):
-        _sync()
-        t = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t) * 1e3)
-    _sync()
-    return statistics.median(ts)
-
-
-def host_profile(fn, label: str, top: int = 12) -> None:
-    """Print where the host's time goes in one step (cProfile, sorted by each function's own time)."""
-    import cProfile
-    import io
-    import pstats
-
-    _sync()
-    pr = cProfile.Profile()
-    pr.enable()
-    fn()
-    pr.disable()
-    _sync()
-    buf = io.StringIO()
-    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(top)
-    lines = [ln for ln in buf.getvalue().splitlines() if ln.strip()]
-    print(f"\n{label}, host (cProfile, one step):")
-    print("\n".join(ln[:160] for ln in lines[2 : 6 + top]))
 
 
 def breakdown(fn, steps: int = 5, scale: float = 1.0, top_n: int = 8, host: float | None = None) -> dict:

@@ -373,67 +373,48 @@ def norm_fwd_fp8(
     s = torch.empty_like(x) if a is not None else x
     q = torch.empty(T, D, dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty(T, 1, dtype=torch.float32, device=x.device)
-    if D & (D - 1) and T:  # not a power of two
-        block_a, block_b = _row_split(D)
-        bm = _NORM_FP8_TWO_TILES_ROWS
-        _norm_fwd_fp8_two_tiles_kernel[(triton.cdiv(T, bm),)](
-            x,
-            a if a is not None else x,
-            gamma if gamma is not None else weight,
-            weight,
-            bias if bias is not None else weight,
-            s,
-            x,
-            q,
-            scale,
-            T,
-            D,
-            eps,
-            HAS_RES=a is not None,
-            HAS_GAMMA=gamma is not None,
-            HAS_BIAS=bias is not None,
-            IS_RMS=rms,
-            BLOCK_M=bm,
-            BLOCK_A=block_a,
-            BLOCK_B=block_b,
-            num_warps=_NORM_WARPS,
-        )
-        return s, q, scale
     # Y is not written: its dtype is the one y is rounded to before quantising. MEAN, RSTD: not written.
     _launch_norm_fwd(x, a, gamma, weight, bias, eps, rms, s, x, scale, scale, q=q, qs=scale, fp8=True)
     return s, q, scale
 
 
 def _launch_norm_fwd(x, a, gamma, weight, bias, eps, rms, s, y, mean, rstd, *, q, qs, fp8: bool) -> None:
-    """One launch of ``_norm_fwd_kernel`` over x's rows (T, D); absent optional inputs are passed as
-    a tensor the kernel never reads (its HAS_* flags are off)."""
+    """One launch over x's rows (T, D): ``_norm_fwd_kernel``, or for e4m3 rows of a width that is
+    not a power of two ``_norm_fwd_fp8_two_tiles_kernel``. Absent optional inputs are passed as a
+    tensor the kernel never reads (its HAS_* flags are off)."""
     T, D = x.shape
     if not T:
         return
-    bm, bn = _norm_tile(D)
-    _norm_fwd_kernel[(triton.cdiv(T, bm),)](
+    inputs = (
         x,
         a if a is not None else x,
         gamma if gamma is not None else weight,
         weight,
         bias if bias is not None else weight,
-        s,
-        y,
-        mean,
-        rstd,
-        q,
-        qs,
-        T,
-        D,
-        eps,
-        HAS_RES=a is not None,
-        HAS_GAMMA=gamma is not None,
-        HAS_BIAS=bias is not None,
-        IS_RMS=rms,
-        BLOCK_M=bm,
-        BLOCK_N=bn,
-        FP8_OUT=fp8,
-        num_warps=_NORM_WARPS,
+    )
+    flags = dict(HAS_RES=a is not None, HAS_GAMMA=gamma is not None, HAS_BIAS=bias is not None, IS_RMS=rms)
+    if fp8 and D & (D - 1):
+        block_a, block_b = _row_split(D)
+        bm = _NORM_FP8_TWO_TILES_ROWS
+        _norm_fwd_fp8_two_tiles_kernel[(triton.cdiv(T, bm),)](
+            *inputs,
+            s,
+            y,
+            q,
+            qs,
+            T,
+            D,
+            eps,
+            **flags,
+            BLOCK_M=bm,
+            BLOCK_A=block_a,
+            BLOCK_B=block_b,
+            num_warps=_NORM_WARPS,
+        )
+        return
+    bm, bn = _norm_tile(D)
+    _norm_fwd_kernel[(triton.cdiv(T, bm),)](
+        *inputs, s, y, mean, rstd, q, qs, T, D, eps, **flags, BLOCK_M=bm, BLOCK_N=bn, FP8_OUT=fp8, num_warps=_NORM_WARPS
     )
 
 

@@ -1,8 +1,10 @@
 """Timing and memory: warm-up runs, then CUDA events around each timed run (synchronised before
-reading), reported as median / p10 / p90; peak memory from the allocator's counters."""
+reading), reported as median / p10 / p90; peak memory from the allocator's counters. And the host's
+side: the time to enqueue a call on an idle GPU, and where cProfile finds it spent."""
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from typing import Callable
@@ -82,3 +84,44 @@ def model_step(model, px, grid, mode: str):
             model(px, grid).float().square().mean().backward()
 
     return step
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def host_ms(fn: Callable[[], object], reps: int = 5, stat: Callable = statistics.median) -> float:
+    """The host's time to enqueue one call of ``fn`` (ms; median of ``reps``, or ``stat``), the GPU
+    idle at the start of each, Python's garbage collector off while timed."""
+    ts = []
+    gc.disable()
+    try:
+        for _ in range(reps):
+            _sync()
+            t = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t) * 1e3)
+    finally:
+        gc.enable()
+    _sync()
+    return stat(ts)
+
+
+def host_profile(fn: Callable[[], object], label: str, top: int = 12) -> None:
+    """Print where the host's time goes in one call of ``fn`` (cProfile, by each function's own time)."""
+    import cProfile
+    import io
+    import pstats
+
+    _sync()
+    pr = cProfile.Profile()
+    pr.enable()
+    fn()
+    pr.disable()
+    _sync()
+    buf = io.StringIO()
+    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(top)
+    lines = [ln for ln in buf.getvalue().splitlines() if ln.strip()]
+    print(f"\n{label}, host (cProfile, one step):")
+    print("\n".join(ln[:160] for ln in lines[2 : 6 + top]), flush=True)
