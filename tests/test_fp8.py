@@ -456,11 +456,13 @@ def same_rows(q, scale, y, what):
     assert torch.equal(scale, sr), what
     torch.testing.assert_close(scale, fp8.quantize_rows_reference(y)[1], rtol=1e-6, atol=0)
 
-# LayerNorm (+ residual, + LayerScale, + bias), RMSNorm (+ residual); narrow rows (many per tile),
+# LayerNorm (+ residual, + LayerScale, + bias), RMSNorm (+ residual, + LayerScale), at widths that are
+# powers of two (one tile) and not (two tiles, e.g. AIMv2-huge's 1536); narrow rows (many per tile),
 # SigLIP2's width (two tiles a row, four rows a program: its sums in another order than the bf16
 # kernel's, equal here on these rows; the GPU test bounds the rare difference), an all-zero row.
 for D, res, gamma, bias, rms in [(48, True, True, True, False), (40, False, False, True, False),
                                  (64, True, False, False, True), (64, False, False, False, True),
+                                 (48, True, True, False, True), (40, False, False, False, True),
                                  (1152, True, True, True, False)]:
     T = 13
     x = torch.randn(T, D).to(bf16)

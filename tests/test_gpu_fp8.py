@@ -248,7 +248,8 @@ def test_set_fp8_refuses_fp32_and_runs_in_bf16():
 @pytest.mark.parametrize(
     "D,res,gamma,bias,rms",
     [(1152, True, False, True, False), (1152, False, False, True, False), (1024, True, True, True, False)]
-    + [(1024, True, False, False, True), (1024, False, False, False, True)],  # SigLIP2, DINOv3, AIMv2
+    + [(1024, True, False, False, True), (1024, False, False, False, True)]  # SigLIP2, DINOv3, AIMv2
+    + [(1536, True, False, False, True)],  # RMSNorm at a width of two tiles (AIMv2-huge)
 )
 def test_fp8_norm_kernels_equal_the_unfused_quantisation(D, res, gamma, bias, rms):
     """The fp8 norm against ``quantize_rows`` of the bf16 norm kernel's y: bit for bit at a power-of-two
