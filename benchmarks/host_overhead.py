@@ -77,17 +77,7 @@ def attention_rows(model, grid, dev, dt) -> dict[str, float]:
     rows = {}
 
     def interface(q, k, v):
-        return attention._fa4_funcs()[0](
-            q,
-            k,
-            v,
-            cu_seqlens_q=cu,
-            cu_seqlens_k=cu,
-            max_seqlen_q=mx,
-            max_seqlen_k=mx,
-            softmax_scale=scale,
-            return_lse=True,
-        )
+        return attention._fa4_fwd(q, k, v, cu, cu, mx, mx, scale)
 
     def eager(q, k, v):
         return attention.varlen_attention(q, k, v, cu, cu, mx, mx, backend=impl)

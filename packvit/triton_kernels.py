@@ -92,6 +92,22 @@ def _store_e4m3_two(oa, ob, Q, QS, r64, ca, cb, ma, mb, rows, live, N, BLOCK_B: 
 
 
 @triton.jit
+def _residual_tile(X, A, G, S, r64, cols, mask, N, HAS_RES: tl.constexpr, HAS_GAMMA: tl.constexpr):
+    # s = x + gamma * a for one tile of the rows, stored, in fp32 as stored: the residual is
+    # normalised as stored, as the unfused path does. 0 where masked.
+    off = r64 * N + cols[None, :]
+    s = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        a = tl.load(A + off, mask=mask, other=0.0).to(tl.float32)
+        if HAS_GAMMA:
+            a = a * tl.load(G + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        s_lo = (s + a).to(S.dtype.element_ty)
+        tl.store(S + off, s_lo, mask=mask)
+        s = s_lo.to(tl.float32)
+    return s
+
+
+@triton.jit
 def _norm_fwd_kernel(
     X,
     A,
@@ -121,15 +137,9 @@ def _norm_fwd_kernel(
     cols = tl.arange(0, BLOCK_N)
     live = rows < M
     mask = live[:, None] & (cols < N)[None, :]
-    off = rows.to(tl.int64)[:, None] * N + cols[None, :]
-    s = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
-    if HAS_RES:
-        a = tl.load(A + off, mask=mask, other=0.0).to(tl.float32)
-        if HAS_GAMMA:
-            a = a * tl.load(G + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-        s_lo = (s + a).to(S.dtype.element_ty)
-        tl.store(S + off, s_lo, mask=mask)
-        s = s_lo.to(tl.float32)  # normalise the residual as stored, as the unfused path does
+    r64 = rows.to(tl.int64)[:, None]
+    off = r64 * N + cols[None, :]
+    s = _residual_tile(X, A, G, S, r64, cols, mask, N, HAS_RES, HAS_GAMMA)
     w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     if IS_RMS:
         rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=1) / N + eps)
@@ -238,22 +248,6 @@ def _norm_bwd_kernel(
 # shared memory, barriers) among them: 896 warp-instructions a row at 4 rows and 4 warps. Its sums are the two tiles' sums added, another order than the one-tile
 # kernel's, so a rare y rounds to the neighbouring bf16 value (the kernel tests bound how often); the
 # power-of-two widths (DINOv3, AIMv2) keep the one-tile kernel and its bits.
-
-
-@triton.jit
-def _residual_tile(X, A, G, S, r64, cols, mask, N, HAS_RES: tl.constexpr, HAS_GAMMA: tl.constexpr):
-    # s = x + gamma * a for one tile of the rows, stored, in fp32 as stored (``_norm_fwd_kernel``'s
-    # expressions); 0 where masked.
-    off = r64 * N + cols[None, :]
-    s = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
-    if HAS_RES:
-        a = tl.load(A + off, mask=mask, other=0.0).to(tl.float32)
-        if HAS_GAMMA:
-            a = a * tl.load(G + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-        s_lo = (s + a).to(S.dtype.element_ty)
-        tl.store(S + off, s_lo, mask=mask)
-        s = s_lo.to(tl.float32)
-    return s
 
 
 @triton.jit
