@@ -5,6 +5,7 @@
 
 ops:      torch._scaled_mm's schema, whether it takes a bias with row-wise scales, the Triton
           quantisers against their torch references, one FP8 linear against a dequantised fp32 one.
+pad:      SigLIP2's MLP GEMMs at its hidden width 4304 against it padded to 4352 and 4608.
 producers: the kernels writing an FP8 linear's e4m3 input (GELU, SwiGLU, add + norm) at 23k tokens,
           at several tilings, against a bf16 copy and the plain row quantiser (GB/s).
 quant:    the training quantisers' kernels at 23k tokens (row pass with column statistics at several
@@ -34,6 +35,7 @@ train:    200 steps of a small regression task (a trainable linear head on the t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
 import json
@@ -192,6 +194,41 @@ def part_gemm(ms=(23103, 65536)) -> None:
             row["rowwise_fast1_tflops"] = round(flops / row["rowwise_fast1_ms"] / 1e9, 1)
             row["tensorwise_fast1_tflops"] = round(flops / row["tensorwise_fast1_ms"] / 1e9, 1)
             emit(row)
+
+
+def _pad_steps(x, w) -> dict:
+    """bf16 x @ w.T, and the same in e4m3 as ``packvit.fp8`` runs it (the quantisation not timed)."""
+    xq, sx = fp8.quantize_rows(x)
+    wq, sw = fp8.quantize_rows(w)
+    return {
+        "bf16_ms": lambda: x @ w.t(),
+        "fp8_ms": lambda: torch._scaled_mm(
+            xq, wq.t(), scale_a=sx, scale_b=sw.view(1, -1), out_dtype=BF16, use_fast_accum=True
+        ),
+    }
+
+
+def part_pad(ms=(23103, 46206), widths=(4304, 4352, 4608)) -> None:
+    """SigLIP2's MLP GEMMs with the hidden width 4304 (= 16 * 269, no multiple of 64) against it padded
+    with zeros to a multiple of 256 or 512: fc1 (K 1152 -> N) and fc2 (K -> N 1152), bf16 and e4m3
+    (row-wise scales, fast accumulation, as ``packvit.fp8`` runs them). Zero rows of fc1's weight and
+    zero columns of fc2's add exact zeros, so padding would change no output; this asks whether the
+    GEMMs pick faster tilings."""
+    for M in ms:
+        x_in = torch.randn(M, 1152, device=DEV, dtype=BF16)
+        for H in widths:
+            h = torch.randn(M, H, device=DEV, dtype=BF16)
+            for layer, x, w in (
+                ("fc1", x_in, torch.randn(H, 1152, device=DEV, dtype=BF16) * 0.02),
+                ("fc2", h, torch.randn(1152, H, device=DEV, dtype=BF16) * 0.02),
+            ):
+                row = {"part": "pad", "layer": layer, "M": M, "hidden": H, "K": x.shape[1], "N": w.shape[0]}
+                for key, fn in _pad_steps(x, w).items():
+                    row[key] = round(timed(fn), 4)
+                flops = 2 * M * 1152 * 4304  # the useful work, whatever the padding
+                row["bf16_useful_tflops"] = round(flops / row["bf16_ms"] / 1e9, 1)
+                row["fp8_useful_tflops"] = round(flops / row["fp8_ms"] / 1e9, 1)
+                emit(row)
 
 
 # -- quant ------------------------------------------------------------------------------------------
@@ -626,22 +663,66 @@ def _fidelity(fam, m32, mbf, m8) -> None:
             )
 
 
-# The model part's variants: name -> (set_fp8 arguments or None for bf16, modes, CUDA graphs).
+# The model part's variants: name -> (set_fp8 arguments or None for bf16, modes, CUDA graphs, free
+# quantisation: ``free_quantisation``, the ceiling of any fused quantisation).
 # "fp8": the crossovers (this run's sweep, if it ran first); "fp8_unfused": the same with each linear
 # quantising its own input (``fp8.FUSE_INPUT_QUANT`` off: inference only, as the fusion is);
 # "fp8_all": every linear FP8 whatever its crossover, training with this process's weight-gradient
 # recipe (``fp8.WGRAD``) and, as "fp8_all_other_wgrad", with the other one; "*_graphs": the forward
 # replayed from a CUDA graph of one bucket just above the batch (``packvit.cuda_graphs``), which
-# takes the host's launch cost out.
+# takes the host's launch cost out; "*_freeq": every linear FP8 with its quantisation free (the
+# ceiling: what FP8 linears could give if every quantisation were fused into its producer at no cost).
 MODEL_VARIANTS = {
-    "bf16": (None, ("infer", "train"), False),
-    "fp8": ({}, ("infer", "train"), False),
-    "fp8_unfused": ({}, ("infer",), False),
-    "fp8_all": ({"min_tokens": 0}, ("infer", "train"), False),
-    "fp8_all_other_wgrad": ({"min_tokens": 0}, ("train",), False),
-    "bf16_graphs": (None, ("infer",), True),
-    "fp8_graphs": ({}, ("infer",), True),
+    "bf16": (None, ("infer", "train"), False, False),
+    "fp8": ({}, ("infer", "train"), False, False),
+    "fp8_unfused": ({}, ("infer",), False, False),
+    "fp8_all": ({"min_tokens": 0}, ("infer", "train"), False, False),
+    "fp8_all_other_wgrad": ({"min_tokens": 0}, ("train",), False, False),
+    "bf16_graphs": (None, ("infer",), True, False),
+    "fp8_graphs": ({}, ("infer",), True, False),
+    "fp8_all_freeq": ({"min_tokens": 0}, ("infer", "train"), False, True),
+    "fp8_all_freeq_other_wgrad": ({"min_tokens": 0}, ("train",), False, True),
 }
+
+
+@contextlib.contextmanager
+def free_quantisation():
+    """Quantisation at no cost, for a ceiling: each quantising call returns what its first call at
+    that shape (and grad mode) returned, without running a kernel. Covered: ``packvit.fp8``'s row,
+    column and column-statistics passes (activations, weights, gradients) and the GELU that writes
+    fc2's e4m3 input (the bf16 path has that GELU in fc1's GEMM epilogue, so it is counted as free
+    too). The norms that write e4m3 rows run as they are (they cost what the bf16 norms cost), and so
+    do the GEMMs, attention and everything else. Timing only: the outputs are wrong."""
+    from packvit import fused_ops
+
+    targets = [(fp8, n) for n in ("quantize_rows", "quantize_rows_col_stats", "cast_cols_t")]
+    targets.append((fused_ops, "gelu_fp8"))
+    saved = {(mod, name): getattr(mod, name) for mod, name in targets}
+    cache: dict = {}
+
+    def frozen(name, fn):
+        def call(x, *rest):
+            key = (
+                name,
+                tuple(x.shape),
+                x.dtype,
+                rest if name != "cast_cols_t" else (),
+                torch.is_grad_enabled(),
+                torch.is_inference_mode_enabled(),
+            )
+            if key not in cache:
+                cache[key] = fn(x, *rest)
+            return cache[key]
+
+        return call
+
+    for (mod, name), fn in saved.items():
+        setattr(mod, name, frozen(name, fn))
+    try:
+        yield
+    finally:
+        for (mod, name), fn in saved.items():
+            setattr(mod, name, fn)
 
 
 def part_models(families, backend: str, variants=None, modes=("infer", "train")) -> None:
@@ -662,9 +743,9 @@ def part_models(families, backend: str, variants=None, modes=("infer", "train"))
         for wl, grid in (("mixed32", g32), ("mixed64", g64)):
             px = _pixels(mbf, grid, 2)
             res = {}
-            for name, (args, var_modes, graphs) in chosen.items():
+            for name, (args, var_modes, graphs, free) in chosen.items():
                 fp8.FUSE_INPUT_QUANT = name != "fp8_unfused"
-                fp8.WGRAD = other if name == "fp8_all_other_wgrad" else wgrad
+                fp8.WGRAD = other if name.endswith("_other_wgrad") else wgrad
                 if args is None:
                     mbf.set_fp8(False)
                 else:
@@ -675,7 +756,8 @@ def part_models(families, backend: str, variants=None, modes=("infer", "train"))
                     target = cuda_graphs.capture(mbf, buckets=(-(-tokens // 256) * 256,))
                 for mode in (m for m in var_modes if m in modes):
                     torch.cuda.empty_cache()
-                    r = measure(model_step(target, px, grid, mode), DEV, warmup=4, iters=10)
+                    with free_quantisation() if free else contextlib.nullcontext():
+                        r = measure(model_step(target, px, grid, mode), DEV, warmup=4, iters=10)
                     res[(name, mode)] = r
                     emit(
                         {
@@ -818,7 +900,7 @@ def summary() -> None:
     print("# summary")
     for r in OUT:
         part = r["part"]
-        if part in ("quant", "producers"):
+        if part in ("quant", "producers", "pad"):
             print(part, {k: v for k, v in r.items() if k != "part"})
         elif part in ("wgrad_choice", "crossover"):
             print(part, {k: v for k, v in r.items() if k != "part"})
@@ -887,7 +969,19 @@ def main() -> None:
         "--part",
         nargs="+",
         default=["ops", "sweep"],
-        choices=["ops", "gemm", "producers", "quant", "sweep", "torchao", "fidelity", "models", "policy", "train"],
+        choices=[
+            "ops",
+            "gemm",
+            "pad",
+            "producers",
+            "quant",
+            "sweep",
+            "torchao",
+            "fidelity",
+            "models",
+            "policy",
+            "train",
+        ],
     )
     ap.add_argument("--family", nargs="+", default=list(SHAPES))
     ap.add_argument("--backend", default="torch", help="attention backend of the model parts (default: torch's varlen)")
@@ -904,6 +998,8 @@ def main() -> None:
             part_ops()
         elif part == "gemm":
             part_gemm()
+        elif part == "pad":
+            part_pad()
         elif part == "quant":
             part_quant()
         elif part == "producers":

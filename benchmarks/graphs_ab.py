@@ -80,6 +80,8 @@ def _inference_forward(m, px, grid_t):
 def run(args, record):
     for family in args.family:
         model = build(family, args.backend)
+        if args.fp8:
+            model.set_fp8()  # the default crossovers
         grids = {w: workload(w, model.config.patch_size) for w in args.workload}
         print(f"\n== {family}: {repr(model).splitlines()[0]}", flush=True)
         torch.cuda.synchronize()
@@ -89,7 +91,11 @@ def run(args, record):
         for without in ((), ("gelu_mlp",)):  # a second try without quack's GEMM, to tell what fails
             set_switches(model, set(SWITCHES) - set(without))
             try:
-                graphed = cuda_graphs.capture(model, max_tokens=args.max_tokens)
+                graphed = (
+                    cuda_graphs.capture(model, buckets=tuple(args.bucket))
+                    if args.bucket
+                    else cuda_graphs.capture(model, max_tokens=args.max_tokens)
+                )
                 break
             except Exception as e:  # report exactly what fails (FA4's launch under capture, say)
                 import traceback
@@ -244,7 +250,7 @@ def profile(args, model, graphed, family, record):
                 family=family,
                 how=how,
                 kernel_ms=sum(t for _, t in ev),
-                top=[(k[:60], round(t, 3)) for k, t in ev[:8]],
+                top=[(k[:60], round(t, 3)) for k, t in ev[:30]],
             )
         )
 
@@ -292,9 +298,25 @@ def table(rows):
         if r["part"] == "profile":
             lines.append(
                 f"profile {r['family']} {r['how']}: kernels {r['kernel_ms']:.2f} ms; "
-                + "; ".join(f"{k[:45]} {t}" for k, t in r["top"])
+                + "; ".join(f"{k[:45]} {t}" for k, t in r["top"][:8])
             )
+    lines += profile_diff(rows)
     return "\n".join(lines)
+
+
+def profile_diff(rows, n=8):
+    """Per family, the kernels whose time differs most between the graphed and the eager forward."""
+    prof = {(r["family"], r["how"]): dict(r["top"]) for r in rows if r["part"] == "profile"}
+    lines = []
+    for fam in dict.fromkeys(f for f, _ in prof):
+        e, g = prof.get((fam, "eager")), prof.get((fam, "graphs"))
+        if e is None or g is None:
+            continue
+        d = sorted(((g.get(k, 0.0) - e.get(k, 0.0), k) for k in set(e) | set(g)), key=lambda x: -abs(x[0]))
+        lines.append(
+            f"graphs - eager, {fam}: " + "; ".join(f"{k[:45]} {dt:+.3f} ({e.get(k, 0):.3f})" for dt, k in d[:n])
+        )
+    return lines
 
 
 def main(argv=None):
@@ -303,10 +325,12 @@ def main(argv=None):
     p.add_argument("--workload", nargs="+", default=["mixed32", "small4", "one"])
     p.add_argument("--backend", default="auto")
     p.add_argument("--max-tokens", type=int, default=cuda_graphs.DEFAULT_MAX_TOKENS)
+    p.add_argument("--bucket", type=int, nargs="+", help="capture these token buckets only (else up to --max-tokens)")
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--switches", action="store_true", help="also the eager A/B of this tree's switches (mixed32)")
     p.add_argument("--profile", action="store_true", help="also the kernel time of eager against graphed (mixed32)")
+    p.add_argument("--fp8", action="store_true", help="the FP8 model (set_fp8(), default crossovers)")
     p.add_argument("--out", help="append JSON lines here")
     args = p.parse_args(argv)
     env = dict(torch=torch.__version__, gpu=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d", time.gmtime()))

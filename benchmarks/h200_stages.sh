@@ -23,6 +23,10 @@
 #   host       the host's side of the eager forward (benchmarks/host_overhead.py): FA4's call routes,
 #              host and wall time of the bf16 and FP8 forwards, a host-sync check of the forward and
 #              the training step, cProfile of the FP8 forward, ~1.5 min
+#   padgraph   SigLIP2's MLP GEMMs with the hidden width padded (fp8_ab.py --part pad); DINOv3's FP8
+#              forward eager against one CUDA graph, per kernel (graphs_ab.py --profile), ~2 min
+#   ceiling    FP8's ceiling: every linear FP8 with its quantisation free (fp8_ab.py's *_freeq
+#              variants), forward and training, beside bf16, the crossovers and every linear, ~5 min
 #   fp8train   FP8's training quantisers, the per-shape sweep with both weight-gradient recipes, then
 #              the models with FA4 (every variant: crossovers, every linear, CUDA graphs), ~6 min
 #
@@ -32,7 +36,7 @@
 # /tmp/fa4 itself, the fingerprint walks into the DSL's globals and fails (RESULTS.md, "quack's
 # gemm_act runs with the bundle's versions").
 set -uo pipefail
-(($#)) || { echo "usage: h200_stages.sh tests|profile|switches|infer|train|fp8|fp8infer|fp8seeds|host|fp8train ..." >&2; exit 2; }
+(($#)) || { echo "usage: h200_stages.sh tests|profile|switches|infer|train|fp8|fp8infer|fp8seeds|host|padgraph|ceiling|fp8train ..." >&2; exit 2; }
 out=${OUT:-results-$(date +%F)}
 mkdir -p "$out"
 if [[ -d /tmp/fa4 ]]; then
@@ -97,6 +101,16 @@ host)
 fp8seeds)
     timeout 330 python benchmarks/fp8_ab.py --part train --backend fa4 --seeds 0 1 2 \
         --out "$out/fp8-ab-train-seeds-fa4-h200-$day.jsonl" 2>&1 | sed -n '/^# summary/,$p'
+    ;;
+padgraph)
+    timeout 90 python benchmarks/fp8_ab.py --part pad --out "$out/fp8-ab-pad-h200-$day.jsonl" 2>&1 | sed -n '/^# summary/,$p'
+    timeout 150 python benchmarks/graphs_ab.py --family dinov3 --fp8 --backend fa4 --workload mixed32 --bucket 23296 \
+        --profile --out "$out/graphs-ab-fp8-profile-dinov3-h200-$day.jsonl" 2>&1 | sed -n '/^| family/,$p'
+    ;;
+ceiling)
+    timeout 360 python benchmarks/fp8_ab.py --part models --backend fa4 \
+        --variants fp8 fp8_all fp8_all_other_wgrad fp8_all_freeq fp8_all_freeq_other_wgrad \
+        --out "$out/fp8-ab-ceiling-fa4-h200-$day.jsonl" 2>&1 | sed -n '/^# summary/,$p'
     ;;
 fp8train)
     timeout 480 python benchmarks/fp8_ab.py --part quant sweep models fidelity --backend fa4 \
