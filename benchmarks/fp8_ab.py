@@ -701,17 +701,17 @@ def free_quantisation():
     cache: dict = {}
 
     def frozen(name, fn):
-        def call(x, *rest):
+        def call(x, *rest, **kw):
             key = (
                 name,
                 tuple(x.shape),
                 x.dtype,
-                rest if name != "cast_cols_t" else (),
+                () if name == "cast_cols_t" else (rest, tuple(sorted(kw.items()))),
                 torch.is_grad_enabled(),
                 torch.is_inference_mode_enabled(),
             )
             if key not in cache:
-                cache[key] = fn(x, *rest)
+                cache[key] = fn(x, *rest, **kw)
             return cache[key]
 
         return call
