@@ -9,8 +9,8 @@ alone costs about 1.5 ms of host time a call on the H200); on a small batch the 
 A CUDA graph replays the whole blocks + final norm (+ attention-pool head) from one host call.
 
 How, as vLLM does for its vision encoders: a graph is captured per bucket of ``T_b`` tokens and
-``S_b`` attention segments, on static buffers. A batch of T <= T_b tokens and F frames is run by the
-smallest bucket that holds it:
+``F_b`` frames (``S_b`` attention segments: F_b plus room for the padding), on static buffers. A
+batch of T <= T_b tokens and F <= F_b frames is run by the smallest buckets that hold it:
 
 * the embedding (patch matmul, position tables, prefix tokens) runs eagerly, as per-batch tables do;
   its (T, D) output is copied into the static (T_b, D) input; DINOv3's RoPE cos/sin likewise;
@@ -20,6 +20,12 @@ smallest bucket that holds it:
 * ``cu_seqlens`` is padded to the bucket's S_b segments with empty ones (the last offset repeated);
   ``max_seqlen`` is T_b for the bucket (FlashAttention-4 uses it only as a hint: its varlen grid
   is sized from the total tokens and the segment count);
+* the frame buckets are powers of two up to ``max_frames``, because FlashAttention-4 pays for every
+  segment slot, empty or not: its varlen grid has about one tile per segment per head beyond the
+  tokens' own, and each tile finds its segment by a scan over all of them. With one frame bucket of
+  128 (+ 12 padding segments) for mixed32's 32 frames, its attention took 8.63 ms of a DINOv3 FP8
+  forward replayed against 6.87 eager (H200, 2026-12-03, RESULTS.md). Each (T_b, F_b) pair is
+  captured on its first use (``capture(frames=...)`` captures pairs ahead);
 * the graph's outputs are sliced to the batch and copied out (a replay overwrites them).
 
 Falls back to the model's eager forward (same results) when a graph cannot serve the call: in
@@ -82,6 +88,14 @@ def token_buckets(
         t *= step
 
 
+def frame_buckets(max_frames: int = DEFAULT_MAX_FRAMES) -> tuple[int, ...]:
+    """Frame buckets: the powers of two below ``max_frames``, then ``max_frames`` (1, 2, 4, ..., 128):
+    a batch's segment slots are at most twice its frames (plus its padding segments)."""
+    if max_frames < 1:
+        raise ValueError(f"frame_buckets needs max_frames >= 1, got {max_frames}")
+    return tuple(1 << i for i in range((max_frames - 1).bit_length()) if 1 << i < max_frames) + (max_frames,)
+
+
 def pad_cu_seqlens(
     cu: torch.Tensor, num_tokens: int, steps: torch.Tensor, tokens: int, out: torch.Tensor
 ) -> torch.Tensor:
@@ -99,6 +113,7 @@ class _Graph:
     """One bucket: its CUDA graph and the static tensors the graph reads and writes."""
 
     tokens: int  # T_b
+    frames: int  # F_b
     segments: int  # S_b
     x: torch.Tensor  # (T_b, D) input: the embedding's output, copied in
     cu: torch.Tensor  # (S_b + 1,) int32 cu_seqlens, padded
@@ -122,6 +137,7 @@ class CudaGraphedViT(nn.Module):
         buckets: Sequence[int],
         max_frames: int = DEFAULT_MAX_FRAMES,
         pad_segment: int = PAD_SEGMENT,
+        frames: Sequence[int] | None = None,
     ):
         super().__init__()
         if not isinstance(model, PackedViT):
@@ -131,11 +147,15 @@ class CudaGraphedViT(nn.Module):
             raise ValueError(f"buckets must be positive token counts, got {buckets!r}")
         if max_frames < 1 or pad_segment < 1:
             raise ValueError(f"max_frames and pad_segment must be >= 1, got {max_frames}, {pad_segment}")
+        frames = tuple(sorted(set(int(f) for f in frames))) if frames is not None else frame_buckets(max_frames)
+        if not frames or frames[0] < 1 or frames[-1] != max_frames:
+            raise ValueError(f"frames must be frame counts >= 1 ending at max_frames={max_frames}, got {frames!r}")
         self.model = model
         self.buckets = buckets
         self.max_frames = max_frames
+        self.frames = frames
         self.pad_segment = pad_segment
-        self._graphs: dict[int, _Graph] = {}
+        self._graphs: dict[tuple[int, int], _Graph] = {}  # (T_b, F_b) -> graph
         self._buffers: dict[str, torch.Tensor] = {}
         self._pool = None
         self._key = None
@@ -151,7 +171,7 @@ class CudaGraphedViT(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"cuda_graphs: buckets={list(self.buckets)} tokens, max_frames={self.max_frames}, "
+            f"cuda_graphs: buckets={list(self.buckets)} tokens, frames={list(self.frames)}, "
             f"captured={sorted(self._graphs)}"
         )
 
@@ -196,27 +216,40 @@ class CudaGraphedViT(nn.Module):
             and m.device.type == "cuda"
         )
 
-    def segments_for(self, tokens: int) -> int:
-        """S_b of a bucket: ``max_frames`` real segments plus the padding segments it can need."""
+    def segments_for(self, tokens: int, frames: int | None = None) -> int:
+        """S_b of a bucket: ``frames`` (default ``max_frames``) real segments plus the padding
+        segments it can need."""
         i = self.buckets.index(tokens)
         most_padding = tokens - (self.buckets[i - 1] + 1 if i else 1)
-        return self.max_frames + max(1, -(-most_padding // self.pad_segment))
+        return (self.max_frames if frames is None else frames) + max(1, -(-most_padding // self.pad_segment))
 
     def bucket_for(self, num_tokens: int, num_frames: int) -> int | None:
+        """T_b of a batch: the smallest token bucket that holds it (None: none, or too many frames)."""
         if num_frames > self.max_frames:
             return None
         return next((b for b in self.buckets if b >= num_tokens), None)
 
+    def frames_for(self, num_frames: int) -> int | None:
+        """F_b of a batch: the smallest frame bucket that holds its frames (None: more than max_frames)."""
+        return next((f for f in self.frames if f >= num_frames), None)
+
     # -- capture ----------------------------------------------------------------------------------
 
-    def capture(self, buckets: Sequence[int] | None = None) -> "CudaGraphedViT":
-        """Capture the graphs of ``buckets`` (default: all) now, largest first (they share one pool)."""
+    def capture(self, buckets: Sequence[int] | None = None, frames: Sequence[int] | None = None) -> "CudaGraphedViT":
+        """Capture the graphs of ``buckets`` (default: all) x ``frames`` (frame buckets; default
+        ``max_frames`` alone, which serves every batch) now, largest first (they share one pool).
+        A pair not captured here is captured on its first use."""
         self._check_state()
+        frames = (self.max_frames,) if frames is None else frames
+        for f in frames:
+            if f not in self.frames:
+                raise ValueError(f"{f} is not one of this model's frame buckets {list(self.frames)}")
         for b in sorted(buckets or self.buckets, reverse=True):
             if b not in self.buckets:
                 raise ValueError(f"{b} is not one of this model's buckets {list(self.buckets)}")
-            if b not in self._graphs:
-                self._graphs[b] = self._capture_one(b)
+            for f in sorted(frames, reverse=True):
+                if (b, f) not in self._graphs:
+                    self._graphs[(b, f)] = self._capture_one(b, f)
         return self
 
     def _check_state(self) -> None:
@@ -236,9 +269,9 @@ class CudaGraphedViT(nn.Module):
             t = self._buffers[name] = torch.full(shape, fill, device=m.device, dtype=m.dtype)
         return t
 
-    def _static(self, tokens: int) -> _Graph:
+    def _static(self, tokens: int, frames: int) -> _Graph:
         m, dev = self.model, self.model.device
-        S = self.segments_for(tokens)
+        S = self.segments_for(tokens, frames)
         D, P = m.hidden_size, m.num_prefix
         T_max = self.buckets[-1]
         # A capture-time layout: every segment the same length (the values are read at replay).
@@ -264,7 +297,7 @@ class CudaGraphedViT(nn.Module):
             frame_of_token=torch.zeros(tokens, dtype=torch.long, device=dev),
         )
         steps = torch.arange(1, S + 1, dtype=torch.int32, device=dev) * self.pad_segment
-        return _Graph(tokens, S, self._shared("x", (T_max, D), 0.0)[:tokens], cu, steps, rope, meta)
+        return _Graph(tokens, frames, S, self._shared("x", (T_max, D), 0.0)[:tokens], cu, steps, rope, meta)
 
     def _pool_in_graph(self) -> bool:
         # The attention-pool heads (SigLIP2's MAP head, AIMv2's) read per-segment queries and run in
@@ -289,17 +322,17 @@ class CudaGraphedViT(nn.Module):
         out.copy_(x)
         return out, pooled
 
-    def _capture_one(self, tokens: int) -> _Graph:
+    def _capture_one(self, tokens: int, frames: int) -> _Graph:
         was_training = self.model.training
         self.model.eval()  # a graph serves only eval-mode calls: capture that path
         try:
-            return self._capture_eval(tokens)
+            return self._capture_eval(tokens, frames)
         finally:
             self.model.train(was_training)
 
-    def _capture_eval(self, tokens: int) -> _Graph:
+    def _capture_eval(self, tokens: int, frames: int) -> _Graph:
         with torch.inference_mode(False), torch.no_grad():
-            g = self._static(tokens)
+            g = self._static(tokens, frames)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             # Warm-up on a side stream (Triton and CuTe compile on first use, cuBLAS picks its
@@ -339,13 +372,13 @@ class CudaGraphedViT(nn.Module):
         if meta is None:
             return self._eager(hidden_states, batch, output_layers, return_dict)
         T, F = meta.num_tokens, meta.num_frames
-        tokens = self.bucket_for(T, F)
-        if tokens is None:
+        tokens, frames = self.bucket_for(T, F), self.frames_for(F)
+        if tokens is None or frames is None:
             return self._eager(hidden_states, batch, output_layers, return_dict)
         self._check_state()
-        if tokens not in self._graphs:
-            self.capture([tokens])
-        g = self._graphs[tokens]
+        if (tokens, frames) not in self._graphs:
+            self.capture([tokens], [frames])
+        g = self._graphs[(tokens, frames)]
 
         x, rope = m.embed(hidden_states.to(m.dtype), meta, batch.tables)  # (T, D)
         g.x[:T].copy_(x)
@@ -373,6 +406,7 @@ def capture(
     buckets: Sequence[int] | None = None,
     max_frames: int = DEFAULT_MAX_FRAMES,
     pad_segment: int = PAD_SEGMENT,
+    frames: Sequence[int] | None = None,
     lazy: bool = False,
 ) -> CudaGraphedViT:
     """Wrap ``model`` (on CUDA, in eval mode, attention other than ``sdpa``) so that its inference
@@ -380,9 +414,12 @@ def capture(
 
     ``buckets``: token counts to capture (default ``token_buckets(max_tokens)``: 1024 up to
     ``max_tokens`` in steps of 1.125x); ``max_frames``: the most frames (attention segments) a batch
-    may have to use a graph; ``lazy``: capture each bucket on its first use instead of now (a capture
-    costs about two forwards of that size)."""
-    graphed = CudaGraphedViT(model, buckets or token_buckets(max_tokens), max_frames, pad_segment)
+    may have to use a graph; ``frames``: the frame buckets (default ``frame_buckets(max_frames)``:
+    1, 2, 4, ... max_frames). Captured now: every token bucket with ``max_frames`` frames, which
+    serves any batch; a batch of fewer frames gets the graph of its own (tighter) frame bucket,
+    captured on its first use. ``lazy``: capture everything on first use instead (a capture costs
+    about three forwards of that size)."""
+    graphed = CudaGraphedViT(model, buckets or token_buckets(max_tokens), max_frames, pad_segment, frames)
     if not lazy:
         if model.device.type != "cuda" or model.attn_backend == "sdpa":
             raise ValueError(

@@ -54,8 +54,22 @@ def test_cpu_model_runs_eagerly():
     assert graphed.fallbacks == 2 and graphed.replays == 0
     assert out.pooler_output.shape == (3, model.hidden_size)
     assert graphed.config is model.config and "cuda_graphs: buckets=[256]" in repr(graphed)
-    # A bucket's segments: max_frames real ones plus room for its padding in 256-token segments.
-    assert cuda_graphs.CudaGraphedViT(model, (1024, 2048), max_frames=8).segments_for(2048) == 8 + 4
+    # A bucket's segments: max_frames (or its frame bucket's) real ones plus room for its padding in
+    # 256-token segments.
+    graphed = cuda_graphs.CudaGraphedViT(model, (1024, 2048), max_frames=8)
+    assert graphed.segments_for(2048) == 8 + 4 and graphed.segments_for(2048, 2) == 2 + 4
+    assert graphed.frames == (1, 2, 4, 8) and [graphed.frames_for(f) for f in (1, 3, 5, 8, 9)] == [1, 4, 8, 8, None]
+
+
+def test_frame_buckets():
+    assert cuda_graphs.frame_buckets() == (1, 2, 4, 8, 16, 32, 64, 128)
+    assert cuda_graphs.frame_buckets(6) == (1, 2, 4, 6) and cuda_graphs.frame_buckets(1) == (1,)
+    model = _tiny()
+    assert cuda_graphs.CudaGraphedViT(model, (256,), max_frames=24, frames=(24, 4)).frames == (4, 24)
+    with pytest.raises(ValueError, match="ending at max_frames=8"):
+        cuda_graphs.CudaGraphedViT(model, (256,), max_frames=8, frames=(2, 4))
+    with pytest.raises(ValueError, match="max_frames >= 1"):
+        cuda_graphs.frame_buckets(0)
 
 
 class _FakeGraph:
@@ -143,7 +157,16 @@ def test_graph_path_on_cpu_equals_eager(graphs_on_cpu, family, extra):
         assert not out.hidden_states and len(eager.hidden_states) == 1
     # The plain calls replayed; asking for hidden state -1 of an untruncated model runs eagerly.
     assert graphed.replays == 6 and graphed.fallbacks == 3
-    assert sorted(graphed._graphs) == [256, 512]  # captured on first use, then replayed
+    # Captured on first use, then replayed: one graph per (token bucket, frame bucket) a batch needs,
+    # its segment slots the frame bucket's plus the padding's (3 frames -> 4, 5 -> 8, 2 -> 2).
+    assert sorted(graphed._graphs) == [(256, 4), (256, 8), (512, 2)]
+    assert [g.segments for _, g in sorted(graphed._graphs.items())] == [4 + 4, 8 + 4, 2 + 4]
+    # capture() ahead of use: max_frames alone by default (it serves any batch), or the frames asked.
+    ahead = cuda_graphs.CudaGraphedViT(model, (256, 512), max_frames=8, pad_segment=64).capture()
+    assert sorted(ahead._graphs) == [(256, 8), (512, 8)]
+    assert sorted(ahead.capture([512], [2, 4])._graphs) == [(256, 8), (512, 2), (512, 4), (512, 8)]
+    with pytest.raises(ValueError, match="not one of this model's frame buckets"):
+        ahead.capture(frames=[3])
     # A truncated tower's last hidden state is its output: served by the graph.
     model.truncate(1)
     graphed = cuda_graphs.CudaGraphedViT(model, (256,), max_frames=8, pad_segment=64)
@@ -174,7 +197,7 @@ def test_fp8_changes_drop_the_graphs(graphs_on_cpu):
     px = torch.randn(27, model.patch_dim).to(torch.bfloat16)
     captures = []
     capture_one = graphed._capture_one
-    graphed._capture_one = lambda tokens: captures.append(tokens) or capture_one(tokens)
+    graphed._capture_one = lambda tokens, frames: captures.append(tokens) or capture_one(tokens, frames)
 
     def run():
         with torch.no_grad():

@@ -62,13 +62,16 @@ def test_graphs_match_eager(family):
     model = _model(family)
     graphed = cuda_graphs.capture(model, buckets=BUCKETS, max_frames=16)
     assert "cuda_graphs: buckets=[256, 1024, 2048]" in repr(graphed)
-    assert sorted(graphed._graphs) == list(BUCKETS)
+    assert sorted(graphed._graphs) == [(b, 16) for b in BUCKETS]  # max_frames: serves any batch
+    wide = cuda_graphs.capture(model, buckets=BUCKETS, max_frames=16, frames=(16,))  # one frame bucket
     grids = [GRID, ((1, 9, 9),), ((1, 30, 40),), GRID[:2]]
     with torch.inference_mode():
         for i, grid in enumerate(grids):
             px = _pixels(model, grid, seed=i)
             ref = model(px, grid, return_dict=True)
             out = graphed(px, grid, return_dict=True)
+            # The batch's own frame bucket (fewer empty segments) against max_frames' graph.
+            _assert_close(out.last_hidden_state, wide(px, grid), f"{family} {grid} frame buckets")
             _assert_close(out.last_hidden_state, ref.last_hidden_state, f"{family} {grid} patches")
             if ref.pooler_output is not None:
                 _assert_close(out.pooler_output, ref.pooler_output, f"{family} {grid} pooler")
@@ -78,6 +81,8 @@ def test_graphs_match_eager(family):
             again = graphed(px, grid)
             assert torch.equal(again, out.last_hidden_state)
     assert graphed.replays == 2 * len(grids) and graphed.fallbacks == 0
+    # Each batch got a graph of its own frame bucket (6 frames -> 8, 1 -> 1, 2 -> 2), captured on use.
+    assert {(2048, 8), (256, 1), (2048, 1), (1024, 2)} <= set(graphed._graphs)
 
 
 @pytest.mark.parametrize("family", ["siglip2", "dinov3"])
