@@ -663,26 +663,40 @@ def _fidelity(fam, m32, mbf, m8) -> None:
             )
 
 
-# The model part's variants: name -> (set_fp8 arguments or None for bf16, modes, CUDA graphs, free
-# quantisation: ``free_quantisation``, the ceiling of any fused quantisation).
+# The model part's variants: name -> (set_fp8 arguments or None for bf16, modes, CUDA graphs, what
+# runs differently: None, "freeq" (``free_quantisation``, the ceiling of any fused quantisation) or
+# "unpadded" (fc2's e4m3 rows not padded to ``fp8.PAD_K_MULTIPLE``)).
 # "fp8": the crossovers (this run's sweep, if it ran first); "fp8_unfused": the same with each linear
 # quantising its own input (``fp8.FUSE_INPUT_QUANT`` off: inference only, as the fusion is);
 # "fp8_all": every linear FP8 whatever its crossover, training with this process's weight-gradient
 # recipe (``fp8.WGRAD``) and, as "fp8_all_other_wgrad", with the other one; "*_graphs": the forward
 # replayed from a CUDA graph of one bucket just above the batch (``packvit.cuda_graphs``), which
 # takes the host's launch cost out; "*_freeq": every linear FP8 with its quantisation free (the
-# ceiling: what FP8 linears could give if every quantisation were fused into its producer at no cost).
+# ceiling: what FP8 linears could give if every quantisation were fused into its producer at no cost);
+# "fp8_unpadded": the crossovers with fc2's e4m3 input not padded (SigLIP2's 4304 columns, as before).
 MODEL_VARIANTS = {
-    "bf16": (None, ("infer", "train"), False, False),
-    "fp8": ({}, ("infer", "train"), False, False),
-    "fp8_unfused": ({}, ("infer",), False, False),
-    "fp8_all": ({"min_tokens": 0}, ("infer", "train"), False, False),
-    "fp8_all_other_wgrad": ({"min_tokens": 0}, ("train",), False, False),
-    "bf16_graphs": (None, ("infer",), True, False),
-    "fp8_graphs": ({}, ("infer",), True, False),
-    "fp8_all_freeq": ({"min_tokens": 0}, ("infer", "train"), False, True),
-    "fp8_all_freeq_other_wgrad": ({"min_tokens": 0}, ("train",), False, True),
+    "bf16": (None, ("infer", "train"), False, None),
+    "fp8": ({}, ("infer", "train"), False, None),
+    "fp8_unfused": ({}, ("infer",), False, None),
+    "fp8_unpadded": ({}, ("infer",), False, "unpadded"),
+    "fp8_all": ({"min_tokens": 0}, ("infer", "train"), False, None),
+    "fp8_all_other_wgrad": ({"min_tokens": 0}, ("train",), False, None),
+    "bf16_graphs": (None, ("infer",), True, None),
+    "fp8_graphs": ({}, ("infer",), True, None),
+    "fp8_all_freeq": ({"min_tokens": 0}, ("infer", "train"), False, "freeq"),
+    "fp8_all_freeq_other_wgrad": ({"min_tokens": 0}, ("train",), False, "freeq"),
 }
+
+
+@contextlib.contextmanager
+def unpadded_rows():
+    """fc2's e4m3 rows as wide as its input (no zero columns): ``fp8.PAD_K_MULTIPLE`` 16."""
+    saved = fp8.PAD_K_MULTIPLE
+    fp8.PAD_K_MULTIPLE = 16
+    try:
+        yield
+    finally:
+        fp8.PAD_K_MULTIPLE = saved
 
 
 @contextlib.contextmanager
@@ -725,6 +739,9 @@ def free_quantisation():
             setattr(mod, name, fn)
 
 
+VARIANT_CONTEXT = {None: contextlib.nullcontext, "freeq": free_quantisation, "unpadded": unpadded_rows}
+
+
 def part_models(families, backend: str, variants=None, modes=("infer", "train")) -> None:
     """``MODEL_VARIANTS`` (or the ``variants`` named) in the ``modes`` given; "bf16" always runs, as
     the ratios' base."""
@@ -743,7 +760,7 @@ def part_models(families, backend: str, variants=None, modes=("infer", "train"))
         for wl, grid in (("mixed32", g32), ("mixed64", g64)):
             px = _pixels(mbf, grid, 2)
             res = {}
-            for name, (args, var_modes, graphs, free) in chosen.items():
+            for name, (args, var_modes, graphs, how) in chosen.items():
                 fp8.FUSE_INPUT_QUANT = name != "fp8_unfused"
                 fp8.WGRAD = other if name.endswith("_other_wgrad") else wgrad
                 if args is None:
@@ -756,7 +773,7 @@ def part_models(families, backend: str, variants=None, modes=("infer", "train"))
                     target = cuda_graphs.capture(mbf, buckets=(-(-tokens // 256) * 256,))
                 for mode in (m for m in var_modes if m in modes):
                     torch.cuda.empty_cache()
-                    with free_quantisation() if free else contextlib.nullcontext():
+                    with VARIANT_CONTEXT[how]():
                         r = measure(model_step(target, px, grid, mode), DEV, warmup=4, iters=10)
                     res[(name, mode)] = r
                     emit(

@@ -489,15 +489,17 @@ def swiglu(h: torch.Tensor) -> torch.Tensor:
     return _SwiGLUFn.apply(h)
 
 
-def gelu_fp8(h: torch.Tensor, approximate: str) -> FP8Rows:
-    """``F.gelu(h, approximate=...)`` as ``FP8Rows`` for an FP8 fc2 (inference), in one kernel."""
-    q, scale = _kernels().gelu_fwd_fp8(h, approximate)
+def gelu_fp8(h: torch.Tensor, approximate: str, width: int | None = None) -> FP8Rows:
+    """``F.gelu(h, approximate=...)`` as ``FP8Rows`` for an FP8 fc2 (inference), in one kernel; with
+    ``width``, padded with zero columns to it (the fc2's ``rows_width``)."""
+    q, scale = _kernels().gelu_fwd_fp8(h, approximate, width)
     return FP8Rows(q, scale, h.dtype)
 
 
-def swiglu_fp8(h: torch.Tensor) -> FP8Rows:
-    """``swiglu`` as ``FP8Rows`` for an FP8 fc2 (inference), in one kernel."""
-    q, scale = _kernels().swiglu_fwd_fp8(h)
+def swiglu_fp8(h: torch.Tensor, width: int | None = None) -> FP8Rows:
+    """``swiglu`` as ``FP8Rows`` for an FP8 fc2 (inference), in one kernel; with ``width``, padded
+    with zero columns to it (the fc2's ``rows_width``)."""
+    q, scale = _kernels().swiglu_fwd_fp8(h, width)
     return FP8Rows(q, scale, h.dtype)
 
 

@@ -137,7 +137,7 @@ class Mlp(nn.Module):
         """The activation of fc1's output h (T, hidden); for an FP8 fc2 that will run FP8, written as
         its e4m3 rows in the same pass where packvit's kernel runs (``fp8.wants_fp8_input``)."""
         if self.fused_gelu_fp8 == "triton" and fused_ops.runs_fused(h) and wants_fp8_input(self.fc2, h.shape[0]):
-            return fused_ops.gelu_fp8(h, GELU_APPROXIMATE[self.act_name])
+            return fused_ops.gelu_fp8(h, GELU_APPROXIMATE[self.act_name], self.fc2.rows_width)
         return self.act(h)
 
     def extra_repr(self) -> str:
@@ -207,7 +207,7 @@ class GatedMlp(nn.Module):
             # One pass over h instead of three kernels (silu, product, and their reads of the halves);
             # for an FP8 fc2 it writes fc2's e4m3 input (``fp8.wants_fp8_input``).
             if self.fused == "triton" and wants_fp8_input(self.fc2, h.shape[0]):
-                return self.fc2(fused_ops.swiglu_fp8(h))
+                return self.fc2(fused_ops.swiglu_fp8(h, self.fc2.rows_width))
             return self.fc2(fused_ops.swiglu(h))
         gate, up = h.chunk(2, dim=-1)
         return self.fc2(self.act(gate) * up)

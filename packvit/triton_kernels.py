@@ -71,7 +71,8 @@ def _row_split(n: int) -> tuple[int, int]:
 
 @triton.jit
 def _store_e4m3_two(oa, ob, Q, QS, r64, ca, cb, ma, mb, rows, live, N, BLOCK_B: tl.constexpr):
-    # ``_store_e4m3_rows`` for a row held as two tiles (ob unused when BLOCK_B is 0).
+    # ``_store_e4m3_rows`` for a row held as two tiles (ob unused when BLOCK_B is 0), into Q of row
+    # stride N, where ma / mb are true.
     # oa, ob are 0 where masked (the activations map a masked load's 0 to 0). No clamp: as in
     # ``_store_e4m3_rows``, the cast saturates.
     amax = tl.max(tl.abs(oa), axis=1)
@@ -650,10 +651,20 @@ def _act_tile(Hx, r64, cols, mask, N, ACT: tl.constexpr):
 
 @triton.jit
 def _act_fwd_fp8_kernel(
-    Hx, Q, QS, M, N, BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, ACT: tl.constexpr
+    Hx,
+    Q,
+    QS,
+    M,
+    N,
+    N_OUT,
+    BLOCK_M: tl.constexpr,
+    BLOCK_A: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    ACT: tl.constexpr,
 ):
     # The activation (SwiGLU over h's [gate; up] halves, or GELU) over whole rows as two tiles, its
-    # output rounded to h's dtype, then e4m3 rows and their scales.
+    # output rounded to h's dtype, then e4m3 rows and their scales. The rows are N_OUT >= N wide:
+    # columns N.. are zeros (the activations map a masked load's 0 to 0), padding for the GEMM.
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     live = rows < M
     r64 = rows.to(tl.int64)[:, None]
@@ -665,33 +676,40 @@ def _act_fwd_fp8_kernel(
         cb = BLOCK_A + tl.arange(0, BLOCK_B)
         mb = live[:, None] & (cb < N)[None, :]
         ob = _act_tile(Hx, r64, cb, mb, N, ACT)
-    _store_e4m3_two(oa, ob, Q, QS, r64, ca, cb, ma, mb, rows, live, N, BLOCK_B)
+    sa = live[:, None] & (ca < N_OUT)[None, :]
+    sb = live[:, None] & (cb < N_OUT)[None, :]
+    _store_e4m3_two(oa, ob, Q, QS, r64, ca, cb, sa, sb, rows, live, N_OUT, BLOCK_B)
 
 
-def _act_fwd_fp8(h: torch.Tensor, N: int, act: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _act_fwd_fp8(h: torch.Tensor, N: int, act: int, width: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     h = h.contiguous()
     M = h.shape[0]
-    q = torch.empty(M, N, dtype=torch.float8_e4m3fn, device=h.device)
+    width = N if width is None else width
+    if width < N:
+        raise ValueError(f"width must be at least the activation's {N} columns, got {width}")
+    q = torch.empty(M, width, dtype=torch.float8_e4m3fn, device=h.device)
     scale = torch.empty(M, 1, dtype=torch.float32, device=h.device)
     if M:
-        block_a, block_b = _row_split(N)
+        block_a, block_b = _row_split(width)
         bm = 1 << max(0, (2048 // (block_a + block_b)).bit_length() - 1)  # rows a program: a power of two
         _act_fwd_fp8_kernel[(triton.cdiv(M, bm),)](
-            h, q, scale, M, N, BLOCK_M=bm, BLOCK_A=block_a, BLOCK_B=block_b, ACT=act, num_warps=_ACT_FP8_WARPS
+            h, q, scale, M, N, width, BLOCK_M=bm, BLOCK_A=block_a, BLOCK_B=block_b, ACT=act, num_warps=_ACT_FP8_WARPS
         )
     return q, scale
 
 
-def swiglu_fwd_fp8(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def swiglu_fwd_fp8(h: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """h (T, 2H) -> silu(gate) * up as e4m3 rows (T, H) and their fp32 scales (T, 1), bit for bit
-    ``fp8_kernels.quantize_rows(swiglu_fwd(h))`` (inference)."""
-    return _act_fwd_fp8(h, h.shape[1] // 2, _SWIGLU)
+    ``fp8_kernels.quantize_rows(swiglu_fwd(h))`` (inference). ``width`` > H: the rows padded with
+    zero columns to that width (``fp8.padded_k``)."""
+    return _act_fwd_fp8(h, h.shape[1] // 2, _SWIGLU, width)
 
 
-def gelu_fwd_fp8(h: torch.Tensor, approximate: str) -> tuple[torch.Tensor, torch.Tensor]:
+def gelu_fwd_fp8(h: torch.Tensor, approximate: str, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """h (T, H) -> gelu(h) (``approximate`` "tanh" or "none", as ``F.gelu``) as e4m3 rows (T, H) and
-    their fp32 scales (T, 1): ``fp8_kernels.quantize_rows(F.gelu(h))`` in one kernel (inference)."""
-    return _act_fwd_fp8(h, h.shape[1], _GELU_TANH if approximate == "tanh" else _GELU_ERF)
+    their fp32 scales (T, 1): ``fp8_kernels.quantize_rows(F.gelu(h))`` in one kernel (inference).
+    ``width`` > H: the rows padded with zero columns to that width (``fp8.padded_k``)."""
+    return _act_fwd_fp8(h, h.shape[1], _GELU_TANH if approximate == "tanh" else _GELU_ERF, width)
 
 
 def swiglu_bwd(do: torch.Tensor, h: torch.Tensor, with_output: bool = False):

@@ -427,6 +427,16 @@ def test_fp8_rows_input_and_when_it_is_wanted(monkeypatch):
         assert rows.shape == x.shape and lin.uses_fp8(rows)
         assert torch.equal(lin(rows), y)
         assert torch.equal(lin(rows, None), lin(x, None))  # a replaced bias, as the fused qkv's
+        # Rows padded with zero columns (what the activation kernels write, ``rows_width``): the
+        # weight is padded to match, the output the same; narrower rows than K are refused.
+        assert lin.rows_width == fp8.padded_k(64) == 128 and fp8.padded_k(4304) == 4352 and fp8.padded_k(1152) == 1152
+        wide = torch.zeros(40, lin.rows_width, dtype=torch.uint8)
+        wide[:, :64] = rows.q.view(torch.uint8)
+        padded = fp8.FP8Rows(wide.view(fp8.E4M3), rows.scale, torch.bfloat16)
+        assert torch.equal(lin(padded), y) and lin._fp8_weight[1].shape == (96, 128)
+        assert torch.equal(lin(x), y) and lin._fp8_weight[1].shape == (96, 64)  # one copy kept, as wide as used
+        with pytest.raises(ValueError, match="FP8Rows of 32 columns for a linear of in_features=64"):
+            lin(fp8.FP8Rows(rows.q[:, :32], rows.scale, torch.bfloat16))
         assert fp8.wants_fp8_input(lin, 32) and not fp8.wants_fp8_input(lin, 31)
         assert not fp8.wants_fp8_input(ref, 10**6)  # a plain nn.Linear
         monkeypatch.setattr(fp8, "FUSE_INPUT_QUANT", False)
@@ -481,10 +491,17 @@ for D, res, gamma, bias, rms in [(48, True, True, True, False), (40, False, Fals
         rows = fused_ops.norm_fp8(x, w, b, 1e-6, rms)
     assert rows.dtype == bf16 and rows.shape == (T, D)
     same_rows(rows.q, rows.scale, y, f"norm D={D} res={res} rms={rms}")
+def same_padded(rows, wide, what):  # rows written wider: the same codes, then zero columns; same scales
+    n = rows.q.shape[1]
+    assert wide.q.shape == (rows.q.shape[0], 384), what
+    assert torch.equal(wide.q[:, :n].view(torch.uint8), rows.q.view(torch.uint8)), what
+    assert (wide.q[:, n:].view(torch.uint8) == 0).all() and torch.equal(wide.scale, rows.scale), what
+
 for H in (300, 256):  # SwiGLU: a hidden width that is no power of two (two tiles a row), and one that is
     h = torch.randn(7, 2 * H).to(bf16)
     rows = fused_ops.swiglu_fp8(h)
     same_rows(rows.q, rows.scale, K.swiglu_fwd(h), f"swiglu H={H}")
+    same_padded(rows, fused_ops.swiglu_fp8(h, 384), f"swiglu H={H} padded")
 # GELU (both of torch's formulas) as fc2's e4m3 input. Its tanh GELU is not torch's expression (it
 # goes through the sigmoid), its erf is libdevice's erff written out (the interpreter has no
 # ex2.approx), and the interpreter's bf16 and e4m3 casts are not the hardware's, so here only the
@@ -497,6 +514,7 @@ for approx, H in (("tanh", 300), ("none", 300), ("tanh", 256)):
     assert rows.q.shape == h.shape and rows.dtype == bf16
     torch.testing.assert_close(rows.scale, fp8.quantize_rows_reference(g)[1], rtol=1e-2, atol=0)
     assert (rows.q[2].float() == 0).all()
+    same_padded(rows, fused_ops.gelu_fp8(h, approx, 384), f"gelu {approx} H={H} padded")
 
 # Whole tiny models in bf16 on their fused route (forced on the CPU) with every linear in FP8: the
 # output with the quantisation fused equals the one with each linear quantising its own input.
@@ -553,6 +571,13 @@ for m in (DINOv3(DINOv3Config(hidden_size=64, num_layers=2, num_heads=4, interme
         with torch.no_grad():
             out = m(px, grid)
         assert calls.count("gelu_fp8") == len(m.blocks) and torch.isfinite(out.float()).all(), calls
+        # fc2's rows padded with zero columns (SigLIP2's 80 -> 128 here, 4304 -> 4352 at its real
+        # size) give the output of unpadded rows
+        fp8.PAD_K_MULTIPLE = 16
+        with torch.no_grad():
+            unpadded = m(px, grid)
+        fp8.PAD_K_MULTIPLE = 128
+        assert torch.equal(out, unpadded), type(m).__name__
 print("ok")
 """
 

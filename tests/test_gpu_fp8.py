@@ -330,6 +330,10 @@ def test_fp8_gelu_kernel_against_the_unfused_quantisation(H, approximate):
 
     h = (torch.randn(3001, H, device=DEV) * 3).to(BF16)
     rows = fused_ops.gelu_fp8(h, approximate)
+    # Padded with zero columns for the GEMM (SigLIP2's fc2: 4304 -> 4352): the same codes and scales.
+    wide = fused_ops.gelu_fp8(h, approximate, fp8.padded_k(H + 1))
+    assert torch.equal(wide.q[:, :H].view(torch.uint8), rows.q.view(torch.uint8))
+    assert (wide.q[:, H:].view(torch.uint8) == 0).all() and torch.equal(wide.scale, rows.scale)
     qr, sr = fp8.quantize_rows(F.gelu(h, approximate=approximate))
     if approximate == "none":
         assert torch.equal(rows.q.view(torch.uint8), qr.view(torch.uint8)) and torch.equal(rows.scale, sr)
@@ -339,6 +343,27 @@ def test_fp8_gelu_kernel_against_the_unfused_quantisation(H, approximate):
     torch.testing.assert_close(rows.scale, sr, rtol=1e-2, atol=0)
     deq, ref = rows.q.float() * rows.scale, qr.float() * sr
     assert ((deq - ref).abs().amax(1) <= ref.abs().amax(1) / 8 + 1e-30).all()
+
+
+def test_padded_rows_give_the_linears_output():
+    """SigLIP2's fc2 (4304 -> 1152) fed e4m3 rows padded with zero columns to 4352, as its GELU kernel
+    writes them, against the same rows unpadded: the GEMM runs another K (and may accumulate in
+    another order), the products are the same."""
+    torch.manual_seed(0)
+    lin = nn.Linear(4304, 1152).to(DEV, BF16)
+    lin.__class__ = fp8.FP8Linear
+    lin._init_fp8(0, 0)
+    x = torch.randn(3001, 4304, device=DEV).to(BF16)
+    q, s = fp8.quantize_rows(x)
+    wide = torch.zeros(3001, lin.rows_width, dtype=torch.uint8, device=DEV)
+    wide[:, :4304] = q.view(torch.uint8)
+    with torch.inference_mode():
+        y = lin(fp8.FP8Rows(q, s, BF16))
+        yp = lin(fp8.FP8Rows(wide.view(fp8.E4M3), s, BF16))
+    assert lin.rows_width == 4352 and lin._fp8_weight[1].shape == (1152, 4352)
+    cos = F.cosine_similarity(yp.float(), y.float(), dim=-1)
+    assert cos.min() >= 0.99999, cos.min()
+    assert (yp.float() - y.float()).abs().max() <= 0.01 * y.float().abs().max()
 
 
 @pytest.mark.parametrize("family", ["siglip2", "dinov3", "aimv2"])
