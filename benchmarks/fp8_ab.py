@@ -769,8 +769,12 @@ def part_models(families, backend: str, variants=None, modes=("infer", "train"))
                     mbf.set_fp8(**args)
                 target = mbf
                 if graphs:
+                    # the bucket just above the batch, and one 256 tokens below it: a graph's padding
+                    # segments are sized for the most padding its bucket can see (the whole bucket, were
+                    # it the only one), and FA4 pays for every segment slot (``cuda_graphs``)
                     tokens = int(px.shape[0]) + mbf.num_prefix * len(grid)
-                    target = cuda_graphs.capture(mbf, buckets=(-(-tokens // 256) * 256,))
+                    b = -(-tokens // 256) * 256
+                    target = cuda_graphs.capture(mbf, buckets=(b - 256, b), lazy=True)
                 for mode in (m for m in var_modes if m in modes):
                     torch.cuda.empty_cache()
                     with VARIANT_CONTEXT[how]():

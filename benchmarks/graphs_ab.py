@@ -91,10 +91,11 @@ def run(args, record):
         for without in ((), ("gelu_mlp",)):  # a second try without quack's GEMM, to tell what fails
             set_switches(model, set(SWITCHES) - set(without))
             try:
+                kw = {"frames": tuple(args.frames)} if args.frames else {}
                 graphed = (
-                    cuda_graphs.capture(model, buckets=tuple(args.bucket))
+                    cuda_graphs.capture(model, buckets=tuple(args.bucket), **kw)
                     if args.bucket
-                    else cuda_graphs.capture(model, max_tokens=args.max_tokens)
+                    else cuda_graphs.capture(model, max_tokens=args.max_tokens, **kw)
                 )
                 break
             except Exception as e:  # report exactly what fails (FA4's launch under capture, say)
@@ -326,6 +327,9 @@ def main(argv=None):
     p.add_argument("--backend", default="auto")
     p.add_argument("--max-tokens", type=int, default=cuda_graphs.DEFAULT_MAX_TOKENS)
     p.add_argument("--bucket", type=int, nargs="+", help="capture these token buckets only (else up to --max-tokens)")
+    p.add_argument(
+        "--frames", type=int, nargs="+", help="frame buckets (default: cuda_graphs.frame_buckets); 128: one, as before"
+    )
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--switches", action="store_true", help="also the eager A/B of this tree's switches (mixed32)")
