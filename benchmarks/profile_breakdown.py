@@ -93,6 +93,7 @@ def main() -> None:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--train", action="store_true")
     p.add_argument("--fp8", action="store_true", help="also the FP8 model (set_fp8(), measured crossovers)")
+    p.add_argument("--fp8-all", action="store_true", help="also the FP8 model with every linear FP8 (min_tokens 0)")
     p.add_argument("--no-bound", action="store_true", help="skip the bound's rows")
     p.add_argument("--host-profile", action="store_true", help="cProfile one step of each model row")
     p.add_argument("--top", type=int, default=8, help="kernels listed per category")
@@ -115,13 +116,14 @@ def main() -> None:
             x = torch.randn(wl.num_patches, pv.patch_dim, device=dev, dtype=dt)
             grid = torch.tensor(wl.grid)
             for mode in ("infer", "train") if a.train else ("infer",):
-                variants = [(what, False)] + ([(what + " fp8", True)] if a.fp8 else [])
+                variants = [(what, {"enabled": False})] + ([(what + " fp8", {})] if a.fp8 else [])
+                variants += [(what + " fp8 all", {"min_tokens": 0})] if a.fp8_all else []
                 # The host's time first, for every variant, before this process runs torch.profiler:
                 # after a profiler run the host stays slower (H200, 2026-12-03: DINOv3's FP8 forward
                 # 29.7 ms of host time measured after one, while its eager forward ran in 27.5 ms).
                 hosts = {}
-                for label, use_fp8 in variants:
-                    pv.set_fp8(use_fp8)
+                for label, fp8_args in variants:
+                    pv.set_fp8(**fp8_args)
                     step = model_step(pv, x, grid, mode)  # sets train / eval
                     for _ in range(3):
                         step()
@@ -129,8 +131,8 @@ def main() -> None:
                     if a.host_profile:
                         host_profile(step, f"{family} {name} {label} {mode}")
                 rows = {}
-                for label, use_fp8 in variants:
-                    pv.set_fp8(use_fp8)
+                for label, fp8_args in variants:
+                    pv.set_fp8(**fp8_args)
                     rows[label] = breakdown(model_step(pv, x, grid, mode), top_n=a.top, host=hosts[label])
                 pv.set_fp8(False)
                 if not a.no_bound:
