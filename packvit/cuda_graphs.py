@@ -6,7 +6,7 @@
 
 Why: an eager forward is a few hundred kernel launches, each through Python (FA4's CuTe launch path
 alone costs about 1.5 ms of host time a call on the H200); on a small batch the GPU waits for the host.
-A CUDA graph replays the whole blocks + final norm (+ attention-pool head) from one host call.
+A CUDA graph replays the whole blocks + final norm from one host call.
 
 How, as vLLM does for its vision encoders: a graph is captured per bucket of ``T_b`` tokens and
 ``F_b`` frames (``S_b`` attention segments: F_b plus room for the padding), on static buffers. A
@@ -122,7 +122,6 @@ class _Graph:
     meta: PackedMeta  # the bucket's metadata, over the static tensors
     graph: torch.cuda.CUDAGraph | None = None
     out: torch.Tensor | None = None  # (T_b, D) final-normed tokens (the last block's output if truncated)
-    pooled: torch.Tensor | None = None  # (S_b, D) the attention-pool head's output, or None
 
 
 class CudaGraphedViT(nn.Module):
@@ -299,13 +298,6 @@ class CudaGraphedViT(nn.Module):
         steps = torch.arange(1, S + 1, dtype=torch.int32, device=dev) * self.pad_segment
         return _Graph(tokens, frames, S, self._shared("x", (T_max, D), 0.0)[:tokens], cu, steps, rope, meta)
 
-    def _pool_in_graph(self) -> bool:
-        # The attention-pool heads (SigLIP2's MAP head, AIMv2's) read per-segment queries and run in
-        # the graph over all S_b segments (rows past F are dropped); DINOv3's pooled output is its
-        # CLS row, an index the eager side takes from the real metadata.
-        m = self.model
-        return m.has_pooler and m.num_prefix == 0 and getattr(m, "head", None) is not None
-
     def _body(self, g: _Graph):
         m = self.model
         x = g.x
@@ -315,12 +307,11 @@ class CudaGraphedViT(nn.Module):
             for block in m.blocks:
                 x = block(x, g.meta, g.rope, attn=m.attention)
         x = m.norm(x)
-        pooled = m.pool(x, g.meta) if self._pool_in_graph() else None
         # Into the shared output buffer: the graph's own (T_b, D) result goes back to the pool once
         # captured, for the next capture to reuse.
         out = self._shared("out", (self.buckets[-1], x.shape[1]), 0.0)[: g.tokens]
         out.copy_(x)
-        return out, pooled
+        return out
 
     def _capture_one(self, tokens: int, frames: int) -> _Graph:
         was_training = self.model.training
@@ -345,7 +336,7 @@ class CudaGraphedViT(nn.Module):
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
-                g.out, g.pooled = self._body(g)
+                g.out = self._body(g)
             g.graph = graph
         return g
 
@@ -390,9 +381,11 @@ class CudaGraphedViT(nn.Module):
         self.replays += 1
 
         x = g.out[:T].clone()  # (T, D) final-normed (a truncated tower's last hidden state)
-        pooled = g.pooled[:F].clone() if self._pool_in_graph() else None  # rows past F: padding segments
         layers = {n: x} if want else {}
-        return m.assemble_outputs(x, meta, layers, return_dict or output_layers is not None, pooled=pooled)
+        # The pooled output, where asked for, is pooled from x eagerly, as the model does: in the graph
+        # SigLIP2's MAP head (AIMv2's attention pool) would run on every call, asked for or not, over
+        # all S_b segments.
+        return m.assemble_outputs(x, meta, layers, return_dict or output_layers is not None)
 
     def _eager(self, hidden_states, grid_thw, output_layers, return_dict):
         self.fallbacks += 1

@@ -31,7 +31,7 @@ def _model(family: str, layers: int = 3):
     from weights_conversion.reference import randomize_
 
     fam = FAMILIES[family]
-    # AIMv2 with its attention-pool head, so that the graph holds a pooling head of each kind.
+    # AIMv2 with its attention-pool head, so that a pooling head of each kind runs on a graph's output.
     extra = {"use_head": True} if family == "aimv2" else {}
     cfg = fam.config_class.from_name(DEFAULT_PRESETS[family], num_layers=layers, **extra)
     torch.manual_seed(0)
