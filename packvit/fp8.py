@@ -383,7 +383,10 @@ class FP8Linear(nn.Linear):
 
     def _init_fp8(self, min_tokens: int, min_tokens_train: int) -> None:
         self.min_tokens, self.min_tokens_train = min_tokens, min_tokens_train
-        self._fp8_weight: tuple | None = None  # (key, e4m3 weight, scales); not a buffer: no state dict entry
+        self._fp8_weight: tuple | None = (
+            None  # (key, e4m3 weight, scales, ...) last used; not a buffer: no state dict entry
+        )
+        self._fp8_weights: dict[int, tuple] = {}  # width -> the same, for every width used since the weight changed
 
     @property
     def rows_width(self) -> int:
@@ -443,7 +446,8 @@ class FP8Linear(nn.Linear):
     def _weight_cache(self, width: int | None = None) -> tuple:
         # (key, e4m3 weight (N, width), scales (N, 1), and the views _scaled_mm takes: (width, N),
         # (1, N)). width: K (default), or K padded with zero columns for ``FP8Rows`` that are
-        # (``rows_width``). One copy is kept: the width the calls use.
+        # (``rows_width``). Each width used is kept until the weight changes: a CUDA graph holds the
+        # copy it captured by address (``cuda_graphs``), so a call at another width must not free it.
         w = self.weight
         width = self.in_features if width is None else width
         if width < self.in_features:
@@ -452,15 +456,21 @@ class FP8Linear(nn.Linear):
         # outside it): its storage is the key.
         key = (w.data_ptr(), None if w.is_inference() else w._version, w.dtype, w.device, w.shape)
         c = self._fp8_weight
-        if c is None or c[0] != key or c[1].shape[1] != width:
+        if c is not None and c[0] == key and c[1].shape[1] == width:
+            return c
+        if c is None or c[0] != key:
+            self._fp8_weights = {}
+        c = self._fp8_weights.get(width)
+        if c is None:
             with torch.inference_mode(False), torch.no_grad():  # a cache that outlives inference_mode
                 wq, sw = quantize_rows(w.detach())
                 if width != wq.shape[1]:  # e4m3 0 is byte 0: padded through a byte view
                     wp = torch.zeros(wq.shape[0], width, dtype=torch.uint8, device=wq.device)
                     wp[:, : wq.shape[1]] = wq.view(torch.uint8)
                     wq = wp.view(E4M3)
-            self._fp8_weight = (key, wq, sw, wq.t(), sw.view(1, -1))
-        return self._fp8_weight
+            c = self._fp8_weights[width] = (key, wq, sw, wq.t(), sw.view(1, -1))
+        self._fp8_weight = c
+        return c
 
     def extra_repr(self) -> str:
         def at(n):
@@ -529,7 +539,7 @@ def unconvert(model: nn.Module) -> None:
     """Every ``FP8Linear`` back to a plain ``nn.Linear`` (same parameters)."""
     for m in model.modules():
         if isinstance(m, FP8Linear):
-            del m._fp8_weight, m.min_tokens, m.min_tokens_train
+            del m._fp8_weight, m._fp8_weights, m.min_tokens, m.min_tokens_train
             m.__class__ = nn.Linear
 
 

@@ -434,7 +434,14 @@ def test_fp8_rows_input_and_when_it_is_wanted(monkeypatch):
         wide[:, :64] = rows.q.view(torch.uint8)
         padded = fp8.FP8Rows(wide.view(fp8.E4M3), rows.scale, torch.bfloat16)
         assert torch.equal(lin(padded), y) and lin._fp8_weight[1].shape == (96, 128)
-        assert torch.equal(lin(x), y) and lin._fp8_weight[1].shape == (96, 64)  # one copy kept, as wide as used
+        padded_copy = lin._fp8_weight[1]
+        assert torch.equal(lin(x), y) and lin._fp8_weight[1].shape == (96, 64)
+        # both widths kept (a CUDA graph may hold either by address) until the weight changes
+        assert lin(padded) is not None and lin._fp8_weight[1] is padded_copy and sorted(lin._fp8_weights) == [64, 128]
+        with torch.no_grad():
+            lin.weight.mul_(2.0)
+        lin(x)
+        assert sorted(lin._fp8_weights) == [64]
         with pytest.raises(ValueError, match="FP8Rows of 32 columns for a linear of in_features=64"):
             lin(fp8.FP8Rows(rows.q[:, :32], rows.scale, torch.bfloat16))
         assert fp8.wants_fp8_input(lin, 32) and not fp8.wants_fp8_input(lin, 31)
