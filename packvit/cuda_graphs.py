@@ -38,8 +38,9 @@ changes (``set_fp8``, and an FP8 linear's weight changed in place: a graph holds
 Results: real tokens get the same kernels as eager on the same values, except that the matmuls run
 with T_b rows instead of T (cuBLAS may pick another tiling, so outputs agree to bf16 rounding, and
 bitwise when T is a bucket size; the H200 run found them bitwise equal at every size tried). All
-graphs share one memory pool, captured largest first, and one input, output and RoPE buffer sized for
-the largest bucket, so they hold about one forward's activations at the largest bucket.
+graphs share one memory pool (those captured ahead, largest first; a frame bucket captured on first
+use reuses what the pool holds where it can) and one input, output and RoPE buffer sized for the
+largest bucket, so they hold about one forward's activations at the largest bucket.
 """
 
 from __future__ import annotations
