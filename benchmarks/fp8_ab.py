@@ -197,14 +197,14 @@ def part_gemm(ms=(23103, 65536)) -> None:
 
 
 def _pad_steps(x, w) -> dict:
-    """bf16 x @ w.T, and the same in e4m3 as ``packvit.fp8`` runs it (the quantisation not timed)."""
+    """bf16 x @ w.T, and the same in e4m3 as ``packvit.fp8`` runs it (row-wise scales, fast
+    accumulation; the quantisation not timed): ``part_gemm``'s steps of those two."""
     xq, sx = fp8.quantize_rows(x)
     wq, sw = fp8.quantize_rows(w)
+    one = torch.ones((), device=x.device)
     return {
-        "bf16_ms": lambda: x @ w.t(),
-        "fp8_ms": lambda: torch._scaled_mm(
-            xq, wq.t(), scale_a=sx, scale_b=sw.view(1, -1), out_dtype=BF16, use_fast_accum=True
-        ),
+        "bf16_ms": _gemm_steps(x, w)["bf16_ms"],
+        "fp8_ms": _scaled_mm_steps(xq, sx, wq, sw, one, True)["rowwise_fast1_ms"],
     }
 
 
