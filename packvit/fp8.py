@@ -143,13 +143,14 @@ def cast_cols_t_reference(x: torch.Tensor, amax: torch.Tensor, pad_to: int = 16)
 
 
 def quantize_rows_col_stats_reference(
-    x: torch.Tensor, col_sum: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``quantize_rows_reference`` of (M, K) x, its columns' amax (K,) fp32 and, with ``col_sum``,
-    their fp32 sums (K,): one read of x on the GPU (``fp8_kernels.quantize_rows_col_stats``)."""
+    x: torch.Tensor, col_sum: bool, amax: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``quantize_rows_reference`` of (M, K) x and, with ``amax``, its columns' amax (K,) fp32 and,
+    with ``col_sum``, their fp32 sums (K,) (None where not asked for): one read of x on the GPU
+    (``fp8_kernels.quantize_rows_col_stats``)."""
     q, s = quantize_rows_reference(x)
     x32 = x.float()
-    return q, s, x32.abs().amax(dim=0), (x32.sum(dim=0) if col_sum else None)
+    return q, s, (x32.abs().amax(dim=0) if amax else None), (x32.sum(dim=0) if col_sum else None)
 
 
 def _triton_runs(x: torch.Tensor) -> bool:
@@ -178,13 +179,13 @@ def quantize_cols_t(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_cols_t_reference(x)
 
 
-def quantize_rows_col_stats(x: torch.Tensor, col_sum: bool):
+def quantize_rows_col_stats(x: torch.Tensor, col_sum: bool, amax: bool = True):
     """``quantize_rows_col_stats_reference`` as one Triton kernel on CUDA (one read of x)."""
     if _triton_runs(x):
         from .fp8_kernels import quantize_rows_col_stats as kernel
 
-        return kernel(x, col_sum)
-    return quantize_rows_col_stats_reference(x, col_sum)
+        return kernel(x, col_sum, amax)
+    return quantize_rows_col_stats_reference(x, col_sum, amax)
 
 
 def cast_cols_t(x: torch.Tensor, amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -285,8 +286,8 @@ class _FP8Linear(torch.autograd.Function):
         fp8_dw = need_dw and x_amax is not None
         fp8_dx = need_dx and DGRAD == "fp8"
         dx = dw = db = dy_sum = None
-        if fp8_dw or (fp8_dx and need_db):  # one read of dy: its rows, column amax and column sums
-            dyq, sdy, dy_amax, dy_sum = quantize_rows_col_stats(dy, col_sum=need_db)
+        if fp8_dw or (fp8_dx and need_db):  # one read of dy: its rows, column amax and / or column sums
+            dyq, sdy, dy_amax, dy_sum = quantize_rows_col_stats(dy, col_sum=need_db, amax=fp8_dw)
         elif fp8_dx:
             dyq, sdy = quantize_rows(dy)  # per token row, over N
         if fp8_dx:

@@ -110,33 +110,34 @@ COL_STATS_FUSED_MIN_K = 2048
 
 
 def quantize_rows_col_stats(
-    x: torch.Tensor, col_sum: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``quantize_rows`` of (M, K) x plus its columns' amax (K,) fp32 and, with ``col_sum``, their
-    sums (K,) fp32: what the weight gradient's column-wise quantisation (``cast_cols_t``) and the
-    bias gradient need. From ``COL_STATS_FUSED_MIN_K`` columns on, in the same read as the rows."""
+    x: torch.Tensor, col_sum: bool, amax: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``quantize_rows`` of (M, K) x plus, with ``amax``, its columns' amax (K,) fp32 and, with
+    ``col_sum``, their sums (K,) fp32: what the weight gradient's column-wise quantisation
+    (``cast_cols_t``) and the bias gradient need (None where not asked for). From
+    ``COL_STATS_FUSED_MIN_K`` columns on, in the same read as the rows."""
     x = x.contiguous()
     M, K = x.shape
-    if K < COL_STATS_FUSED_MIN_K:
+    if K < COL_STATS_FUSED_MIN_K or not (amax or col_sum):
         q, s = quantize_rows(x)
-        return q, s, col_amax(x), (x.sum(0, dtype=torch.float32) if col_sum else None)
+        return q, s, (col_amax(x) if amax else None), (x.sum(0, dtype=torch.float32) if col_sum else None)
     q = torch.empty(M, K, dtype=torch.float8_e4m3fn, device=x.device)
     s = torch.empty(M, 1, dtype=torch.float32, device=x.device)
     if M == 0:
         zeros = torch.zeros(K, dtype=torch.float32, device=x.device)
-        return q, s, zeros, (zeros.clone() if col_sum else None)
+        return q, s, (zeros if amax else None), (zeros.clone() if col_sum else None)
     block_k, block_m = _row_tiles(K)
     blocks = triton.cdiv(M, block_m)
     sms = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device()) if x.is_cuda else 1
     per = triton.cdiv(blocks, max(1, min(blocks, COL_STATS_PROGRAMS_PER_SM * sms)))
     progs = triton.cdiv(blocks, per)
-    amax = torch.empty(progs, K, dtype=torch.float32, device=x.device)
-    sums = torch.empty(progs, K, dtype=torch.float32, device=x.device) if col_sum else amax
+    amaxes = torch.empty(progs, K, dtype=torch.float32, device=x.device) if amax else s
+    sums = torch.empty(progs, K, dtype=torch.float32, device=x.device) if col_sum else s
     _rows_kernel[(progs,)](
-        x, q, s, amax, sums, M, K, per,
-        BLOCK_M=block_m, BLOCK_K=block_k, FMAX=E4M3_MAX, EPS=EPS, COL_AMAX=True, COL_SUM=col_sum, num_warps=8,
+        x, q, s, amaxes, sums, M, K, per,
+        BLOCK_M=block_m, BLOCK_K=block_k, FMAX=E4M3_MAX, EPS=EPS, COL_AMAX=amax, COL_SUM=col_sum, num_warps=8,
     )  # fmt: skip
-    return q, s, amax.amax(0), (sums.sum(0) if col_sum else None)
+    return q, s, (amaxes.amax(0) if amax else None), (sums.sum(0) if col_sum else None)
 
 
 @triton.jit

@@ -92,6 +92,7 @@ def test_quantize_rows_col_stats_reference():
     assert torch.equal(q.float(), qr.float()) and torch.equal(s, sr)
     assert torch.equal(amax, x.float().abs().amax(0)) and torch.equal(sums, x.float().sum(0))
     assert fp8.quantize_rows_col_stats_reference(x, col_sum=False)[3] is None
+    assert fp8.quantize_rows_col_stats_reference(x, col_sum=True, amax=False)[2] is None
     # the column cast from that amax is the column quantisation
     for a, b in zip(fp8.cast_cols_t_reference(x, amax), fp8.quantize_cols_t_reference(x)):
         assert torch.equal(a.float(), b.float())
@@ -609,11 +610,16 @@ for M, K in [(37, 48), (130, 40), (9, 4304)]:
     x = (torch.randn(M, K) * torch.rand(K) * 5).to(torch.bfloat16)
     x[1] = 0
     FK.COL_STATS_PROGRAMS_PER_SM = 2
-    for col_sum, min_k in ((False, 0), (True, 0), (True, 1 << 30)):  # the fused row pass; separate passes
+    # the fused row pass (amax and / or sums), then separate passes
+    for col_sum, min_k, want_amax in ((False, 0, True), (True, 0, True), (True, 0, False), (True, 1 << 30, True)):
         FK.COL_STATS_FUSED_MIN_K = min_k
-        q, s, amax, sums = FK.quantize_rows_col_stats(x, col_sum)
+        q, s, amax, sums = FK.quantize_rows_col_stats(x, col_sum, amax=want_amax)
         qr, sr = FK.quantize_rows(x)  # the same rows, bit for bit, as the plain row kernel
         assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8)) and torch.equal(s, sr), (M, K)
+        if not want_amax:
+            assert amax is None
+            torch.testing.assert_close(sums, x.float().sum(0), rtol=1e-5, atol=1e-5)
+            continue
         assert torch.equal(amax, x.float().abs().amax(0)), (M, K)
         if col_sum:
             torch.testing.assert_close(sums, x.float().sum(0), rtol=1e-5, atol=1e-5)
