@@ -450,10 +450,11 @@ def _fa4_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int, scale:
     _fwd, bwd = _fa4_funcs()
     dh = q.shape[-1]
     pad = rule.padded_head_dim(dh) - dh
+    copy = _head_copier(q) if pad else None
     if pad:
         # Zero columns change neither the scores, the log-sum-exp nor rowsum(dO * O); the extra
         # gradient columns are exactly zero and are dropped.
-        q, k, v, out, dout = (F.pad(t, (0, pad)) for t in (q, k, v, out, dout))
+        q, k, v, out, dout = copy((q, k, v, out, dout), dh + pad)
     dq, dk, dv = bwd(
         q,
         k,
@@ -470,8 +471,26 @@ def _fa4_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int, scale:
         max_seqlen_k=max_k,
     )
     if pad:
-        dq, dk, dv = (t[..., :dh].contiguous() for t in (dq, dk, dv))
+        dq, dk, dv = copy((dq, dk, dv), dh)
     return dq, dk, dv
+
+
+def _head_copier(x: torch.Tensor) -> Callable:
+    """(tensors, width) -> contiguous (T, H, width) copies, zero-padded or cut: packvit's Triton kernel
+    (``triton_kernels.copy_heads``: the five pads in one launch at the bytes' time) where it runs,
+    else ``F.pad`` / a slice."""
+    from .fused_ops import _triton_ok
+
+    if x.is_cuda and _triton_ok():
+        from .triton_kernels import copy_heads
+
+        return copy_heads
+
+    def plain(tensors, width):
+        d = tensors[0].shape[-1]
+        return [F.pad(t, (0, width - d)) if width > d else t[..., :width].contiguous() for t in tensors]
+
+    return plain
 
 
 @torch.library.custom_op("packvit::fa4_varlen_fwd", mutates_args=(), device_types="cuda")

@@ -861,3 +861,69 @@ def rope_qk(
             num_warps=_ROPE_WARPS,
         )
     return qo, ko
+
+
+# --- Head-dim padding for FlashAttention-4's backward -------------------------------------------------
+#
+# FA4's Hopper backward runs head dims it gets wrong (SigLIP2's 72) zero-padded to the next it gets
+# right (96; ``attention.FA4Backward.head_dims``): q, k, v, out and dO padded, dq, dk and dv cut back.
+# F.pad and the slice copies are torch's generic strided elementwise kernel, at a fraction of the
+# bandwidth: 16 ms of SigLIP2's 165 ms training step at 23k tokens on the H200 (eight copies a block,
+# profile_breakdown.py --train, 2026-12-03). Here the five pads are one launch and the three cuts one,
+# each a read and a write of the bytes.
+
+_HEADS_MAX = 5  # tensors per launch
+
+
+@triton.jit
+def _copy_heads_kernel(
+    S0, S1, S2, S3, S4, D0, D1, D2, D3, D4,
+    st0, st1, st2, st3, st4, sh0, sh1, sh2, sh3, sh4,
+    R, NH, DS, DD,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    # Program (i, j): BLOCK_R of the T * NH (token, head) rows of tensor j, row r = t * NH + h, read at
+    # t * st + h * sh (any strides with a unit last one), written to the contiguous (T, NH, DD) output:
+    # the first min(DS, DD) columns copied, the columns from DS on zero.
+    j = tl.program_id(1)
+    src, dst, st, sh = S0, D0, st0, sh0
+    if j == 1:
+        src, dst, st, sh = S1, D1, st1, sh1
+    elif j == 2:
+        src, dst, st, sh = S2, D2, st2, sh2
+    elif j == 3:
+        src, dst, st, sh = S3, D3, st3, sh3
+    elif j == 4:
+        src, dst, st, sh = S4, D4, st4, sh4
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    live = rows < R
+    r64 = rows.to(tl.int64)
+    off = (r64 // NH) * st + (r64 % NH) * sh
+    x = tl.load(src + off[:, None] + cols[None, :], mask=live[:, None] & (cols < DS)[None, :], other=0.0)
+    tl.store(dst + r64[:, None] * DD + cols[None, :], x, mask=live[:, None] & (cols < DD)[None, :])
+
+
+def copy_heads(tensors, width: int) -> list[torch.Tensor]:
+    """(T, H, d) tensors of one shape and dtype, any strides with a unit last one -> contiguous
+    (T, H, ``width``) copies: the first min(d, width) columns, zeros after (``F.pad`` to a wider
+    head dim, or a cut to a narrower one, then ``.contiguous()``)."""
+    tensors = [_unit_last(t) for t in tensors]
+    T, NH, d = tensors[0].shape
+    if any(t.shape != tensors[0].shape or t.dtype != tensors[0].dtype for t in tensors):
+        raise ValueError(f"copy_heads takes tensors of one shape and dtype, got {[tuple(t.shape) for t in tensors]}")
+    outs = [torch.empty(T, NH, width, dtype=t.dtype, device=t.device) for t in tensors]
+    R = T * NH
+    if R == 0:
+        return outs
+    block_d = triton.next_power_of_2(max(d, width))
+    block_r = max(1, 4096 // block_d)
+    for i in range(0, len(tensors), _HEADS_MAX):
+        src, dst = tensors[i : i + _HEADS_MAX], outs[i : i + _HEADS_MAX]
+        n = len(src)
+        src, dst = src + [src[0]] * (_HEADS_MAX - n), dst + [dst[0]] * (_HEADS_MAX - n)  # unused slots
+        _copy_heads_kernel[(triton.cdiv(R, block_r), n)](
+            *src, *dst, *(t.stride(0) for t in src), *(t.stride(1) for t in src),
+            R, NH, d, width, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4,
+        )  # fmt: skip
+    return outs

@@ -300,3 +300,39 @@ def test_mlp_in_chunks():
     calls.clear()
     layers.mlp_in_chunks(mlp, h)  # autograd on: one call, whole
     assert calls == [21]
+
+
+_COPY_HEADS = """
+import torch
+import torch.nn.functional as F
+from packvit import triton_kernels as TK
+
+torch.manual_seed(0)
+for T, H in ((1, 1), (37, 16), (301, 3)):
+    qkv = torch.randn(T, 3, H, 72).bfloat16()
+    q, k, v = qkv.unbind(1)  # strided views, as attention's backward gets them
+    out, dout = torch.randn(T, H, 72).bfloat16(), torch.randn(T, H, 72).bfloat16()
+    padded = TK.copy_heads((q, k, v, out, dout), 96)  # five tensors: one launch
+    for a, b in zip(padded, (q, k, v, out, dout)):
+        assert a.is_contiguous() and torch.equal(a, F.pad(b, (0, 24))), (T, H)
+    cut = TK.copy_heads(padded[:3], 72)
+    for a, b in zip(cut, (q, k, v)):
+        assert a.is_contiguous() and torch.equal(a, b), (T, H)
+    seven = TK.copy_heads([q, k, v, out, dout, q, k], 80)  # more than one launch's worth
+    assert all(torch.equal(a, F.pad(b, (0, 8))) for a, b in zip(seven, [q, k, v, out, dout, q, k]))
+assert TK.copy_heads((torch.zeros(0, 4, 72),), 96)[0].shape == (0, 4, 96)
+try:
+    TK.copy_heads((torch.zeros(3, 4, 72), torch.zeros(3, 4, 64)), 96)
+    raise AssertionError("copy_heads took tensors of two shapes")
+except ValueError:
+    pass
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_head_padding_kernel_under_the_interpreter():
+    """FA4's backward pads SigLIP2's head dim 72 to 96 and cuts the gradients back: the kernel that
+    does it equals ``F.pad`` and the slice, on the strided q, k, v views of the qkv output."""
+    pytest.importorskip("triton")
+    run_interpreted(_COPY_HEADS)

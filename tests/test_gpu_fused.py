@@ -373,3 +373,18 @@ def test_fused_block_compiles_in_one_graph(family):
     (gx_e,) = torch.autograd.grad(xe.float().square().mean() + he.float().sum(), [x])
     assert rel(xc, xe) < 1e-2 and rel(hc, he) < 1e-2 and rel(gx_c, gx_e) < 2e-2
     assert rel(xe, y_e) < 1e-2  # the chained block's residual output is the block's output
+
+
+def test_head_padding_kernel_is_torchs_pad_and_cut():
+    """FA4's backward pads head dim 72 to 96 (and cuts the gradients back) with one kernel a side:
+    bit for bit ``F.pad`` and the slice, on the strided q, k, v views of a qkv output."""
+    from packvit.triton_kernels import copy_heads
+
+    qkv = torch.randn(23103, 3, 16, 72, device=DEV, dtype=BF16)
+    q, k, v = qkv.unbind(1)
+    out, dout = torch.randn(2, 23103, 16, 72, device=DEV, dtype=BF16).unbind(0)
+    padded = copy_heads((q, k, v, out, dout), 96)
+    for a, b in zip(padded, (q, k, v, out, dout)):
+        assert a.is_contiguous() and torch.equal(a, F.pad(b, (0, 24)))
+    for a, b in zip(copy_heads(padded[:3], 72), (q, k, v)):
+        assert a.is_contiguous() and torch.equal(a, b)
