@@ -124,3 +124,24 @@ def test_fallbacks_and_truncated_tower():
     assert gt.replays == 1
     _assert_close(out.hidden_states[2], ref.hidden_states[2], "truncated hidden state")
     _assert_close(out.prefix_hidden_states[-1], ref.prefix_hidden_states[-1], "truncated prefix hidden state")
+
+
+@pytest.mark.parametrize("family", ["siglip2", "dinov3"])
+def test_graphed_calls_never_wait_for_the_gpu(family):
+    """A replayed call of several images enqueues its work and returns: no synchronising CUDA call
+    (``set_sync_debug_mode("error")`` raises on one), once its graph exists. Session 11 saw a
+    four-image replay's host time close to its wall time (RESULTS.md), which a hidden wait would do."""
+    model = _model(family)
+    graphed = cuda_graphs.capture(model, buckets=BUCKETS, max_frames=16)
+    with torch.inference_mode():
+        for grid in (GRID, GRID[:4], ((1, 9, 9),)):
+            px = _pixels(model, grid)
+            graphed(px, grid)  # captures the batch's own frame bucket (a capture synchronises)
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                graphed(px, grid)
+                graphed(px, grid, return_dict=True)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    assert graphed.fallbacks == 0
