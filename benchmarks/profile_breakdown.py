@@ -6,7 +6,7 @@ on the same tokens, times the number of blocks). The difference per category is 
 likewise, the elementwise work, or the GPU waiting for the host.
 
     python benchmarks/profile_breakdown.py --model siglip2 dinov3 aimv2 --backend fa4 [--compile] [--train] \
-        [--fp8] [--workload mixed32 llava_mix] [--out rows.jsonl]
+        [--fp8] [--fp8-all] [--wgrad bf16|fp8] [--workload mixed32 llava_mix] [--out rows.jsonl]
 
 ``--host-profile`` also prints the Python functions that take the host's time in one step (cProfile,
 by own time), for each model row.
@@ -94,6 +94,9 @@ def main() -> None:
     p.add_argument("--train", action="store_true")
     p.add_argument("--fp8", action="store_true", help="also the FP8 model (set_fp8(), measured crossovers)")
     p.add_argument("--fp8-all", action="store_true", help="also the FP8 model with every linear FP8 (min_tokens 0)")
+    p.add_argument(
+        "--wgrad", choices=["bf16", "fp8"], help="the FP8 rows' weight-gradient GEMM (fp8.WGRAD; default: its default)"
+    )
     p.add_argument("--no-bound", action="store_true", help="skip the bound's rows")
     p.add_argument("--host-profile", action="store_true", help="cProfile one step of each model row")
     p.add_argument("--top", type=int, default=8, help="kernels listed per category")
@@ -101,6 +104,10 @@ def main() -> None:
     p.add_argument("--device", default="cuda", help="cpu with --tiny: a smoke test of the script (no GPU kernels)")
     p.add_argument("--tiny", action="store_true", help="tiny random models")
     a = p.parse_args()
+    if a.wgrad:
+        from packvit import fp8
+
+        fp8.WGRAD = a.wgrad
     dev, dt = torch.device(a.device), torch.bfloat16
     print("| model | workload | what | mode | wall ms | matmul ms | attention ms | other ms | idle ms | host ms |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -149,6 +156,10 @@ def main() -> None:
                     details.append((family, name, label, mode, r))
                     if a.out:
                         row = dict(family=family, workload=name, what=label, mode=mode, backend=a.backend, **r)
+                        if "fp8" in label and mode == "train":
+                            from packvit import fp8
+
+                            row["wgrad"] = fp8.WGRAD
                         row.update(
                             device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
                             torch=torch.__version__,

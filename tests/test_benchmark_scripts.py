@@ -85,3 +85,24 @@ def test_host_overhead_script(tmp_path):
     rows = _rows(out)
     assert [r["what"] for r in rows] == ["forward bf16", "forward bf16", "training step bf16"]
     assert [r["route"] for r in rows][:2] == ["eager route", "custom op"] and rows[0]["host_ms"] > 0
+
+
+def test_blockwise_probe_quantisers_round_trip():
+    """``fp8_blockwise_probe.py`` (GPU only) builds its block-scaled operands with these: each block's
+    scale is its amax / 448, and dequantising gives the input back to e4m3's rounding."""
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import fp8_blockwise_probe as probe
+    finally:
+        sys.path.remove(str(BENCH))
+    t = torch.randn(300, 700) * torch.logspace(-3, 3, 700)  # columns of very different sizes
+    for quant, block in ((probe.quant_1x128, (1, 128)), (probe.quant_128x128, (128, 128))):
+        q, s = quant(t)
+        assert q.shape == t.shape and s.shape == (-(-300 // block[0]), -(-700 // block[1]))
+        back = probe.dequant(q, s, *block)
+        scale = s.repeat_interleave(block[0], 0)[:300].repeat_interleave(block[1], 1)[:, :700]
+        assert ((back - t).abs() <= scale * 448 / 16 + 1e-30).all()  # half a step of a 3-bit mantissa, at most
