@@ -21,7 +21,7 @@ where the bf16 step's host time is 48-63 ms for 98 ms of kernels. This script sp
         [--out rows.jsonl]
 
 Results (RESULTS.md, "session 12"): the queue never fills and the allocator never waits; the host's
-cost is the ops themselves, about 10 a linear at 20-140 us each (the machines' hosts differ 3x).
+cost is the ops themselves, about 10 a linear at 20-140 us each (the machines' hosts differ up to 5x).
 """
 
 from __future__ import annotations

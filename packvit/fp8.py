@@ -244,6 +244,9 @@ def fp8_linear_inference(
 # quantised per column over the tokens (torchao's "rowwise" recipe). bf16 measured faster in sum
 # over the ten layer shapes at 23k and 48k tokens on the H200 (31.4 against 35.6 ms, 2026-12-03,
 # benchmarks/fp8_ab.py --part sweep): the two column-wise casts cost more than the e4m3 GEMM saves.
+# One scale per column and per 128 tokens (DeepSeek-V3's 1x128 blocks) would make those casts one local
+# pass, but torch._scaled_mm's block-scaled GEMM ran slower than the row-wise one (SigLIP2's qkv at 23k
+# tokens: 0.186 against 0.136 ms, bf16 0.235; H200, benchmarks/fp8_blockwise_probe.py, RESULTS.md).
 WGRAD = "bf16"
 
 # The input gradient's GEMM: "fp8" (default) runs dx = dy @ W in e4m3 (dy per token row, W per input
