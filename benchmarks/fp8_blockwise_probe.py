@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
+from fp8_ab import timed  # median of 5 x the mean of 10 back-to-back calls, as fp8_ab.py times its GEMMs
 
 DEV = torch.device("cuda")
 BF16 = torch.bfloat16
@@ -47,23 +47,6 @@ def emit(row: dict, out: str | None) -> None:
     if out:
         with open(out, "a") as fh:
             fh.write(json.dumps(row) + "\n")
-
-
-def timed(fn, reps: int = 5, calls: int = 10) -> float:
-    """Median over ``reps`` of the mean ms of ``calls`` back-to-back calls."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(calls):
-            fn()
-        b.record()
-        torch.cuda.synchronize()
-        out.append(a.elapsed_time(b) / calls)
-    return statistics.median(out)
 
 
 def quant_1x128(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
