@@ -868,9 +868,9 @@ def rope_qk(
 # FA4's Hopper backward runs head dims it gets wrong (SigLIP2's 72) zero-padded to the next it gets
 # right (96; ``attention.FA4Backward.head_dims``): q, k, v, out and dO padded, dq, dk and dv cut back.
 # F.pad and the slice copies are torch's generic strided elementwise kernel, at a fraction of the
-# bandwidth: 16 ms of SigLIP2's 165 ms training step at 23k tokens on the H200 (eight copies a block,
+# bandwidth: 16.0 ms of SigLIP2's 165 ms training step at 23k tokens on the H200 (eight copies a block,
 # profile_breakdown.py --train, 2026-12-03). Here the five pads are one launch and the three cuts one,
-# each a read and a write of the bytes.
+# each a read and a write of the bytes: 9.6 ms a step in the same profile (RESULTS.md, session 12).
 
 _HEADS_MAX = 5  # tensors per launch
 
