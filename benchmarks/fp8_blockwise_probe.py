@@ -29,17 +29,12 @@ import argparse
 import json
 
 import torch
-from fp8_ab import timed  # median of 5 x the mean of 10 back-to-back calls, as fp8_ab.py times its GEMMs
+from fp8_ab import SHAPES, timed  # the layer shapes, and fp8_ab.py's timing of its GEMMs (median of 5 x 10 calls)
 
 DEV = torch.device("cuda")
 BF16 = torch.bfloat16
 E4M3 = torch.float8_e4m3fn
 FMAX = 448.0
-SHAPES = {  # family -> layer -> (K, N), as benchmarks/fp8_ab.py
-    "siglip2": {"qkv": (1152, 3456), "proj": (1152, 1152), "fc1": (1152, 4304), "fc2": (4304, 1152)},
-    "dinov3": {"qkv": (1024, 3072), "proj": (1024, 1024), "fc1": (1024, 4096), "fc2": (4096, 1024)},
-    "aimv2": {"qkv": (1024, 3072), "proj": (1024, 1024), "fc1": (1024, 5632), "fc2": (2816, 1024)},
-}
 
 
 def emit(row: dict, out: str | None) -> None:

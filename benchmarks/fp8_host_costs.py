@@ -34,6 +34,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from fp8_ab import SHAPES as AB_SHAPES  # benchmarks/ is on sys.path when run as a script
 from torch import nn
 
 from packvit import fp8
@@ -43,25 +44,9 @@ from packvit.bench.workloads import mixed32
 
 DEV = torch.device("cuda")
 BF16 = torch.bfloat16
-SHAPES = {  # family -> layer -> (K, N, bias), as the published models have them
-    "siglip2": {
-        "qkv": (1152, 3456, True),
-        "proj": (1152, 1152, True),
-        "fc1": (1152, 4304, True),
-        "fc2": (4304, 1152, True),
-    },
-    "dinov3": {
-        "qkv": (1024, 3072, True),
-        "proj": (1024, 1024, True),
-        "fc1": (1024, 4096, True),
-        "fc2": (4096, 1024, True),
-    },
-    "aimv2": {
-        "qkv": (1024, 3072, False),
-        "proj": (1024, 1024, False),
-        "fc1": (1024, 5632, False),
-        "fc2": (2816, 1024, False),
-    },
+HAS_BIAS = {"siglip2": True, "dinov3": True, "aimv2": False}  # the published models' linears
+SHAPES = {  # family -> layer -> (K, N, bias): fp8_ab.py's shapes with the bias
+    fam: {kind: (K, N, HAS_BIAS[fam]) for kind, (K, N) in layers.items()} for fam, layers in AB_SHAPES.items()
 }
 
 
