@@ -28,8 +28,10 @@ batch of T <= T_b tokens and F <= F_b frames is run by the smallest buckets that
   captured on its first use (``capture(frames=...)`` captures pairs ahead);
 * the graph's outputs are sliced to the batch and copied out (a replay overwrites them).
 
-Falls back to the model's eager forward (same results) when a graph cannot serve the call: in
-training or with autograd on, on the CPU or the ``sdpa`` reference attention, above the largest
+Training calls (``model.train()`` and autograd on) replay a forward and a backward graph per bucket
+when captured with ``training=True`` (``packvit.cuda_graphs_training``), and run eagerly otherwise.
+
+Falls back to the model's eager forward (same results) when a graph cannot serve the call: on the CPU or the ``sdpa`` reference attention, above the largest
 bucket or with more frames than ``max_frames``, or when ``output_layers`` asks for hidden states
 other than a truncated tower's last one. If the model's attention backend, fused kernels, device or
 dtype change after capture, the graphs are dropped and captured again on their next use; so do FP8
@@ -52,7 +54,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from . import chained, fp8
+from . import fp8
+from .cuda_graphs_training import TrainingGraphs
 from .models.base import PackedBatch, PackedVisionOutput, PackedViT
 from .packing import PackedMeta
 
@@ -138,6 +141,7 @@ class CudaGraphedViT(nn.Module):
         max_frames: int = DEFAULT_MAX_FRAMES,
         pad_segment: int = PAD_SEGMENT,
         frames: Sequence[int] | None = None,
+        training: bool = False,
     ):
         super().__init__()
         if not isinstance(model, PackedViT):
@@ -160,6 +164,8 @@ class CudaGraphedViT(nn.Module):
         self._pool = None
         self._key = None
         self._fp8_modules: tuple[tuple[str, ...], list[nn.Module]] = ((), [])
+        # Training calls (model.train(), autograd on) replay graph pairs too (``cuda_graphs_training``)
+        self.training_graphs = TrainingGraphs(self) if training else None
         self.replays = 0  # forwards served by a graph
         self.fallbacks = 0  # forwards run eagerly
 
@@ -170,10 +176,13 @@ class CudaGraphedViT(nn.Module):
             return getattr(self._modules["model"], name)
 
     def extra_repr(self) -> str:
-        return (
+        s = (
             f"cuda_graphs: buckets={list(self.buckets)} tokens, frames={list(self.frames)}, "
             f"captured={sorted(self._graphs)}"
         )
+        if self.training_graphs is not None:
+            s += f", training captured={sorted({k[:2] for k in self.training_graphs.keys()})}"
+        return s
 
     # -- which calls a graph serves ---------------------------------------------------------------
 
@@ -269,7 +278,7 @@ class CudaGraphedViT(nn.Module):
             t = self._buffers[name] = torch.full(shape, fill, device=m.device, dtype=m.dtype)
         return t
 
-    def _static(self, tokens: int, frames: int) -> _Graph:
+    def _static(self, tokens: int, frames: int, prefix: str = "") -> _Graph:
         m, dev = self.model, self.model.device
         S = self.segments_for(tokens, frames)
         D, P = m.hidden_size, m.num_prefix
@@ -280,7 +289,10 @@ class CudaGraphedViT(nn.Module):
         rope = None
         if m.uses_rope:
             dh = D // m.config.num_heads
-            rope = (self._shared("cos", (T_max, dh), 1.0)[:tokens], self._shared("sin", (T_max, dh), 0.0)[:tokens])
+            rope = (
+                self._shared(prefix + "cos", (T_max, dh), 1.0)[:tokens],
+                self._shared(prefix + "sin", (T_max, dh), 0.0)[:tokens],
+            )
         meta = PackedMeta(
             grid=(),
             num_prefix=P,
@@ -297,17 +309,11 @@ class CudaGraphedViT(nn.Module):
             frame_of_token=torch.zeros(tokens, dtype=torch.long, device=dev),
         )
         steps = torch.arange(1, S + 1, dtype=torch.int32, device=dev) * self.pad_segment
-        return _Graph(tokens, frames, S, self._shared("x", (T_max, D), 0.0)[:tokens], cu, steps, rope, meta)
+        return _Graph(tokens, frames, S, self._shared(prefix + "x", (T_max, D), 0.0)[:tokens], cu, steps, rope, meta)
 
     def _body(self, g: _Graph):
         m = self.model
-        x = g.x
-        if chained.chains(m, x):
-            x, _ = chained.run_blocks(m.blocks, x, g.meta, g.rope, attn=m.attention)
-        else:
-            for block in m.blocks:
-                x = block(x, g.meta, g.rope, attn=m.attention)
-        x = m.norm(x)
+        x = m.norm(m.run_blocks(g.x, g.meta, g.rope)[0])  # the blocks (chained where the model chains) + norm
         # Into the shared output buffer: the graph's own (T_b, D) result goes back to the pool once
         # captured, for the next capture to reuse.
         out = self._shared("out", (self.buckets[-1], x.shape[1]), 0.0)[: g.tokens]
@@ -352,7 +358,11 @@ class CudaGraphedViT(nn.Module):
         return_dict: bool = False,
     ) -> torch.Tensor | PackedVisionOutput:
         m = self.model
-        if not self.can_graph(hidden_states):
+        train = m.training and torch.is_grad_enabled()
+        if train:
+            if self.training_graphs is None or not self.training_graphs.can_graph(hidden_states):
+                return self._eager(hidden_states, grid_thw, output_layers, return_dict)
+        elif not self.can_graph(hidden_states):
             return self._eager(hidden_states, grid_thw, output_layers, return_dict)
         want = m._layer_indices(output_layers)
         n = len(m.blocks)
@@ -367,6 +377,10 @@ class CudaGraphedViT(nn.Module):
         tokens, frames = self.bucket_for(T, F), self.frames_for(F)
         if tokens is None or frames is None:
             return self._eager(hidden_states, batch, output_layers, return_dict)
+        if train:
+            return self._train_forward(
+                hidden_states, batch, want, tokens, frames, return_dict or output_layers is not None
+            )
         self._check_state()
         if (tokens, frames) not in self._graphs:
             self.capture([tokens], [frames])
@@ -388,6 +402,17 @@ class CudaGraphedViT(nn.Module):
         # all S_b segments.
         return m.assemble_outputs(x, meta, layers, return_dict or output_layers is not None)
 
+    def _train_forward(self, hidden_states, batch, want, tokens, frames, rich):
+        m, meta = self.model, batch.meta
+        x, rope = m.embed(hidden_states.to(m.dtype), meta, batch.tables)  # (T, D)
+        y = self.training_graphs.run(x, rope, meta, tokens, frames)  # (T, D) final-normed, or None
+        if y is None:  # a graphed forward still awaits its backward, or nothing needs a gradient
+            self.fallbacks += 1
+            y = m.norm(m.run_blocks(x, meta, rope)[0])
+        else:
+            self.replays += 1
+        return m.assemble_outputs(y, meta, {len(m.blocks): y} if want else {}, rich)
+
     def _eager(self, hidden_states, grid_thw, output_layers, return_dict):
         self.fallbacks += 1
         return self.model(hidden_states, grid_thw, output_layers=output_layers, return_dict=return_dict)
@@ -402,6 +427,7 @@ def capture(
     pad_segment: int = PAD_SEGMENT,
     frames: Sequence[int] | None = None,
     lazy: bool = False,
+    training: bool = False,
 ) -> CudaGraphedViT:
     """Wrap ``model`` (on CUDA, in eval mode, attention other than ``sdpa``) so that its inference
     forward replays CUDA graphs; see the module docstring.
@@ -412,8 +438,10 @@ def capture(
     1, 2, 4, ... max_frames). Captured now: every token bucket with ``max_frames`` frames, which
     serves any batch; a batch of fewer frames gets the graph of its own (tighter) frame bucket,
     captured on its first use. ``lazy``: capture everything on first use instead (a capture costs
-    about three forwards of that size)."""
-    graphed = CudaGraphedViT(model, buckets or token_buckets(max_tokens), max_frames, pad_segment, frames)
+    about three forwards of that size). ``training``: training calls replay graphs too, a forward and
+    backward pair per bucket captured on its first use (``packvit.cuda_graphs_training``); with
+    ``lazy=True`` no inference graph is captured ahead."""
+    graphed = CudaGraphedViT(model, buckets or token_buckets(max_tokens), max_frames, pad_segment, frames, training)
     if not lazy:
         if model.device.type != "cuda" or model.attn_backend == "sdpa":
             raise ValueError(

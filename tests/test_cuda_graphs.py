@@ -220,3 +220,202 @@ def test_fp8_changes_drop_the_graphs(graphs_on_cpu):
     model.fp8 = []
     run()
     assert len(captures) == 5 and graphed.replays == 6
+
+
+# -- training graphs (``packvit.cuda_graphs_training``) ----------------------------------------------
+
+
+@pytest.fixture
+def train_graphs_on_cpu(graphs_on_cpu, monkeypatch):
+    """The training graphs' capture faked as ``graphs_on_cpu`` fakes the inference one: a replay of
+    the forward graph runs the captured forward body again (the blocks on the static input, a fresh
+    autograd graph), a replay of the backward graph the captured backward body (torch.autograd.grad
+    into the static gradient buffers). What this checks is everything around the graphs: padding,
+    the static buffers, the autograd Function and the gradients' way into ``.grad``."""
+    from packvit import cuda_graphs_training as cgt
+
+    capturing = []
+    inference_graph = torch.cuda.graph  # graphs_on_cpu's
+
+    @contextlib.contextmanager
+    def graph(g, pool=None, capture_error_mode="global"):
+        capturing.append(g)
+        with inference_graph(g, pool):
+            yield
+        capturing.pop()
+
+    class Fake(_FakeGraph):
+        body = None
+
+        def replay(self):
+            self.body() if self.body is not None else super().replay()
+
+    for name in ("_fwd_body", "_bwd_body"):
+        body = getattr(cgt.TrainingGraphs, name)
+
+        def recording(self, g, body=body):
+            if capturing:
+                capturing[-1].body = lambda: body(self, g)
+            return body(self, g)
+
+        monkeypatch.setattr(cgt.TrainingGraphs, name, recording)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Fake)
+
+    def can_graph(self, hidden_states):  # as on CUDA, minus the device tests
+        return not self.model.gradient_checkpointing and not self._has_hooks_or_drop_path()
+
+    monkeypatch.setattr(cgt.TrainingGraphs, "can_graph", can_graph)
+
+
+def _train_model(family, extra=None):
+    from packvit.attention import AttentionImpl
+    from weights_conversion import FAMILIES
+    from weights_conversion.reference import randomize_
+
+    fam = FAMILIES[family]
+    torch.manual_seed(0)
+    model = fam.model_class(fam.config_class.from_name(DEFAULT_PRESETS[family], **TINY, **(extra or {})))
+    with torch.no_grad():
+        randomize_(model, seed=0, scale=0.05, constant_only=True)
+    model.attention = AttentionImpl("fa4", "fa4", "cpu", torch.float32)  # the stand-in kernel
+    return model.train()
+
+
+def _step(m, px, grid, seed):
+    """Forward, a loss that weighs every output row differently, backward; the outputs."""
+    out = m(px, grid, return_dict=True)
+    w = torch.randn(out.last_hidden_state.shape, generator=torch.Generator().manual_seed(seed))
+    loss = (out.last_hidden_state * w).sum()
+    if out.pooler_output is not None:
+        loss = loss + out.pooler_output.square().sum()
+    loss.backward()
+    return out
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+TRAIN_GRIDS = [((1, 3, 5), (2, 2, 3)), ((1, 7, 9), (1, 4, 4), (3, 2, 2)), ((1, 16, 20), (1, 5, 7))]
+
+
+@pytest.mark.parametrize("family, extra", [("siglip2", {}), ("dinov3", {}), ("aimv2", {"use_head": True})])
+def test_training_graphs_on_cpu_equal_eager(train_graphs_on_cpu, family, extra):
+    """Training through the graph pair (capture faked): outputs and every parameter's gradient (the
+    patch embedding's through the graphs' input gradient, the pooling head's from their output)
+    equal to eager training, over batches of other layouts served by one capture, with gradients
+    accumulated over steps as eager accumulates them."""
+    from packvit import cuda_graphs_training as cgt
+
+    model = _train_model(family, extra)
+    graphed = cuda_graphs.CudaGraphedViT(model, (256, 512), max_frames=8, pad_segment=64, training=True)
+    for i, grid in enumerate(TRAIN_GRIDS):
+        n = sum(t * h * w for t, h, w in grid)
+        px = torch.randn(n, model.patch_dim, generator=torch.Generator().manual_seed(n))
+        model.zero_grad(set_to_none=True)
+        ref = _step(model, px, grid, i)
+        ref_grads = _grads(model)
+        model.zero_grad(set_to_none=True)
+        out = _step(graphed, px, grid, i)
+        grads = _grads(model)
+        torch.testing.assert_close(out.last_hidden_state, ref.last_hidden_state, atol=1e-5, rtol=1e-5)
+        if model.num_prefix:
+            torch.testing.assert_close(out.prefix_tokens, ref.prefix_tokens, atol=1e-5, rtol=1e-5)
+        assert grads.keys() == ref_grads.keys() and "patch_embed.weight" in "".join(grads)
+        for name, g in grads.items():
+            torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+        # .grad is autograd's own tensor, never the graphs' shared buffer (the next replay rewrites it).
+        bufs = {b.data_ptr() for b in graphed.training_graphs._grad_buffers.values()}
+        assert not bufs & {p.grad.data_ptr() for p in model.parameters() if p.grad is not None}
+    assert graphed.replays == 3 and graphed.fallbacks == 0
+    # One pair per (token bucket, frame bucket), as the inference graphs (3 frames -> 4, 5 -> 8, 2 -> 2).
+    assert [k[:3] for k in graphed.training_graphs.keys()] == [(256, 4, True), (256, 8, True), (512, 2, True)]
+    assert "training captured=[(256, 4), (256, 8), (512, 2)]" in repr(graphed)
+    # Accumulation: two graphed steps without zero_grad give the two steps' sum, as eager.
+    grid = TRAIN_GRIDS[0]
+    px = torch.randn(27, model.patch_dim)
+    model.zero_grad(set_to_none=True)
+    _step(model, px, grid, 7), _step(model, px, grid, 8)
+    ref_grads = _grads(model)
+    model.zero_grad(set_to_none=True)
+    _step(graphed, px, grid, 7), _step(graphed, px, grid, 8)
+    for name, g in _grads(model).items():
+        torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert isinstance(graphed.training_graphs, cgt.TrainingGraphs)
+
+
+def test_training_graphs_pairs_and_fallbacks(train_graphs_on_cpu):
+    """A graphed forward replays only when no graphed forward awaits its backward (they share one
+    pool): a second forward before the first backward runs eagerly, and both backwards are right.
+    A backward whose activations a later forward overwrote refuses to run. Freezing and unfreezing
+    (LLaVA's own requires_grad_) recaptures with the gradients asked for; activation checkpointing,
+    module hooks and eval mode run eagerly."""
+    model = _train_model("dinov3")
+    graphed = cuda_graphs.CudaGraphedViT(model, (256,), max_frames=8, pad_segment=64, training=True)
+    grid_a, grid_b = ((1, 3, 5), (2, 2, 3)), ((1, 4, 6),)
+    px_a, px_b = torch.randn(27, model.patch_dim), torch.randn(24, model.patch_dim)
+
+    def loss(out, seed):
+        return (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))).sum()
+
+    model.zero_grad(set_to_none=True)
+    (loss(model(px_a, grid_a), 0) + loss(model(px_b, grid_b), 1)).backward()
+    ref = _grads(model)
+    model.zero_grad(set_to_none=True)
+    (loss(graphed(px_a, grid_a), 0) + loss(graphed(px_b, grid_b), 1)).backward()
+    assert graphed.replays == 1 and graphed.fallbacks == 1  # b ran eagerly: a's backward was pending
+    for name, g in _grads(model).items():
+        torch.testing.assert_close(g, ref[name], atol=1e-5, rtol=1e-4, msg=name)
+    # The pending forward's graph dropped without a backward: the next forward replays again.
+    out = graphed(px_a, grid_a)
+    del out
+    graphed(px_a, grid_a).sum().backward()
+    assert graphed.replays == 3 and graphed.fallbacks == 1
+    # retain_graph: a second backward after another graphed forward would read overwritten activations.
+    first = graphed(px_a, grid_a).sum()
+    first.backward(retain_graph=True)
+    graphed(px_b, grid_b).sum().backward()
+    with pytest.raises(RuntimeError, match="overwritten by a later graphed forward"):
+        first.backward()
+    # The backward graph differentiates stand-ins on the parameters' storage, not the parameters: a
+    # parameter's gradient accumulator made outside the capture (a previous step's graph still held,
+    # DDP's hooks) would make the capture wait on another stream, which invalidates it on the GPU.
+    tg = graphed.training_graphs
+    g = next(iter(tg._graphs.values()))
+    tg._fwd_body(g)
+    y, leaves = g.live
+    g.live = None
+    params = list(model.blocks.parameters()) + list(model.norm.parameters())
+    assert len(leaves) == len(params) and all(leaf.is_leaf and leaf.requires_grad for leaf in leaves)
+    assert all(leaf is not p and leaf.data_ptr() == p.data_ptr() for leaf, p in zip(leaves, params))
+    # Freezing the blocks (the patch embedding still trains): recaptured, gradients only where asked.
+    captures = graphed.training_graphs.captures
+    model.blocks.requires_grad_(False)
+    model.zero_grad(set_to_none=True)
+    graphed(px_a, grid_a).sum().backward()
+    assert graphed.training_graphs.captures == captures + 1
+    assert all(p.grad is None for p in model.blocks.parameters())
+    assert model.patch_embed.weight.grad is not None
+    model.requires_grad_(False)  # nothing trains: eager (no backward to capture)
+    fallbacks = graphed.fallbacks
+    assert not graphed(px_a, grid_a).requires_grad and graphed.fallbacks == fallbacks + 1
+    model.requires_grad_(True)
+    model.zero_grad(set_to_none=True)
+    graphed(px_a, grid_a).sum().backward()
+    assert graphed.training_graphs.captures == captures + 2 and model.blocks[0].mlp.fc1.weight.grad is not None
+    # Paths a replay cannot reproduce run eagerly.
+    model.gradient_checkpointing = True
+    graphed(px_a, grid_a).sum().backward()
+    model.gradient_checkpointing = False
+    handle = model.blocks[0].register_forward_hook(lambda mod, args, out: None)
+    graphed(px_a, grid_a).sum().backward()
+    handle.remove()
+    assert graphed.fallbacks == fallbacks + 3
+    model.eval()
+    with torch.no_grad():
+        graphed(px_a, grid_a)  # an inference call: the inference graphs (not asked for in training)
+    # Without training=True, training calls run eagerly.
+    plain = cuda_graphs.CudaGraphedViT(model.train(), (256,), max_frames=8, pad_segment=64)
+    plain(px_a, grid_a).sum().backward()
+    assert plain.fallbacks == 1 and plain.replays == 0

@@ -145,3 +145,123 @@ def test_graphed_calls_never_wait_for_the_gpu(family):
             finally:
                 torch.cuda.set_sync_debug_mode("default")
     assert graphed.fallbacks == 0
+
+
+# -- training graphs (``packvit.cuda_graphs_training``) ----------------------------------------------
+
+
+def _train_step(m, px, grid, seed, opt=None):
+    """zero_grad, forward, a loss weighing every output row differently, backward, and an optimizer
+    step if given; the output and every parameter's gradient (fp32 copies)."""
+    m.zero_grad(set_to_none=True)
+    out = m(px, grid, return_dict=True)
+    w = torch.randn(out.last_hidden_state.shape, generator=torch.Generator().manual_seed(seed)).to(DEV)
+    loss = (out.last_hidden_state.float() * w).sum()
+    if out.pooler_output is not None:
+        loss = loss + out.pooler_output.float().square().sum()
+    loss.backward()
+    grads = {
+        n.removeprefix("module.").removeprefix("model."): p.grad.float().clone()
+        for n, p in m.named_parameters()
+        if p.grad is not None
+    }
+    if opt is not None:
+        opt.step()
+    return out.last_hidden_state, grads
+
+
+def _assert_grads_close(grads, ref, what, again=None):
+    """Every gradient within bf16 rounding of the reference (relative error <= 0.045, the error of a
+    cosine of 0.999), or within three times eager's own run-to-run spread (``again``: the same step
+    run eagerly again; FA4's backward adds dQ with atomics, and an FP8 step turns a last-bit change in
+    dy into a different e4m3 rounding), whichever is larger. Except gradients that are zero in exact
+    arithmetic, whose computed values are rounding noise (the key biases': a softmax over keys ignores
+    a shift common to all of them): those must stay noise, under 1% of the median gradient's RMS."""
+    assert grads.keys() == ref.keys(), what
+    rms = {n: r.square().mean().sqrt().item() for n, r in ref.items()}
+    floor = 0.01 * sorted(rms.values())[len(rms) // 2]
+    for name, g in grads.items():
+        r = ref[name]
+        if rms[name] < floor:
+            assert g.square().mean().sqrt() < floor, f"{what} {name}: {g.square().mean().sqrt():.3g} is not noise"
+            continue
+        err = ((g - r).norm() / r.norm()).item()
+        spread = 0.0 if again is None else ((again[name] - r).norm() / r.norm()).item()
+        assert err <= max(0.045, 3 * spread), f"{what} {name}: relative error {err:.4f}, eager's spread {spread:.4f}"
+
+
+@pytest.mark.parametrize("fp8_on", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("family", ["siglip2", "dinov3", "aimv2"])
+def test_training_graphs_match_eager(family, fp8_on):
+    """Training steps replayed from graph pairs against eager steps of an identical model: outputs
+    and every parameter's gradient (the patch embedding's through the graphs' input gradient), over
+    batches of several buckets and layouts, with an optimizer step between (the graphs read the
+    weights in place; the eager twin is given the same weights before each step). With every
+    linear in FP8 too (each training step quantises the weights afresh, inside the graph)."""
+    model = _model(family).train()
+    if fp8_on:
+        model.set_fp8(min_tokens=0)
+    twin = copy.deepcopy(model)
+    graphed = cuda_graphs.capture(model, buckets=BUCKETS, max_frames=16, training=True, lazy=True)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    grids = [GRID, ((1, 9, 9),), ((1, 30, 40),), GRID, GRID[:2]]
+    for i, grid in enumerate(grids):
+        twin.load_state_dict(model.state_dict())  # the weights the optimizer left: this step's difference alone
+        px = _pixels(model, grid, seed=i)
+        ref, ref_grads = _train_step(twin, px, grid, i)
+        _, again = _train_step(twin, px, grid, i)
+        # ``out`` of the step before still holds its autograd graph (and so the parameters'
+        # gradient accumulators) while this step captures a new bucket, as a held loss would.
+        out, grads = _train_step(graphed, px, grid, i, opt)
+        _assert_close(out, ref, f"{family} step {i} output")
+        _assert_grads_close(grads, ref_grads, f"{family} step {i}", again)
+    assert graphed.replays == len(grids) and graphed.fallbacks == 0
+    # (2048, 8) GRID, replayed again at step 3; (256, 1); (2048, 1); (1024, 2).
+    keys = graphed.training_graphs.keys()
+    assert [k[:3] for k in keys] == [(256, 1, True), (1024, 2, True), (2048, 1, True), (2048, 8, True)]
+
+
+@pytest.mark.parametrize("family", ["siglip2", "dinov3"])
+def test_graphed_training_steps_never_wait_for_the_gpu(family):
+    """A replayed training step (embedding, forward graph, loss, backward graph, the embedding's
+    backward, gradient accumulation) enqueues its work without a synchronising CUDA call."""
+    model = _model(family).train()
+    graphed = cuda_graphs.capture(model, buckets=BUCKETS, max_frames=16, training=True, lazy=True)
+    px = _pixels(model, GRID)
+    for _ in range(2):  # the capture (which synchronises), then a replay with .grad already set
+        graphed(px, GRID).float().square().mean().backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            graphed(px, GRID).float().square().mean().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert graphed.fallbacks == 0 and graphed.replays == 4
+
+
+def test_training_graphs_under_ddp():
+    """DistributedDataParallel (one rank, NCCL) around the graphed model: its gradient hooks fire on
+    the gradients the backward graph hands autograd, and the step matches an eager DDP step."""
+    import os
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29531")
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    try:
+        model = _model("siglip2").train()
+        twin = copy.deepcopy(model)
+        graphed = DDP(cuda_graphs.capture(model, buckets=BUCKETS, max_frames=16, training=True, lazy=True))
+        eager = DDP(twin)
+        for i, grid in enumerate([GRID, GRID[:3], GRID]):
+            px = _pixels(model, grid, seed=i)
+            ref, ref_grads = _train_step(eager, px, grid, i)
+            out, grads = _train_step(graphed, px, grid, i)
+            _assert_close(out, ref, f"DDP step {i} output")
+            _assert_grads_close(grads, ref_grads, f"DDP step {i}")
+        assert graphed.module.replays == 3
+    finally:
+        dist.destroy_process_group()

@@ -399,23 +399,25 @@ class PackedViT(nn.Module):
         meta: PackedMeta,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         keep: set[int] = frozenset(),
+        attn: AttentionImpl | None = None,
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """x (T, D) through every block with the model's attention, checkpointed as
+        """x (T, D) through every block with the model's attention (or ``attn``), checkpointed as
         ``gradient_checkpointing`` says in training. Returns the last block's output and
         {i: hidden state i} for each i in ``keep`` (0: x itself, i: block i's output)."""
+        attn = self.attention if attn is None else attn
         layers = {0: x} if 0 in keep else {}
         ckpt = self.gradient_checkpointing if self.training and torch.is_grad_enabled() else False
         chain = chained.chains(self, x, ckpt)
         if chain:  # the fused path: each norm1 in the previous block's last kernel (``packvit.chained``)
-            x, chained_layers = chained.run_blocks(self.blocks, x, meta, rope, keep, ckpt == "mlp", attn=self.attention)
+            x, chained_layers = chained.run_blocks(self.blocks, x, meta, rope, keep, ckpt == "mlp", attn=attn)
             layers.update(chained_layers)
         for i, block in enumerate(() if chain else self.blocks, start=1):
             if ckpt == "mlp":
-                x = block(x, meta, rope, attn=self.attention, checkpoint_mlp=True)
+                x = block(x, meta, rope, attn=attn, checkpoint_mlp=True)
             elif ckpt:
-                x = checkpoint(block, x, meta, rope, attn=self.attention, use_reentrant=False)
+                x = checkpoint(block, x, meta, rope, attn=attn, use_reentrant=False)
             else:
-                x = block(x, meta, rope, attn=self.attention)
+                x = block(x, meta, rope, attn=attn)
             if i in keep:
                 layers[i] = x
         return x, layers
