@@ -90,16 +90,57 @@ def compare(model, graphed, px, grid) -> dict:
     }
 
 
-def run(family: str, workload: str, backend: str, out: str | None) -> None:
+class _TimedReplay:
+    """A graph whose replay() records the host's time to launch it."""
+
+    def __init__(self, graph, log, name):
+        self.graph, self.log, self.name = graph, log, name
+
+    def replay(self):
+        t = time.perf_counter()
+        self.graph.replay()
+        self.log[self.name] = (time.perf_counter() - t) * 1e3
+
+
+def host_phases(m, px, gt, reps: int = 5) -> dict:
+    """Host ms of each phase of one graphed step, the GPU idle at its start (median of ``reps``):
+    the forward call (embedding + the forward graph's launch), the launch alone, the loss, the
+    backward call (the backward graph's launch, the gradients into .grad, the embedding's backward)
+    and that launch alone. A phase that waits for the GPU shows as the GPU's time up to there."""
+    log: dict = {}
+    for g in m.training_graphs._graphs.values():
+        g.fwd, g.bwd = _TimedReplay(g.fwd, log, "fwd_launch"), _TimedReplay(g.bwd, log, "bwd_launch")
+    rows = []
+    for _ in range(reps):
+        m.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        y = m(px, gt)
+        t1 = time.perf_counter()
+        loss = y.float().square().mean()
+        t2 = time.perf_counter()
+        loss.backward()
+        t3 = time.perf_counter()
+        rows.append(
+            {"forward_call": t1 - t0, "loss": t2 - t1, "backward_call": t3 - t2} | {k: v / 1e3 for k, v in log.items()}
+        )
+    for g in m.training_graphs._graphs.values():
+        g.fwd, g.bwd = g.fwd.graph, g.bwd.graph
+    return {f"phase_{k}_ms": round(statistics.median(r[k] for r in rows) * 1e3, 2) for k in rows[0]}
+
+
+def run(
+    family: str, workload: str, backend: str, out: str | None, precisions=("bf16", "fp8"), hows=None, phases=False
+) -> None:
     model = build(family, backend).train()
     grid = grid_of(workload, model.config.patch_size)
     px = torch.randn(sum(t * h * w for t, h, w in grid), model.patch_dim, device=DEV, dtype=BF16)
     gt = torch.tensor(grid)
     T = model.prepare(gt, DEV).meta.num_tokens
     base = None
-    for precision in ("bf16", "fp8"):
+    for precision in precisions:
         model.set_fp8(False) if precision == "bf16" else model.set_fp8(min_tokens=0)
-        for how in ("eager", "graphs", "graphs fine", "graphs exact"):
+        for how in hows or ("eager", "graphs", "graphs fine", "graphs exact"):
             row = dict(family=family, workload=workload, tokens=T, frames=len(grid), precision=precision, how=how)
             m = model
             torch.cuda.synchronize()
@@ -124,12 +165,14 @@ def run(family: str, workload: str, backend: str, out: str | None) -> None:
             torch.cuda.reset_peak_memory_stats()
             row["wall_ms"] = round(wall_ms(step), 2)
             row["host_ms"] = round(host_ms(step, reps=5), 2)
+            if phases and how != "eager":
+                row.update(host_phases(m, px, gt))
             row["peak_gib"] = round((torch.cuda.max_memory_allocated() - mem0) / 2**30, 2)
             if how != "eager":
                 assert m.fallbacks == 0, f"{m.fallbacks} graphed steps ran eagerly"
-            if base is None:
+            if precision == "bf16" and how == "eager":
                 base = row["wall_ms"]
-            row["x_vs_bf16_eager"] = round(base / row["wall_ms"], 3)
+            row["x_vs_bf16_eager"] = None if base is None else round(base / row["wall_ms"], 3)
             print(json.dumps(row), flush=True)
             if out:
                 with open(out, "a") as fh:
@@ -146,12 +189,15 @@ def main() -> None:
     ap.add_argument("--family", nargs="+", default=["siglip2", "dinov3", "aimv2"])
     ap.add_argument("--workload", nargs="+", default=["small4", "mixed32", "mixed64"])
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--precision", nargs="+", default=["bf16", "fp8"], choices=["bf16", "fp8"])
+    ap.add_argument("--how", nargs="+", choices=["eager", "graphs", "graphs fine", "graphs exact"])
+    ap.add_argument("--phases", action="store_true", help="also the host time of each phase of a graphed step")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} fp8.WGRAD={fp8.WGRAD}", flush=True)
     for family in args.family:
         for workload in args.workload:
-            run(family, workload, args.backend, args.out)
+            run(family, workload, args.backend, args.out, args.precision, args.how, args.phases)
 
 
 if __name__ == "__main__":
