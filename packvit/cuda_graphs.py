@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from . import fp8
-from .cuda_graphs_training import TrainingGraphs
+from .cuda_graphs_training import TrainingGraphs, warm_up
 from .models.base import PackedBatch, PackedVisionOutput, PackedViT
 from .packing import PackedMeta
 
@@ -333,14 +333,7 @@ class CudaGraphedViT(nn.Module):
             g = self._static(tokens, frames)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-            # Warm-up on a side stream (Triton and CuTe compile on first use, cuBLAS picks its
-            # algorithms), as torch.cuda.graphs recommends, then capture.
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self._body(g)
-            torch.cuda.current_stream().wait_stream(side)
+            warm_up(lambda: self._body(g))
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
                 g.out = self._body(g)

@@ -94,6 +94,17 @@ class _Body(nn.Module):
         return m.norm(m.run_blocks(x, meta, rope, attn=attn)[0])
 
 
+def warm_up(body, runs: int = 2) -> None:
+    """Run ``body`` on a side stream before it is captured, as torch.cuda.graphs recommends: Triton
+    and CuTe compile on first use and cuBLAS picks its algorithms, none of which a capture allows."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(runs):
+            body()
+    torch.cuda.current_stream().wait_stream(side)
+
+
 class _Pending:
     """Held by the autograd context of a replayed forward: alive while its backward may still run."""
 
@@ -260,15 +271,8 @@ class TrainingGraphs:
         )
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        # Warm-up on a side stream (Triton and CuTe compile on first use, cuBLAS picks its
-        # algorithms), through torch.autograd.grad: nothing reaches .grad. Then the pair.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._fwd_body(g)
-                self._bwd_body(g)
-        torch.cuda.current_stream().wait_stream(side)
+        # The backward body differentiates with torch.autograd.grad: nothing reaches .grad.
+        warm_up(lambda: (self._fwd_body(g), self._bwd_body(g)))
         # thread_local: other threads (a DataLoader's pin-memory thread) may keep calling CUDA meanwhile.
         g.fwd, g.bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         with torch.cuda.graph(g.fwd, pool=self._pool, capture_error_mode="thread_local"):
