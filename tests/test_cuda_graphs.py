@@ -404,6 +404,19 @@ def test_training_graphs_pairs_and_fallbacks(train_graphs_on_cpu):
     model.zero_grad(set_to_none=True)
     graphed(px_a, grid_a).sum().backward()
     assert graphed.training_graphs.captures == captures + 2 and model.blocks[0].mlp.fc1.weight.grad is not None
+    # The embedding frozen, the blocks training (x needs no gradient: no input gradient captured).
+    model.requires_grad_(False)
+    model.blocks.requires_grad_(True)
+    model.zero_grad(set_to_none=True)
+    loss(model(px_a, grid_a), 2).backward()
+    ref = _grads(model)
+    model.zero_grad(set_to_none=True)
+    loss(graphed(px_a, grid_a), 2).backward()
+    assert [k[2] for k in graphed.training_graphs.keys()] == [False] and _grads(model).keys() == ref.keys()
+    for name, g in _grads(model).items():
+        torch.testing.assert_close(g, ref[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert graphed.training_graphs._graphs[graphed.training_graphs.keys()[0]].grad_x is None
+    model.requires_grad_(True)
     # Paths a replay cannot reproduce run eagerly.
     model.gradient_checkpointing = True
     graphed(px_a, grid_a).sum().backward()
