@@ -60,6 +60,11 @@ from torch.autograd.function import once_differentiable
 from . import fp8
 from .attention import AttentionImpl
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without torch.distributed: no sharded parameters
+    DTensor = ()
+
 if TYPE_CHECKING:
     from .cuda_graphs import CudaGraphedViT, _Graph
 
@@ -158,6 +163,10 @@ class TrainingGraphs:
         if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
             return True
         m = self.model
+        # The model's own hooks too: the wrapper calls its parts, not its forward, so a hook there
+        # (FSDP2's all-gather on a root-only fully_shard) would not run; and sharded parameters.
+        if m._forward_hooks or m._forward_pre_hooks or isinstance(next(m.parameters()), DTensor):
+            return True
         for mod in (*m.blocks, m.norm):
             if getattr(mod, "drop_path", None) is not None:
                 return True
