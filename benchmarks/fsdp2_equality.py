@@ -242,6 +242,9 @@ def main():
             with open(args.out, "a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
     ok = all(r["ok"] for r in rows) if rank == 0 else True
+    # Rank 0 prints and writes while the others reach here; tearing gloo down under it aborts a rank
+    # now and then ("terminate called without an active exception", as train_tokens_per_s.py saw).
+    dist.barrier()
     dist.destroy_process_group()
     sys.exit(0 if ok and not any(math.isnan(r["loss"]) for r in rows) else 1)
 
