@@ -246,7 +246,9 @@ def main():
     # now and then ("terminate called without an active exception", as train_tokens_per_s.py saw).
     dist.barrier()
     dist.destroy_process_group()
-    sys.exit(0 if ok and not any(math.isnan(r["loss"]) for r in rows) else 1)
+    # Out without the interpreter's teardown, where gloo's still-running threads can abort a rank too.
+    sys.stdout.flush()
+    os._exit(0 if ok and not any(math.isnan(r["loss"]) for r in rows) else 1)
 
 
 if __name__ == "__main__":

@@ -456,7 +456,9 @@ def main() -> None:
     if dist.get_rank() == 0:
         print("ZERO3 CHECK " + ("FAILED: " + "; ".join(fails) if fails else "PASSED"), flush=True)
     dist.destroy_process_group()
-    sys.exit(1 if fails else 0)
+    # Out without the interpreter's teardown, where gloo's still-running threads can abort a rank.
+    sys.stdout.flush()
+    os._exit(1 if fails else 0)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ round to e4m3 as the hardware does (checked with triton 3.9: 125.75 became 64), 
 from __future__ import annotations
 
 import copy
+import os
 import sys
 import types
 
@@ -395,6 +396,8 @@ def test_fsdp2_keeps_the_fp8_linears(hf_checkpoints, tmp_path):
 
 if __name__ == "__main__":
     _worker(*sys.argv[1:3])
+    sys.stdout.flush()
+    os._exit(0)  # as test_distributed's workers: no interpreter teardown under gloo's threads
 
 
 def test_unfrozen_tower_trains_through_fp8(hf_checkpoints, monkeypatch):
