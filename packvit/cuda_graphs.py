@@ -31,9 +31,10 @@ batch of T <= T_b tokens and F <= F_b frames is run by the smallest buckets that
 Training calls (``model.train()`` and autograd on) replay a forward and a backward graph per bucket
 when captured with ``training=True`` (``packvit.cuda_graphs_training``), and run eagerly otherwise.
 
-Falls back to the model's eager forward (same results) when a graph cannot serve the call: on the CPU or the ``sdpa`` reference attention, above the largest
-bucket or with more frames than ``max_frames``, or when ``output_layers`` asks for hidden states
-other than a truncated tower's last one. If the model's attention backend, fused kernels, device or
+Falls back to the model's eager forward (same results) when a graph cannot serve the call: on the
+CPU or the ``sdpa`` reference attention, above the largest bucket or with more frames than
+``max_frames``, or when ``output_layers`` asks for hidden states other than a truncated tower's
+last one. If the model's attention backend, fused kernels, device or
 dtype change after capture, the graphs are dropped and captured again on their next use; so do FP8
 changes (``set_fp8``, and an FP8 linear's weight changed in place: a graph holds its e4m3 copy).
 
